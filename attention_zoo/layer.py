@@ -1,0 +1,92 @@
+"""The multi-head attention layer that task backbones use: projections + mechanism + output."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from attention_zoo.base import Attention, Pattern
+from attention_zoo.registry import build_attention
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head attention around any zoo mechanism.
+
+    Args:
+        embed_dim: model width E (= heads * head_dim).
+        num_heads: number of heads H.
+        attention: registry name of the mechanism (``"softmax"``, ``"lavo"``, ...).
+        pattern: the attention pattern (self/cross, causal or not).
+        attention_args: the mechanism's typed hyperparameters, e.g. ``{"r": 32, "w": 16}``
+            (:func:`attention_zoo.parse_attention_args` reads them from command-line strings).
+        kdim, vdim: widths of the key and value inputs (cross attention), default ``embed_dim``.
+        bias: whether the projections have biases.
+
+    Shapes:
+        query: [B, Lq, E]; key, value: [B, Lk, kdim/vdim] (omit for self attention);
+        key_padding_mask: [B, Lk] bool, True at padding; output: [B, Lq, E].
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        attention: str = "softmax",
+        *,
+        pattern: str | Pattern,
+        attention_args: Mapping[str, Any] | None = None,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.pattern = Pattern.parse(pattern)
+        args = dict(attention_args or {})
+        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.k_proj = nn.Linear(kdim or embed_dim, embed_dim, bias=bias)
+        self.v_proj = nn.Linear(vdim or embed_dim, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        self.attention: Attention = build_attention(
+            attention, pattern=self.pattern, heads=num_heads, head_dim=self.head_dim, **args
+        )
+
+    def _split(self, x: Tensor) -> Tensor:
+        return x.view(*x.shape[:2], self.num_heads, self.head_dim)  # [B, L, H, D]
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Attend; see the class docstring for shapes. Self attention takes ``query`` alone."""
+        if self.pattern.cross and key is None:
+            raise ValueError(f"{self.pattern.value} attention needs key (and value) inputs")
+        key = query if key is None else key
+        value = key if value is None else value
+        q = self._split(self.q_proj(query))
+        k = self._split(self.k_proj(key))
+        v = self._split(self.v_proj(value))
+        out = self.attention(q, k, v, key_padding_mask)  # [B, Lq, H, D]
+        return self.out_proj(out.reshape(*out.shape[:2], self.embed_dim))
+
+    def init_state(
+        self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype
+    ) -> Any:
+        """Empty decoding state (causal self attention with a ``decoding`` mechanism)."""
+        return self.attention.init_state(batch_size, device=device, dtype=dtype)
+
+    def step(self, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+        """Decode one position: x [B, 1, E] -> ([B, 1, E], new state)."""
+        q, k, v = (self._split(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        out, state = self.attention.step(q, k, v, state)
+        return self.out_proj(out.reshape(*out.shape[:2], self.embed_dim)), state

@@ -1,0 +1,84 @@
+"""LAVO by its definition, one query at a time: the reference the fast path is tested against.
+
+It builds the r x d orthogonal memory slots explicitly for every query (the "n x r x d"
+computation the factorised form avoids) and never pads to a multiple of the window. Slow by
+design; use it in float64 on small inputs only.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+
+def lavo_naive(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    bases: Tensor,
+    position_bias: Tensor | None,
+    w: int,
+    causal: bool,
+    cross: bool,
+    combine: Literal["average", "joint"] = "average",
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """LAVO as ``specs/lavo.md`` states it, query by query.
+
+    Args:
+        q: [B, Lq, H, D]; k, v: [B, Lk, H, D].
+        bases: [H, r, D] orthonormal rows.
+        position_bias: [H, 2w-1] relative bias of the local scores, or None.
+        w: window size.
+        causal: query t sees source positions s <= t.
+        cross: cross attention (global read only, no window).
+        combine: "average" (mean of global and local reads) or "joint" (one softmax).
+        key_padding_mask: [B, Lk] bool, True at padding.
+
+    Returns:
+        [B, Lq, H, D].
+    """
+    batch, q_len, heads, dim = q.shape
+    k_len = k.shape[1]
+    scale = 1.0 / math.sqrt(dim)
+    valid = torch.ones(batch, k_len, dtype=torch.bool, device=q.device)
+    if key_padding_mask is not None:
+        valid = ~key_padding_mask
+    out = torch.full_like(q, float("nan"))  # every entry must be written below
+    for t in range(q_len):
+        for b in range(batch):
+            seen = [s for s in range(k_len) if valid[b, s] and (not causal or s <= t)]
+            window: list[int] = []
+            if not cross:
+                start = (t // w) * w
+                stop = t + 1 if causal else min(start + w, k_len)
+                window = [s for s in range(start, stop) if valid[b, s]]
+            for h in range(heads):
+                basis = bases[h]  # [r, D]
+                query = q[b, t, h]  # [D]
+                logits, values = [], []
+                if seen:
+                    key_memory = (k[b, seen, h] @ basis.T).mean(0)[:, None] * basis  # [r, D]
+                    value_memory = (v[b, seen, h] @ basis.T).mean(0)[:, None] * basis  # [r, D]
+                    logits.append(key_memory @ query * scale)
+                    values.append(value_memory)
+                if window:
+                    local_logits = k[b, window, h] @ query * scale  # [|window|]
+                    if position_bias is not None:
+                        offsets = torch.tensor([t - s + w - 1 for s in window], device=q.device)
+                        local_logits = local_logits + position_bias[h, offsets]
+                    logits.append(local_logits)
+                    values.append(v[b, window, h])
+                if not logits:
+                    out[b, t, h] = 0.0
+                elif combine == "joint" or len(logits) == 1:
+                    probs = torch.softmax(torch.cat(logits), dim=0)
+                    out[b, t, h] = probs @ torch.cat(values)
+                else:
+                    reads = [torch.softmax(lg, dim=0) @ val for lg, val in zip(logits, values)]
+                    out[b, t, h] = (reads[0] + reads[1]) / 2
+    return out

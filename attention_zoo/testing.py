@@ -1,0 +1,241 @@
+"""The zoo's contract checks, usable on any registered mechanism (yours too).
+
+Every registered mechanism runs these through ``tests/test_contract.py``, parametrised over the
+registry, with no per-mechanism test code. A plug-in author can run them directly::
+
+    from attention_zoo.testing import check_contract
+    check_contract("my_attention")
+
+Each check raises ``AssertionError`` with a message that says what broke. Inputs are float64 and
+seeded; every parameter is re-drawn from a normal distribution first, so that zero-initialised
+parameters (biases, position tables) cannot hide a bug.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attention_zoo.base import Attention, AttentionConfigError, Pattern
+from attention_zoo.registry import attention_spec, build_attention
+
+HEADS = 2
+HEAD_DIM = 8
+TOLERANCE = 1e-9  # float64 throughout
+
+
+def build_for_test(
+    name: str, pattern: Pattern, *, dtype: torch.dtype = torch.float64, seed: int = 0, **config: Any
+) -> Attention:
+    """Build ``name`` with every parameter re-drawn from N(0, 0.5^2), in eval mode."""
+    torch.manual_seed(seed)
+    attention = build_attention(name, pattern=pattern, heads=HEADS, head_dim=HEAD_DIM, **config)
+    attention = attention.to(dtype)
+    with torch.no_grad():
+        for parameter in attention.parameters():
+            parameter.normal_(0.0, 0.5)
+    return attention.eval()
+
+
+def random_inputs(
+    batch: int, query_length: int, key_length: int, *, dtype: torch.dtype = torch.float64,
+    seed: int = 1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Seeded q [B, Lq, H, D], k and v [B, Lk, H, D]."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw(length: int) -> Tensor:
+        return torch.randn(batch, length, HEADS, HEAD_DIM, generator=generator, dtype=dtype)
+
+    return draw(query_length), draw(key_length), draw(key_length)
+
+
+def _lengths(pattern: Pattern, length: int) -> tuple[int, int]:
+    # Cross attention gets a source of another length to catch Lq/Lk mix-ups.
+    return (length, length + 3) if pattern.cross else (length, length)
+
+
+def check_shapes_and_dtypes(name: str, pattern: Pattern, **config: Any) -> None:
+    """The output is [B, Lq, H, D], finite, in the input's dtype, for float32 and float64."""
+    for dtype in (torch.float32, torch.float64):
+        attention = build_for_test(name, pattern, dtype=dtype, **config)
+        q_len, k_len = _lengths(pattern, 13)
+        q, k, v = random_inputs(2, q_len, k_len, dtype=dtype)
+        out = attention(q, k, v)
+        assert out.shape == q.shape, f"{name}/{pattern}: output {list(out.shape)} != {list(q.shape)}"
+        assert out.dtype == dtype, f"{name}/{pattern}: output dtype {out.dtype} != input {dtype}"
+        assert torch.isfinite(out).all(), f"{name}/{pattern}: non-finite output in {dtype}"
+
+
+def check_gradients(name: str, pattern: Pattern, **config: Any) -> None:
+    """Training-mode backward gives finite gradients to q, k, v and to every parameter."""
+    attention = build_for_test(name, pattern, **config).train()
+    q_len, k_len = _lengths(pattern, 11)
+    q, k, v = (t.requires_grad_() for t in random_inputs(2, q_len, k_len))
+    padding = torch.zeros(2, k_len, dtype=torch.bool)
+    padding[1, -2:] = True
+    out = attention(q, k, v, padding)
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
+    (out * weights).sum().backward()
+    for label, tensor in (("q", q), ("k", k), ("v", v)):
+        assert tensor.grad is not None, f"{name}/{pattern}: no gradient reaches {label}"
+        assert torch.isfinite(tensor.grad).all(), f"{name}/{pattern}: non-finite grad of {label}"
+        assert tensor.grad.abs().sum() > 0, f"{name}/{pattern}: zero gradient of {label}"
+    for parameter_name, parameter in attention.named_parameters():
+        assert parameter.grad is not None, (
+            f"{name}/{pattern}: parameter {parameter_name} gets no gradient "
+            "(create only the parameters the pattern uses)"
+        )
+        assert torch.isfinite(parameter.grad).all(), (
+            f"{name}/{pattern}: non-finite gradient of {parameter_name}"
+        )
+
+
+def check_no_future_leak(name: str, pattern: Pattern, **config: Any) -> None:
+    """Causal patterns: changing positions >= t0 (queries, keys, values) never changes outputs < t0."""
+    if not pattern.causal:
+        return
+    attention = build_for_test(name, pattern, **config)
+    q_len, k_len = _lengths(pattern, 17)
+    q, k, v = random_inputs(2, q_len, k_len)
+    before = attention(q, k, v)
+    for cut in (1, 6, 12):
+        q2, k2, v2 = random_inputs(2, q_len, k_len, seed=100 + cut)
+        q2[:, :cut], k2[:, :cut], v2[:, :cut] = q[:, :cut], k[:, :cut], v[:, :cut]
+        after = attention(q2, k2, v2)
+        difference = (after[:, :cut] - before[:, :cut]).abs().max().item()
+        assert difference < TOLERANCE, (
+            f"{name}/{pattern}: the future leaks: changing positions >= {cut} moved earlier "
+            f"outputs by {difference:.3g}"
+        )
+
+
+def check_batch_invariance(name: str, pattern: Pattern, **config: Any) -> None:
+    """A sample's output does not depend on the other samples of its batch."""
+    attention = build_for_test(name, pattern, **config)
+    q_len, k_len = _lengths(pattern, 13)
+    q, k, v = random_inputs(3, q_len, k_len)
+    together = attention(q, k, v)
+    others = random_inputs(3, q_len, k_len, seed=7)
+    for i in range(3):
+        alone = attention(q[i : i + 1], k[i : i + 1], v[i : i + 1])
+        difference = (together[i : i + 1] - alone).abs().max().item()
+        assert difference < TOLERANCE, (
+            f"{name}/{pattern}: sample {i} changes by {difference:.3g} when batched with others"
+        )
+        mixed = [t.clone() for t in others]
+        for t, original in zip(mixed, (q, k, v)):
+            t[i] = original[i]
+        difference = (attention(*mixed)[i] - together[i]).abs().max().item()
+        assert difference < TOLERANCE, (
+            f"{name}/{pattern}: sample {i} changes by {difference:.3g} when the other samples change"
+        )
+
+
+def check_padding_invariance(name: str, pattern: Pattern, **config: Any) -> None:
+    """Padded keys (any values) change nothing: right padding in self attention, and padding at
+    arbitrary positions in non-causal cross attention."""
+    attention = build_for_test(name, pattern, **config)
+    q_len, k_len = _lengths(pattern, 10)
+    q, k, v = random_inputs(2, q_len, k_len)
+    reference = attention(q, k, v)
+    extra = 5
+    junk_q, junk_k, junk_v = random_inputs(2, extra, extra, seed=11)
+    junk_k, junk_v = junk_k * 10, junk_v * 10  # loud garbage
+    if pattern == Pattern.NONCAUSAL_CROSS:
+        positions = torch.randperm(k_len + extra, generator=torch.Generator().manual_seed(3))
+        real, fake = positions[:k_len].sort().values, positions[k_len:]
+        k_padded = torch.empty(2, k_len + extra, HEADS, HEAD_DIM, dtype=k.dtype)
+        v_padded = torch.empty_like(k_padded)
+        k_padded[:, real], v_padded[:, real] = k, v
+        k_padded[:, fake], v_padded[:, fake] = junk_k, junk_v
+        padding = torch.zeros(2, k_len + extra, dtype=torch.bool)
+        padding[:, fake] = True
+        out = attention(q, k_padded, v_padded, padding)
+        where = "at random positions"
+    else:
+        k_padded, v_padded = torch.cat([k, junk_k], 1), torch.cat([v, junk_v], 1)
+        padding = torch.zeros(2, k_len + extra, dtype=torch.bool)
+        padding[:, k_len:] = True
+        q_in = q if pattern.cross else torch.cat([q, junk_q], 1)
+        out = attention(q_in, k_padded, v_padded, padding)[:, :q_len]
+        where = "on the right"
+    assert torch.isfinite(out).all(), f"{name}/{pattern}: non-finite output with padding"
+    difference = (out - reference).abs().max().item()
+    assert difference < TOLERANCE, (
+        f"{name}/{pattern}: padding {where} changes the output by {difference:.3g}"
+    )
+
+
+def check_decoding(name: str, pattern: Pattern, **config: Any) -> None:
+    """Where decoding is declared, token-by-token steps equal the parallel causal pass."""
+    if pattern != Pattern.CAUSAL_SELF or not attention_spec(name).decoding:
+        return
+    attention = build_for_test(name, pattern, **config)
+    q, k, v = random_inputs(2, 37, 37)
+    parallel = attention(q, k, v)
+    state = attention.init_state(2, device=q.device, dtype=q.dtype)
+    steps = []
+    for t in range(q.shape[1]):
+        out, state = attention.step(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], state)
+        steps.append(out)
+    difference = (torch.cat(steps, 1) - parallel).abs().max().item()
+    assert difference < 1e-8, (
+        f"{name}: decoding differs from the parallel causal pass by {difference:.3g}"
+    )
+
+
+def check_unsupported_patterns(name: str, pattern: Pattern, **config: Any) -> None:
+    """Asking for a pattern the mechanism does not declare raises, naming what it supports."""
+    spec = attention_spec(name)
+    for other in Pattern:
+        if other in spec.patterns:
+            continue
+        try:
+            build_attention(name, pattern=other, heads=HEADS, head_dim=HEAD_DIM, **config)
+        except AttentionConfigError as error:
+            assert "does not support" in str(error), f"{name}: unclear error {error}"
+        else:
+            raise AssertionError(f"{name}: building for unsupported {other} did not raise")
+
+
+def check_hyperparameter_errors(name: str, pattern: Pattern, **config: Any) -> None:
+    """Unknown keys raise naming every valid one; ill-typed values raise naming the type."""
+    spec = attention_spec(name)
+    try:
+        build_attention(name, pattern=pattern, heads=HEADS, head_dim=HEAD_DIM, not_a_knob=1)
+    except AttentionConfigError as error:
+        for hp in spec.hyperparameters:
+            assert hp.name in str(error), f"{name}: error {error} does not list {hp.name!r}"
+    else:
+        raise AssertionError(f"{name}: an unknown hyperparameter was accepted")
+    for hp in spec.hyperparameters:
+        try:
+            build_attention(name, pattern=pattern, heads=HEADS, head_dim=HEAD_DIM,
+                            **{hp.name: object()})
+        except AttentionConfigError as error:
+            assert hp.name in str(error), f"{name}: error {error} does not name {hp.name!r}"
+        else:
+            raise AssertionError(f"{name}: an object() was accepted as {hp.name!r}")
+
+
+CHECKS: dict[str, Callable[..., None]] = {
+    "shapes_and_dtypes": check_shapes_and_dtypes,
+    "gradients": check_gradients,
+    "no_future_leak": check_no_future_leak,
+    "batch_invariance": check_batch_invariance,
+    "padding_invariance": check_padding_invariance,
+    "decoding": check_decoding,
+    "unsupported_patterns": check_unsupported_patterns,
+    "hyperparameter_errors": check_hyperparameter_errors,
+}
+
+
+def check_contract(name: str, **config: Any) -> None:
+    """Run every contract check on ``name`` for each pattern it declares."""
+    for pattern in sorted(attention_spec(name).patterns):
+        for check in CHECKS.values():
+            check(name, pattern, **config)

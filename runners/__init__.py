@@ -1,0 +1,1 @@
+"""The ``attnbench`` command line, the efficiency benchmark and result records."""

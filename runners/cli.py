@@ -1,0 +1,251 @@
+"""The ``attnbench`` command line: the one entry point of the project."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from attention_zoo import (
+    AttentionConfigError,
+    Pattern,
+    attention_spec,
+    list_attentions,
+    parse_attention_args,
+)
+from runners.efficiency import default_cells, efficiency_length, run_efficiency, scaling_exponent
+
+DEFAULT_RESULTS = Path("results")
+
+
+def _console() -> Console:
+    # Rich wraps tables at 80 columns when output is not a terminal (logs, CI): widen it.
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _lengths(text: str) -> list[int]:
+    try:
+        lengths = [int(part) for part in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"lengths must be integers, got {text!r}") from None
+    if not lengths or min(lengths) < 1:
+        raise argparse.ArgumentTypeError(f"lengths must be positive integers, got {text!r}")
+    return sorted(lengths)
+
+
+def capability_rows() -> list[dict[str, Any]]:
+    """One row per registered mechanism: patterns, decoding, complexity, hyperparameters."""
+    rows = []
+    for name in list_attentions():
+        spec = attention_spec(name)
+        rows.append({
+            "name": name,
+            **{p.value: p in spec.patterns for p in Pattern},
+            "decoding": spec.decoding,
+            "complexity": spec.complexity.value,
+            "hyperparameters": {hp.name: {"type": hp.type_name, "default": hp.default}
+                                for hp in spec.hyperparameters},
+            "summary": spec.summary,
+        })
+    return rows
+
+
+def capability_markdown() -> str:
+    """The zoo's capability table in Markdown (the README embeds this, generated)."""
+    header = ["attention", *(p.value for p in Pattern), "decoding", "complexity",
+              "hyperparameters (default)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in capability_rows():
+        marks = ["yes" if row[p.value] else "-" for p in Pattern]
+        hps = ", ".join(f"`{k}`={v['default']!r}" for k, v in row["hyperparameters"].items())
+        lines.append("| " + " | ".join([
+            f"`{row['name']}`", *marks, "yes" if row["decoding"] else "-", row["complexity"],
+            hps or "-",
+        ]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def command_zoo(args: argparse.Namespace) -> int:
+    if args.format == "markdown":
+        sys.stdout.write(capability_markdown())
+        return 0
+    rows = capability_rows()
+    if args.pattern:
+        rows = [r for r in rows if r[Pattern.parse(args.pattern).value]]
+    if args.format == "json":
+        print(json.dumps(rows, indent=1, default=str))
+        return 0
+    table = Table(title="attention zoo")
+    for column in ("attention", *(p.value for p in Pattern), "decoding", "complexity",
+                   "hyperparameters"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["name"], *("yes" if row[p.value] else "-" for p in Pattern),
+            "yes" if row["decoding"] else "-", row["complexity"],
+            ", ".join(f"{k}={v['default']!r}" for k, v in row["hyperparameters"].items()),
+        )
+    _console().print(table)
+    return 0
+
+
+def _parse_per_attention_args(items: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """``["lavo:r=32,w=16", ...]`` -> {"lavo": {"r": 32, "w": 16}}, typed and checked."""
+    parsed: dict[str, dict[str, Any]] = {}
+    for item in items:
+        name, sep, text = item.partition(":")
+        if not sep:
+            raise AttentionConfigError(
+                f"--attention-args takes NAME:key=value,..., got {item!r}"
+            )
+        parsed[name] = parse_attention_args(name, text)
+    return parsed
+
+
+def command_efficiency(args: argparse.Namespace) -> int:
+    console = _console()
+    attentions = _csv(args.attention) if args.attention else list_attentions()
+    for name in attentions:
+        attention_spec(name)  # unknown names fail here, naming the valid ones
+    patterns = [Pattern.parse(p).value for p in _csv(args.patterns)]
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("attnbench: --device cuda requested but torch.cuda.is_available() is False")
+    if args.dtype not in ("float32", "float16", "bfloat16", "float64"):
+        raise SystemExit(f"attnbench: unknown --dtype {args.dtype!r}; valid: float32, float16, "
+                         "bfloat16, float64")
+    cells = default_cells(
+        attentions, patterns, args.lengths,
+        attention_args=_parse_per_attention_args(args.attention_args),
+        batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
+        device=device,
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    console.print(
+        f"[bold]attnbench efficiency[/]: {len(cells)} cells on {device} ({args.dtype}), "
+        f"batch {args.batch}, {args.heads} heads x {args.head_dim}, "
+        f"median of {args.repeats} after {args.warmup} warm-up"
+    )
+
+    def progress(record: dict[str, Any]) -> None:
+        cell, status = record["cell"], record["status"]
+        detail = (f"{record['metrics']['forward_ms']:.2f} / "
+                  f"{record['metrics']['forward_backward_ms']:.2f} ms"
+                  if status == "ok" else record.get("error", "")[:80])
+        console.print(f"  {cell['attention']:>10} {cell['pattern']:>15} L={cell['length']:<6} "
+                      f"{status:>5} {detail}")
+
+    records = run_efficiency(cells, results_dir=args.results_dir, warmup=args.warmup,
+                             repeats=args.repeats, on_result=progress)
+    console.print(summary_table(records, args.lengths))
+    run_dir = args.results_dir / "efficiency" / records[0]["run_id"] if records else None
+    console.print(f"records: {run_dir}")
+    return 1 if any(r["status"] == "error" for r in records) else 0
+
+
+def summary_table(records: list[dict[str, Any]], lengths: Sequence[int]) -> Table:
+    """Forward / forward+backward ms and peak MiB per length, the fitted exponent k of
+    time ~ n^k (forward+backward), and the efficiency length against softmax."""
+    grouped: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
+    for record in records:
+        cell = record["cell"]
+        args = ",".join(f"{k}={v}" for k, v in sorted(cell["attention_args"].items()))
+        grouped[(cell["attention"], args, cell["pattern"])][cell["length"]] = record
+    table = Table(title="forward / forward+backward: ms (peak MiB of forward+backward)")
+    for column in ("attention", "pattern", *(f"L={n}" for n in lengths), "k", "eff. length"):
+        table.add_column(column, justify="right")
+    for (name, args, pattern), by_length in sorted(grouped.items()):
+        cells = []
+        measured_lengths, times = [], []
+        for n in lengths:
+            record = by_length.get(n)
+            if record is None:
+                cells.append("")
+            elif record["status"] != "ok":
+                cells.append(record["status"].upper())
+            else:
+                m = record["metrics"]
+                cells.append(f"{m['forward_ms']:.2f} / {m['forward_backward_ms']:.2f} "
+                             f"({m['forward_backward_peak_mib']:.0f})")
+                measured_lengths.append(n)
+                times.append(m["forward_backward_ms"])
+        exponent = scaling_exponent(measured_lengths, times)
+        reference = grouped.get(("softmax", "", pattern), {})
+        paired = [(n, t, reference[n]["metrics"]["forward_backward_ms"])
+                  for n, t in zip(measured_lengths, times)
+                  if n in reference and reference[n]["status"] == "ok"]
+        crossing = efficiency_length(*zip(*paired)) if paired and name != "softmax" else None
+        label = name + (f" ({args})" if args else "")
+        table.add_row(
+            label, pattern, *cells,
+            f"{exponent:.2f}" if exponent is not None else "-",
+            "-" if crossing is None else ("never" if crossing == float("inf")
+                                          else f"{crossing:.0f}"),
+        )
+    return table
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnbench",
+        description="attnbench: an attention zoo and multi-task benchmark for efficient attention.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    zoo = commands.add_parser("zoo", help="list the registered attention mechanisms")
+    zoo.add_argument("--pattern", help="only mechanisms supporting this pattern")
+    zoo.add_argument("--format", choices=("table", "markdown", "json"), default="table")
+    zoo.set_defaults(handler=command_zoo)
+
+    efficiency = commands.add_parser(
+        "efficiency", help="time and peak memory of each mechanism versus sequence length")
+    efficiency.add_argument("--attention", help="comma-separated names (default: all registered)")
+    efficiency.add_argument("--attention-args", action="append", default=[],
+                            metavar="NAME:K=V,...", help="hyperparameters, e.g. lavo:r=32,w=16")
+    efficiency.add_argument("--patterns", default="causal_self,noncausal_self",
+                            help="comma-separated patterns (default: %(default)s)")
+    efficiency.add_argument("--lengths", type=_lengths, default=_lengths("256,1024,4096"),
+                            help="comma-separated sequence lengths (default: 256,1024,4096)")
+    efficiency.add_argument("--batch", type=int, default=1)
+    efficiency.add_argument("--heads", type=int, default=8)
+    efficiency.add_argument("--head-dim", type=int, default=64)
+    efficiency.add_argument("--dtype", default="float32")
+    efficiency.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
+    efficiency.add_argument("--warmup", type=int, default=2)
+    efficiency.add_argument("--repeats", type=int, default=5)
+    efficiency.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's)")
+    efficiency.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
+    efficiency.set_defaults(handler=command_efficiency)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        return args.handler(args)
+    except AttentionConfigError as error:
+        print(f"attnbench: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

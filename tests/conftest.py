@@ -1,0 +1,23 @@
+"""Shared fixtures: seeded, CPU-only, and a registry that each test may extend safely."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attention_zoo import registry
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def scratch_registry():
+    """Lets a test register mechanisms; the registry is restored afterwards."""
+    saved = dict(registry._REGISTRY)
+    yield registry
+    registry._REGISTRY.clear()
+    registry._REGISTRY.update(saved)

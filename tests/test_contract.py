@@ -1,0 +1,38 @@
+"""Every registered mechanism (and LAVO's option variants) against the zoo contract.
+
+Parametrised over the registry: a newly registered mechanism is tested with no new test code.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from attention_zoo import attention_spec, list_attentions
+from attention_zoo.testing import CHECKS
+
+VARIANTS = [(name, {}) for name in list_attentions()] + [
+    ("lavo", {"combine": "joint"}),
+    ("lavo", {"bases": "learned"}),
+    ("lavo", {"position": "none", "w": 5, "r": 3}),
+    ("lavo", {"w": 1}),
+    ("lavo", {"w": 64}),  # one window longer than every test sequence
+]
+
+
+def _cases():
+    for name, config in VARIANTS:
+        for pattern in sorted(attention_spec(name).patterns):
+            for check in CHECKS:
+                label = ",".join(f"{k}={v}" for k, v in config.items())
+                yield pytest.param(name, config, pattern, check,
+                                   id=f"{name}[{label}]-{pattern}-{check}")
+
+
+@pytest.mark.parametrize(("name", "config", "pattern", "check"), list(_cases()))
+def test_contract(name, config, pattern, check):
+    CHECKS[check](name, pattern, **config)
+
+
+def test_every_mechanism_is_covered():
+    covered = {name for name, _ in VARIANTS}
+    assert covered == set(list_attentions())

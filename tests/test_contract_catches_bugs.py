@@ -1,0 +1,104 @@
+"""The contract checks themselves: each must fail on a mechanism with the bug it looks for."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attention_zoo import Pattern, register_attention
+from attention_zoo.mechanisms.lavo import LAVOAttention
+from attention_zoo.mechanisms.softmax import SoftmaxAttention, softmax_attention
+from attention_zoo.testing import (
+    check_batch_invariance,
+    check_decoding,
+    check_gradients,
+    check_no_future_leak,
+    check_padding_invariance,
+)
+
+SELF = Pattern.CAUSAL_SELF
+
+
+def _register(scratch, name, cls):
+    """Register ``cls`` in the scratch registry (restored after the test) and return its name."""
+    register_attention(name)(cls)
+    return name
+
+
+def test_future_leak_is_caught(scratch_registry):
+    class PeeksAhead(SoftmaxAttention):
+        """Causal softmax that also sees the next token."""
+
+        def attend(self, q, k, v, key_padding_mask):
+            shifted = torch.cat([k[:, 1:], k[:, -1:]], dim=1)
+            return softmax_attention(q, k + shifted, v, causal=True)
+
+    name = _register(scratch_registry, "peeks_ahead", PeeksAhead)
+    with pytest.raises(AssertionError, match="future leaks"):
+        check_no_future_leak(name, SELF)
+
+
+def test_lavo_with_a_global_mean_in_causal_mode_leaks(scratch_registry):
+    class LeakyLAVO(LAVOAttention):
+        """LAVO whose causal memory is the mean over the whole sequence."""
+
+        def _memory(self, q, k, v, bases, key_padding_mask):
+            pattern = self.pattern
+            self.pattern = Pattern.NONCAUSAL_SELF
+            try:
+                return super()._memory(q, k, v, bases, key_padding_mask)
+            finally:
+                self.pattern = pattern
+
+    name = _register(scratch_registry, "leaky_lavo", LeakyLAVO)
+    with pytest.raises(AssertionError, match="future leaks"):
+        check_no_future_leak(name, SELF)
+
+
+def test_batch_mixing_is_caught(scratch_registry):
+    class BatchMixer(LAVOAttention):
+        """LAVO whose memory is shared across the batch (statistics over the batch)."""
+
+        def _memory(self, q, k, v, bases, key_padding_mask):
+            logits, has_memory, values = super()._memory(q, k, v, bases, key_padding_mask)
+            return logits.mean(0, keepdim=True).expand_as(logits), has_memory, values
+
+    name = _register(scratch_registry, "batch_mixer", BatchMixer)
+    with pytest.raises(AssertionError, match=r"batched with others|other samples change"):
+        check_batch_invariance(name, SELF)
+
+
+def test_ignored_padding_is_caught(scratch_registry):
+    class IgnoresPadding(SoftmaxAttention):
+        def attend(self, q, k, v, key_padding_mask):
+            return super().attend(q, k, v, None)
+
+    name = _register(scratch_registry, "ignores_padding", IgnoresPadding)
+    for pattern in (Pattern.NONCAUSAL_SELF, Pattern.NONCAUSAL_CROSS):
+        with pytest.raises(AssertionError, match="padding"):
+            check_padding_invariance(name, pattern)
+
+
+def test_wrong_decoding_is_caught(scratch_registry):
+    class ForgetfulDecoder(SoftmaxAttention):
+        """Decodes with a cache of the last 4 tokens only."""
+
+        def step(self, q, k, v, state):
+            out, state = super().step(q, k, v, state)
+            state.keys, state.values = state.keys[:, -4:], state.values[:, -4:]
+            return out, state
+
+    name = _register(scratch_registry, "forgetful", ForgetfulDecoder)
+    with pytest.raises(AssertionError, match="decoding differs"):
+        check_decoding(name, SELF)
+
+
+def test_dead_parameter_is_caught(scratch_registry):
+    class DeadParameter(SoftmaxAttention):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.unused = torch.nn.Parameter(torch.zeros(3))
+
+    name = _register(scratch_registry, "dead_parameter", DeadParameter)
+    with pytest.raises(AssertionError, match="gets no gradient"):
+        check_gradients(name, SELF)
