@@ -200,6 +200,19 @@ def summary_table(records: list[dict[str, Any]], lengths: Sequence[int]) -> Tabl
     return table
 
 
+def command_data(args: argparse.Namespace) -> int:
+    from tasks.base import data_root, get_fetcher, list_datasets
+
+    if args.data_command == "list" or args.data_command is None:
+        for name in list_datasets():
+            print(name)
+        return 0
+    destination = args.dest or data_root() / args.name
+    path = get_fetcher(args.name)(destination)
+    print(f"{args.name}: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnbench",
@@ -231,6 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
     efficiency.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's)")
     efficiency.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
     efficiency.set_defaults(handler=command_efficiency)
+
+    data = commands.add_parser("data", help="list or download the full datasets")
+    data_commands = data.add_subparsers(dest="data_command", metavar="ACTION")
+    data_commands.add_parser("list", help="datasets that can be fetched")
+    fetch = data_commands.add_parser("fetch", help="download a dataset (needs internet)")
+    fetch.add_argument("name", help="dataset name (see `attnbench data list`)")
+    fetch.add_argument("--dest", type=Path, help="target folder (default: $ATTNBENCH_DATA/NAME "
+                       "or ~/.cache/attnbench/data/NAME)")
+    data.set_defaults(handler=command_data)
     return parser
 
 
