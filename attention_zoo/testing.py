@@ -114,14 +114,17 @@ def check_no_future_leak(name: str, pattern: Pattern, **config: Any) -> None:
 
 
 def check_batch_invariance(name: str, pattern: Pattern, **config: Any) -> None:
-    """A sample's output does not depend on the other samples of its batch."""
+    """A sample's output does not depend on the other samples of its batch (their values or
+    their padding)."""
     attention = build_for_test(name, pattern, **config)
     q_len, k_len = _lengths(pattern, 13)
     q, k, v = random_inputs(3, q_len, k_len)
-    together = attention(q, k, v)
+    padding = torch.zeros(3, k_len, dtype=torch.bool)
+    padding[2, -4:] = True  # samples differ in length, so per-batch statistics would show
+    together = attention(q, k, v, padding)
     others = random_inputs(3, q_len, k_len, seed=7)
     for i in range(3):
-        alone = attention(q[i : i + 1], k[i : i + 1], v[i : i + 1])
+        alone = attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], padding[i : i + 1])
         difference = (together[i : i + 1] - alone).abs().max().item()
         assert difference < TOLERANCE, (
             f"{name}/{pattern}: sample {i} changes by {difference:.3g} when batched with others"
@@ -129,7 +132,9 @@ def check_batch_invariance(name: str, pattern: Pattern, **config: Any) -> None:
         mixed = [t.clone() for t in others]
         for t, original in zip(mixed, (q, k, v)):
             t[i] = original[i]
-        difference = (attention(*mixed)[i] - together[i]).abs().max().item()
+        mixed_padding = torch.zeros_like(padding)
+        mixed_padding[i] = padding[i]
+        difference = (attention(*mixed, mixed_padding)[i] - together[i]).abs().max().item()
         assert difference < TOLERANCE, (
             f"{name}/{pattern}: sample {i} changes by {difference:.3g} when the other samples change"
         )
