@@ -69,12 +69,12 @@ class RandomizedAttention(Attention):
         query = q.transpose(1, 2)[:, :, :, None, :]  # [B, H, N, 1, D]
         keys = k.transpose(1, 2)  # [B, H, M, D]
         if self.training:
-            with torch.no_grad():
-                # A query that sees no key has pi = 0 (and output 0): draw from anything.
-                weights = torch.where(pi.sum(-1, keepdim=True) > 0, pi, torch.ones_like(pi))
-                index = torch.multinomial(
-                    weights.reshape(-1, length), self.config.samples, replacement=True
-                ).reshape(batch, heads, length * self.config.samples)
+            with torch.no_grad():  # m ~ pi_n by inverse CDF (torch.multinomial is far slower)
+                cdf = pi.cumsum(-1)  # [B, H, N, M]
+                uniform = torch.rand(*cdf.shape[:-1], self.config.samples, dtype=cdf.dtype,
+                                     device=cdf.device) * cdf[..., -1:]
+                index = torch.searchsorted(cdf, uniform, right=True).clamp(max=length - 1)
+                index = index.reshape(batch, heads, length * self.config.samples)
             chosen = torch.gather(keys, 2, index[..., None].expand(-1, -1, -1, dim))
             chosen = chosen.reshape(batch, heads, length, self.config.samples, dim)
             omega = query + chosen + torch.randn_like(chosen)  # [B, H, N, S, D]
