@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from attention_zoo.base import Attention, Complexity, Pattern, masked_softmax
+from attention_zoo.mechanisms.kernelized import accumulation_dtype
 from attention_zoo.mechanisms.ra import positive_feature_logits
 from attention_zoo.registry import register_attention
 
@@ -81,8 +82,10 @@ class LinearRandomizedAttention(Attention):
     )
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        dtype = q.dtype
         scale = self.head_dim**-0.25
-        q, k = q * scale, k * scale
+        acc = accumulation_dtype(dtype)  # importance weights span many orders of magnitude
+        q, k, v = q.to(acc) * scale, k.to(acc) * scale, v.to(acc)
         batch, length = q.shape[:2]
         valid = (
             torch.ones(batch, length, dtype=torch.bool, device=q.device)
@@ -118,4 +121,4 @@ class LinearRandomizedAttention(Attention):
             + (log_key_mass - log_own_proposal)[:, :, None, :]
         )  # [B, H, N, C]
         weights = masked_softmax(log_ratio, landmark_visible & torch.isfinite(log_ratio))
-        return torch.einsum("bhnc,bhcd->bnhd", weights, f)
+        return torch.einsum("bhnc,bhcd->bnhd", weights, f).to(dtype)

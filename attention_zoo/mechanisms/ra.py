@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from attention_zoo.base import Attention, Complexity, Pattern, allowed_keys, masked_softmax
+from attention_zoo.mechanisms.kernelized import accumulation_dtype
 from attention_zoo.registry import register_attention
 
 
@@ -59,8 +60,10 @@ class RandomizedAttention(Attention):
     )
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        dtype = q.dtype
         scale = self.head_dim**-0.25
-        q, k = q * scale, k * scale
+        acc = accumulation_dtype(dtype)  # the sampling CDF sums L probabilities
+        q, k, v = q.to(acc) * scale, k.to(acc) * scale, v.to(acc)
         batch, length, heads, dim = q.shape
         allowed = allowed_keys(
             length, length, causal=False, key_padding_mask=key_padding_mask, device=q.device
@@ -83,4 +86,4 @@ class RandomizedAttention(Attention):
         logits = positive_feature_logits(omega, k)  # [B, H, N, S, M]
         visible = None if allowed is None else allowed[:, :, :, None, :]
         probs = masked_softmax(logits, visible)
-        return torch.einsum("bhnsm,bmhd->bnhd", probs, v) / omega.shape[3]
+        return (torch.einsum("bhnsm,bmhd->bnhd", probs, v) / omega.shape[3]).to(dtype)
