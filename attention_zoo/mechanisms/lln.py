@@ -72,8 +72,9 @@ def moments(x: Tensor, valid: Tensor | None, *, causal: bool) -> Moments:
 def moment_matched_scales(query_variance: Tensor, key_variance: Tensor) -> tuple[Tensor, Tensor]:
     """alpha, beta of LLN: sigma~^2 = (s_q^2 s_k^2 - b) / 2a, alpha = sigma~/s_q, beta = sigma~/s_k.
 
-    With these, log(exp(alpha q) . exp(beta k)) has the variance s_q^2 s_k^2 of the softmax
-    logits q . k / sqrt(D) (the log-normal moment matching of the paper).
+    With these, log(exp(alpha q) . exp(beta k)) has about the variance s_q^2 s_k^2 of the
+    softmax logits q . k / sqrt(D) (the paper's log-normal moment matching; the constants fit
+    head_dim 64 well, within 30% in the tests, and small head dims less well).
     """
     matched = ((query_variance * key_variance - MOMENT_B) / (2 * MOMENT_A)).sqrt()
     return matched / query_variance.sqrt(), matched / key_variance.sqrt()
@@ -118,7 +119,7 @@ class LLNAttention(Attention):
       here key sums are kept relative to the running maximum (see ``kernelized``), which is
       exact and prefix-only. No eps is added to the normaliser.
 
-    Time O(n D^2 + n B D) for block size B; decoding state O(D^2 + B D) per head.
+    Time O(n D^2 + n b D) for block size b; decoding state O(D^2 + b D) per head.
 
     Nahshan, Kampeas and Haleva, Linear Log-Normal Attention with Unbiased Concentration,
     ICLR 2024.
