@@ -5,7 +5,7 @@
   definitions, written here independently in float64 (log space for exponential features).
 - performer and lara approach softmax as their feature / landmark count grows; ra is unbiased
   (its mean over many samples approaches softmax, the deterministic evaluation plug-in does not).
-- lln's moment matching gives log attention weights with the softmax logits' variance.
+- lln's moment matching gives log attention weights with (within 30%) the softmax logits' variance.
 
 Errors are averaged over seeds, so the monotone trends asserted below hold by a wide margin.
 """
