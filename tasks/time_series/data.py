@@ -157,9 +157,9 @@ def time_features(dates: pd.DatetimeIndex, freq: str) -> np.ndarray:
     """
     fields = [
         dates.hour / 23.0 - 0.5,
-        dates.dayofweek / 6.0 - 0.5,
+        dates.day_of_week / 6.0 - 0.5,
         (dates.day - 1) / 30.0 - 0.5,
-        (dates.dayofyear - 1) / 365.0 - 0.5,
+        (dates.day_of_year - 1) / 365.0 - 0.5,
     ]
     if freq == "15min":
         fields.insert(0, dates.minute / 59.0 - 0.5)
