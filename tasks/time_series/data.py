@@ -318,7 +318,8 @@ def fetch_ecl(destination: Path) -> Path:
     with gzip.open(archive, "rt") as stream:
         values = pd.read_csv(stream, header=None)
     values.columns = [f"MT_{i:03d}" for i in range(values.shape[1])]
-    values.insert(0, "date", pd.date_range(ECL_START, periods=len(values), freq="h"))
+    dates = pd.Series(pd.date_range(ECL_START, periods=len(values), freq="h"), name="date")
+    values = pd.concat([dates, values], axis=1)
     partial = target.with_suffix(".csv.part")
     values.to_csv(partial, index=False)
     os.replace(partial, target)
