@@ -166,6 +166,22 @@ def test_decoder_self_attention_does_not_see_the_future(name):
 
 
 @pytest.mark.parametrize("name", ["softmax", "lavo"])
+def test_the_forecast_never_reads_the_truth(name):
+    model = _tiny_model(name, pred_len=12).eval()
+    x, x_mark = torch.randn(2, 48, 7), torch.randn(2, 48, 4)
+    y, y_mark = torch.randn(2, 24 + 12, 7), torch.randn(2, 24 + 12, 4)
+    other = y.clone()
+    other[:, 24:] = torch.randn(2, 12, 7)  # the values to forecast
+    with torch.no_grad():
+        forecasts = [model(x, x_mark, target, y_mark) for target in (y, other)]
+    torch.testing.assert_close(forecasts[0], forecasts[1], rtol=0, atol=0)
+    changed_start = y.clone()
+    changed_start[:, 23] += 1.0  # the last start-token step does matter
+    with torch.no_grad():
+        assert not torch.allclose(model(x, x_mark, changed_start, y_mark), forecasts[0])
+
+
+@pytest.mark.parametrize("name", ["softmax", "lavo"])
 def test_informer_trains(name):
     data = prepare("ETTh1", features="M", seq_len=48)
     windows = ForecastWindows(data, "train", seq_len=48, label_len=24, pred_len=12)

@@ -286,9 +286,11 @@ class TimeSeriesTask(Task):
             # Informer's "type1" schedule: after epoch e (from 0) the rate is lr * 0.5^e.
             for group in optimizer.param_groups:
                 group["lr"] = config.learning_rate * 0.5**epoch
-        train_seconds = time.perf_counter() - started
+        train_seconds = time.perf_counter() - started  # validation passes included
         peak = (torch.cuda.max_memory_allocated(device) / 2**20
                 if device.startswith("cuda") else None)
+        if best_state is None:
+            raise FloatingPointError(f"validation MSE was never finite: {validation}")
         model.load_state_dict(best_state)
         torch.save(best_state, workdir / "checkpoint.pt")
 
