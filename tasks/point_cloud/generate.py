@@ -51,7 +51,8 @@ def _trimesh():
     try:
         import trimesh
     except ImportError as error:
-        raise ImportError("the PCN-style generator needs trimesh: pip install 'attnbench[point-cloud]'") from error
+        raise ImportError(
+            "the PCN-style generator needs trimesh: pip install 'attnbench[point-cloud]'") from error
     return trimesh
 
 
@@ -155,7 +156,8 @@ def _sofa(rng: np.random.Generator):
     parts = [_box([length, seat, depth], [0, seat / 2, 0]),
              _box([length, back, 0.15], [0, seat + back / 2, -depth / 2 + 0.075])]
     for side in (-1, 1):
-        parts.append(_box([arm, seat + back * 0.5, depth], [side * (length / 2 + arm / 2), (seat + back * 0.5) / 2, 0]))
+        arm_height = seat + back * 0.5
+        parts.append(_box([arm, arm_height, depth], [side * (length / 2 + arm / 2), arm_height / 2, 0]))
     cushions = int(rng.integers(2, 4))
     for i in range(cushions):
         x = -length / 2 + length * (i + 0.5) / cushions
@@ -188,7 +190,8 @@ def _watercraft(rng: np.random.Generator):
     vertices[bow, 2] *= 0.1  # a pointed bow
     vertices[bow & ~bottom, 0] += length * 0.15
     hull = trimesh.Trimesh(vertices=vertices, faces=hull.faces)
-    parts = [hull, _box([length * rng.uniform(0.2, 0.35), depth * 0.8, beam * 0.6], [-length * 0.15, depth * 0.9, 0])]
+    cabin = _box([length * rng.uniform(0.2, 0.35), depth * 0.8, beam * 0.6], [-length * 0.15, depth * 0.9, 0])
+    parts = [hull, cabin]
     if rng.random() < 0.5:  # a sailing boat
         mast = rng.uniform(0.6, 1.0)
         parts += [_cylinder(0.015, mast, [0.05, depth / 2 + mast / 2, 0]),
@@ -313,7 +316,10 @@ def generate(
                          f"categories: {', '.join(CATEGORIES)}")
     root = Path(root)
     index = []
-    for category_number, category in enumerate(categories):
+    for category in categories:
+        # Seeds depend on the category's place in PCN's list, not in ``categories``, so a
+        # subset of categories reproduces the same models.
+        category_number = list(CATEGORIES).index(category)
         taxonomy = CATEGORIES[category]
         entry: dict[str, object] = {"taxonomy_id": taxonomy, "taxonomy_name": category}
         for split_number, split in enumerate(SPLITS):
@@ -329,7 +335,8 @@ def generate(
                 for view, direction in enumerate(random_directions(views, rng)):
                     partial = depth_camera_view(surface, direction)
                     if max_partial_points and len(partial) > max_partial_points:
-                        partial = partial[np.sort(rng.choice(len(partial), max_partial_points, replace=False))]
+                        keep = rng.choice(len(partial), max_partial_points, replace=False)
+                        partial = partial[np.sort(keep)]
                     write_pcd(root / split / "partial" / taxonomy / identifier / f"{view:02d}.pcd", partial,
                               binary=binary)
                 ids.append(identifier)
