@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from attention_zoo import AttentionConfigError, Pattern
+from attention_zoo import AttentionConfigError, MultiHeadAttention, Pattern, list_attentions
 from tasks.base import AttentionChoice, get_task, resolve_attention
 from tasks.point_cloud import geometry
 from tasks.point_cloud.data import (
@@ -325,6 +325,25 @@ def test_the_model_trains_on_cpu(mechanism):
     assert coarse.shape == (4, 32, 3) and dense.shape == (4, 16 * 9 + 128, 3)
 
 
+APPLICABLE = [name for name in list_attentions(pattern="noncausal_self")
+              if name in list_attentions(pattern="noncausal_cross")]
+
+
+@pytest.mark.parametrize("mechanism", APPLICABLE)
+def test_every_applicable_mechanism_fits_every_role(mechanism):
+    attention = {role: (mechanism, {}) for role in PointCloudCompletion.roles}
+    model = PoinTr(dataclasses.replace(TINY, attention=attention), backend="torch")
+    partial, complete = clouds(64, 256, dtype=torch.float32)
+    loss = model.loss(partial, complete)
+    loss.backward()
+    assert math.isfinite(loss.item())
+    layers = [m for m in model.modules() if isinstance(m, MultiHeadAttention)]
+    assert [type(m.attention).__name__ for m in layers] == [type(layers[0].attention).__name__] * 3
+    for layer in layers:
+        assert layer.q_proj.weight.grad is not None and torch.isfinite(layer.q_proj.weight.grad).all()
+        assert layer.q_proj.weight.grad.abs().sum() > 0
+
+
 def test_the_task_runs_end_to_end(tmp_path):
     task = get_task("point_cloud")
     assert task is PointCloudCompletion
@@ -369,8 +388,6 @@ def test_unknown_settings_are_refused():
 
 
 def test_every_attention_is_a_zoo_member():
-    from attention_zoo import MultiHeadAttention
-
     model = PoinTr(TINY, backend="torch")
     patterns = sorted(m.pattern.value for m in model.modules() if isinstance(m, MultiHeadAttention))
     assert patterns == ["noncausal_cross", "noncausal_self", "noncausal_self"]

@@ -41,7 +41,7 @@ class PointCloudConfig:
     fold_step: int = field(default=4, metadata={"help": "fold grid side, step^2 points per query [8]",
                                                 "min": 1})
     geometry_layers: int = field(default=1, metadata={"help": "geometry-aware blocks [1]", "min": 0})
-    steps: int = field(default=40, metadata={"help": "optimiser steps", "min": 1})
+    steps: int = field(default=30, metadata={"help": "optimiser steps", "min": 1})
     batch_size: int = field(default=8, metadata={"help": "training batch [48]", "min": 1})
     lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate [5e-4]", "min": 0.0})
     weight_decay: float = field(default=5e-4, metadata={"help": "AdamW weight decay [5e-4]", "min": 0.0})
