@@ -292,7 +292,7 @@ def test_a_depth_camera_sees_only_the_near_side_of_a_sphere():
 
 
 def test_fetch_pcn_explains_the_manual_steps_or_accepts_a_copy(tmp_path):
-    with pytest.raises(RuntimeError, match="cannot be downloaded automatically") as error:
+    with pytest.raises(AttentionConfigError, match="cannot be downloaded automatically") as error:
         fetch_pcn(tmp_path / "PCN")
     assert "gateway.infinitescript.com/?fileName=ShapeNetCompletion" in str(error.value)
     assert fetch_pcn(SYNTHETIC_SAMPLE) == SYNTHETIC_SAMPLE

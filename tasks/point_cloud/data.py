@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from attention_zoo import AttentionConfigError
 from tasks.point_cloud.pcd import read_pcd
 
 SAMPLES = Path(__file__).parent / "samples"
@@ -37,6 +38,14 @@ REAL_SCANS = {"airplane": SAMPLES / "scans" / "airplane_partial.pcd",
               "sofa": SAMPLES / "scans" / "sofa_partial.pcd"}
 SUBSETS = ("train", "val", "test")
 TRAIN_VIEWS = 8
+
+
+class DatasetUnavailable(AttentionConfigError):
+    """A dataset that cannot be fetched unattended; the message says how to get it.
+
+    An :class:`AttentionConfigError`, the project's user-facing error, so that ``attnbench data
+    fetch`` prints the steps instead of a traceback.
+    """
 
 
 @dataclass(frozen=True)
@@ -113,7 +122,8 @@ class PCNDataset(Dataset):
         subset: "train" (a random view of 8 per draw), "val" or "test" (view 00).
         partial_points: partial clouds are resampled to this many points (PCN: 2048).
         categories: names or taxonomy ids to keep (all when empty).
-        seed: seeds the view choice and resampling.
+        seed: seeds the evaluation resampling; training draws come from torch's generator
+            (seeded by the run, and per worker by the DataLoader), so that workers differ.
     """
 
     def __init__(self, root: str | Path, subset: str, *, partial_points: int = 2048,
@@ -122,22 +132,22 @@ class PCNDataset(Dataset):
         self.training = subset == "train"
         self.partial_points = partial_points
         self.seed = seed
-        self._rng = np.random.default_rng(seed)
-        self._cache: dict[Path, np.ndarray] = {}
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def _read(self, path: Path) -> np.ndarray:
-        if path not in self._cache:
-            points = read_pcd(path)
-            self._cache[path] = points[np.isfinite(points).all(axis=1)]
-        return self._cache[path]
+    @staticmethod
+    def _read(path: Path) -> np.ndarray:
+        points = read_pcd(path)
+        return points[np.isfinite(points).all(axis=1)]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         item = self.items[index]
         # Evaluation draws from a generator fixed per sample, so every run sees the same inputs.
-        rng = self._rng if self.training else np.random.default_rng([self.seed, index])
+        if self.training:
+            rng = np.random.default_rng(int(torch.randint(2**62, ()).item()))
+        else:
+            rng = np.random.default_rng([self.seed, index])
         view = int(rng.integers(len(item.partials))) if self.training else 0
         partial = resample(self._read(item.partials[view]), self.partial_points, rng)
         return torch.from_numpy(partial), torch.from_numpy(self._read(item.complete)), item.taxonomy_name
@@ -155,7 +165,7 @@ def fetch_pcn(destination: Path) -> Path:
         for subset in SUBSETS:
             list_items(destination, subset)  # every file PCN.json names is there
         return destination
-    raise RuntimeError(
+    raise DatasetUnavailable(
         "PCN cannot be downloaded automatically (ShapeNet-derived, research-only licence). "
         "Manual steps (PoinTr's DATASET.md):\n"
         "  1. download ShapeNetCompletion from https://gateway.infinitescript.com/?fileName=ShapeNetCompletion\n"

@@ -46,6 +46,8 @@ class PointCloudConfig:
     lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate [5e-4]", "min": 0.0})
     weight_decay: float = field(default=5e-4, metadata={"help": "AdamW weight decay [5e-4]", "min": 0.0})
     eval_batch_size: int = field(default=16, metadata={"help": "evaluation batch", "min": 1})
+    workers: int = field(default=0, metadata={"help": "DataLoader worker processes (PCN: 4 or more)",
+                                             "min": 0})
     fscore_threshold: float = field(default=0.01, metadata={"help": "F-Score distance [0.01]", "min": 0.0})
     figure_samples: int = field(default=3, metadata={"help": "test samples in the figure (0: no figure)",
                                                      "min": 0})
@@ -94,7 +96,7 @@ class PointCloudCompletion(Task):
         optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
         generator = torch.Generator().manual_seed(seed)
         loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, drop_last=False,
-                            generator=generator, collate_fn=_collate)
+                            generator=generator, collate_fn=_collate, num_workers=config.workers)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
         losses: list[float] = []
@@ -118,7 +120,7 @@ class PointCloudCompletion(Task):
         shown: list[FigureRow] = []
         with torch.no_grad():
             for partial, complete, names in DataLoader(test, batch_size=config.eval_batch_size,
-                                                       collate_fn=_collate):
+                                                       collate_fn=_collate, num_workers=config.workers):
                 dense = model(partial.to(device))[1]
                 values = sample_metrics(dense, complete.to(device), threshold=config.fscore_threshold,
                                         backend=backend)
