@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from attention_zoo import AttentionConfigError, Pattern, attention_spec, list_attentions
-from tasks.base import AttentionChoice, get_task
+from tasks.base import AttentionChoice, DatasetUnavailable, get_task
 from tasks.time_series import PAPER_SETTINGS, TimeSeriesTask
 from tasks.time_series import data as ts_data
 from tasks.time_series.data import ForecastWindows, prepare, split_borders, time_features
@@ -281,7 +281,7 @@ def test_fetchers_write_informers_layout(tmp_path, monkeypatch):
     np.testing.assert_array_equal(ecl.iloc[:, 1:].to_numpy(), rows)
 
     monkeypatch.delenv("ATTNBENCH_WEATHER_URL", raising=False)
-    with pytest.raises(AttentionConfigError, match="set ATTNBENCH_WEATHER_URL"):
+    with pytest.raises(DatasetUnavailable, match="set ATTNBENCH_WEATHER_URL"):
         ts_data.fetch_weather(tmp_path / "weather")
     monkeypatch.setenv("ATTNBENCH_WEATHER_URL", (source / "ETTh1.csv").as_uri())
     assert (ts_data.fetch_weather(tmp_path / "weather") / "WTH.csv").is_file()

@@ -31,6 +31,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from attention_zoo import AttentionConfigError
+from tasks.base import DatasetUnavailable
 
 SAMPLES = Path(__file__).parent / "samples"
 Split = Literal["train", "val", "test"]
@@ -336,7 +337,7 @@ def fetch_weather(destination: Path) -> Path:
         return destination
     url = os.environ.get(WEATHER_URL_VARIABLE)
     if not url:
-        raise AttentionConfigError(
+        raise DatasetUnavailable(
             "weather: Informer's WTH.csv is only published in the cloud folders linked from "
             "https://github.com/zhouhaoyi/Informer2020 (README, Data); set "
             f"{WEATHER_URL_VARIABLE} to a direct link or file:// path to WTH.csv and run again"
