@@ -72,3 +72,58 @@ def test_local_with_a_window_covering_everything_is_softmax(pattern, kind):
     out = build_for_test("local", pattern, window=12, kind=kind)(q, k, v, padding)
     expected = softmax_attention(q, k, v, causal=pattern.causal, key_padding_mask=padding)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+# s4d ---------------------------------------------------------------------------------------
+
+def s4d_recurrent_reference(attention, q, k, v, key_padding_mask):
+    """The SSM run as a recurrence, token by token (backwards too when non-causal)."""
+    modes = attention.config.state_size // 2
+    a = torch.complex(-torch.exp(attention.log_a_real), attention.a_imag)  # [H, D, N/2]
+    a_bar = torch.exp(torch.exp(attention.log_dt)[..., None] * a)
+    b_bar = (a_bar - 1) / a
+    u = torch.sigmoid(k) * v
+    if key_padding_mask is not None:
+        u = u * ~key_padding_mask[:, :, None, None]
+
+    def run(c, inputs):
+        x = torch.zeros(*inputs.shape[:1], *inputs.shape[2:], modes, dtype=torch.complex128)
+        outputs = []
+        for t in range(inputs.shape[1]):
+            x = a_bar * x + b_bar * inputs[:, t, ..., None]
+            outputs.append(2 * (torch.view_as_complex(c) * x).sum(-1).real)
+        return torch.stack(outputs, 1)
+
+    y = run(attention.c_forward, u) + attention.skip * u
+    if attention.c_backward is not None:
+        y = y + run(attention.c_backward, u.flip(1)).flip(1)
+    return torch.sigmoid(q) * y
+
+
+@pytest.mark.parametrize("pattern", SELF_PATTERNS)
+def test_s4d_convolution_equals_recurrence(pattern):
+    attention = build_for_test("s4d", pattern, state_size=8)
+    q, k, v = random_inputs(2, 23, 23)
+    padding = _right_padding(2, 23, 5)
+    with torch.no_grad():
+        expected = s4d_recurrent_reference(attention, q, k, v, padding)
+        torch.testing.assert_close(attention(q, k, v, padding), expected, rtol=0, atol=1e-10)
+
+
+def test_s4d_steps_equal_the_convolution_in_float32():
+    attention = build_for_test("s4d", Pattern.CAUSAL_SELF, dtype=torch.float32)
+    q, k, v = random_inputs(1, 64, 64, dtype=torch.float32)
+    parallel = attention(q, k, v)
+    state = attention.init_state(1, dtype=torch.float32)
+    steps = []
+    for t in range(64):
+        out, state = attention.step(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], state)
+        steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, 1), parallel, rtol=1e-4, atol=1e-4)
+
+
+def test_s4d_rejects_an_odd_state_size():
+    from attention_zoo import AttentionConfigError
+
+    with pytest.raises(AttentionConfigError, match="state_size must be even"):
+        build_for_test("s4d", Pattern.CAUSAL_SELF, state_size=7)
