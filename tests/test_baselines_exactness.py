@@ -127,3 +127,53 @@ def test_s4d_rejects_an_odd_state_size():
 
     with pytest.raises(AttentionConfigError, match="state_size must be even"):
         build_for_test("s4d", Pattern.CAUSAL_SELF, state_size=7)
+
+
+# abc ---------------------------------------------------------------------------------------
+
+def abc_reference(attention, q, k, v, *, causal, key_padding_mask):
+    """ABC's definition per query: a slot-wise softmax control over the visible keys."""
+    batch, q_len, heads, dim = q.shape
+    out = torch.zeros_like(q)
+    for b in range(batch):
+        for t in range(q_len):
+            keys = [s for s in range(k.shape[1]) if (not causal or s <= t)
+                    and (key_padding_mask is None or not key_padding_mask[b, s])]
+            if not keys:
+                continue
+            for h in range(heads):
+                control = torch.softmax(k[b, keys, h] @ attention.control[h].T, dim=0)  # [s, n]
+                memory_keys = control.T @ k[b, keys, h]  # [n, D]
+                memory_values = control.T @ v[b, keys, h]
+                read = torch.softmax(memory_keys @ q[b, t, h] / math.sqrt(dim), dim=0)
+                out[b, t, h] = read @ memory_values
+    return out
+
+
+@pytest.mark.parametrize("pattern", list(Pattern))
+@pytest.mark.parametrize("chunk_size", [4, 64])
+def test_abc_matches_its_definition(pattern, chunk_size):
+    attention = build_for_test("abc", pattern, slots=5)
+    attention.chunk_size = chunk_size  # several chunks, or one
+    q_len, k_len = (13, 10) if pattern.cross else (14, 14)
+    q, k, v = random_inputs(2, q_len, k_len)
+    padding = _right_padding(2, k_len, 3)
+    if pattern == Pattern.NONCAUSAL_CROSS:
+        padding[0, 2] = True
+    with torch.no_grad():
+        expected = abc_reference(attention, q, k, v, causal=pattern.causal,
+                                 key_padding_mask=padding)
+        torch.testing.assert_close(attention(q, k, v, padding), expected, rtol=0, atol=1e-12)
+
+
+def test_abc_causal_is_stable_with_extreme_control_logits():
+    attention = build_for_test("abc", Pattern.CAUSAL_SELF, dtype=torch.float32, slots=4)
+    attention.chunk_size = 8
+    q, k, v = random_inputs(1, 40, 40, dtype=torch.float32)
+    with torch.no_grad():
+        attention.control.mul_(200.0)  # logits in the thousands: exp() alone would overflow
+        out = attention(q, k, v)
+        expected = abc_reference(attention.double(), q.double(), k.double(), v.double(),
+                                 causal=True, key_padding_mask=None)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
