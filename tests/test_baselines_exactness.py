@@ -6,6 +6,7 @@ independently of the vectorised implementations they check.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -177,3 +178,54 @@ def test_abc_causal_is_stable_with_extreme_control_logits():
                                  causal=True, key_padding_mask=None)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+# nystrom -----------------------------------------------------------------------------------
+
+def _smooth_sequences(length: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """q, k, v [1, L, 2, 8] made of a few low-frequency sinusoids along the sequence: the kind
+    of input whose segment means summarise it well, where Nystrom's landmarks are meant to work."""
+    generator = torch.Generator().manual_seed(seed)
+    t = torch.linspace(0, 1, length, dtype=torch.float64)[None, :, None, None]
+
+    def draw():
+        frequency, phase, amplitude = (
+            torch.rand(1, 1, 2, 8, generator=generator, dtype=torch.float64) * 3,
+            torch.rand(1, 1, 2, 8, generator=generator, dtype=torch.float64) * 2 * math.pi,
+            torch.randn(1, 1, 2, 8, generator=generator, dtype=torch.float64),
+        )
+        return amplitude * torch.sin(2 * math.pi * frequency * t + phase)
+
+    return draw(), draw(), draw()
+
+
+def test_nystrom_with_a_landmark_per_token_is_softmax():
+    q, k, v = random_inputs(2, 32, 32)
+    padding = _right_padding(2, 32, 5)
+    attention = build_for_test("nystrom", Pattern.NONCAUSAL_SELF, landmarks=32, pinv_iterations=40)
+    expected = softmax_attention(q, k, v, causal=False, key_padding_mask=padding)
+    torch.testing.assert_close(attention(q, k, v, padding)[0], expected[0], rtol=0, atol=1e-9)
+    # The padded sample has 27 tokens: 27 of the 32 landmarks are used, one per token.
+    torch.testing.assert_close(attention(q, k, v, padding)[1, :27], expected[1, :27],
+                               rtol=0, atol=1e-9)
+
+
+def test_nystrom_error_decreases_with_landmarks():
+    q, k, v = _smooth_sequences(64, seed=0)
+    expected = softmax_attention(q, k, v, causal=False)
+    errors = []
+    for landmarks in (2, 4, 8, 16, 32, 64):
+        attention = build_for_test("nystrom", Pattern.NONCAUSAL_SELF, landmarks=landmarks,
+                                   pinv_iterations=20)
+        out = attention(q, k, v)
+        errors.append(((out - expected).norm() / expected.norm()).item())
+    assert all(b < a for a, b in itertools.pairwise(errors)), errors
+    assert errors[0] > 0.1 and errors[-1] < 1e-5, errors
+
+
+def test_nystrom_pinv_converges_to_the_inverse():
+    from attention_zoo.mechanisms.nystrom import iterative_pinv
+
+    matrix = torch.softmax(torch.randn(3, 10, 10, dtype=torch.float64), dim=-1)
+    torch.testing.assert_close(iterative_pinv(matrix, 40), torch.linalg.inv(matrix),
+                               rtol=1e-8, atol=1e-8)

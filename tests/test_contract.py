@@ -18,6 +18,7 @@ VARIANTS = [(name, {}) for name in list_attentions()] + [
     ("lavo", {"w": 64}),  # one window longer than every test sequence
     ("local", {"window": 3}),
     ("local", {"window": 4, "kind": "blocked"}),
+    ("nystrom", {"landmarks": 4}),
 ]
 
 
