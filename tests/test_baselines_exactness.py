@@ -229,3 +229,81 @@ def test_nystrom_pinv_converges_to_the_inverse():
     matrix = torch.softmax(torch.randn(3, 10, 10, dtype=torch.float64), dim=-1)
     torch.testing.assert_close(iterative_pinv(matrix, 40), torch.linalg.inv(matrix),
                                rtol=1e-8, atol=1e-8)
+
+
+# probsparse --------------------------------------------------------------------------------
+
+def _budget(n: int, factor: int) -> int:
+    return min(n, factor * max(1, math.ceil(math.log(n)))) if n > 0 else 0
+
+
+def probsparse_reference(q, k, v, *, factor, pattern, key_padding_mask):
+    """Informer's ProbSparse rule, query by query, with the zoo's stratified key samples."""
+    batch, q_len, heads, dim = q.shape
+    out = torch.zeros_like(q)
+    for b in range(batch):
+        valid = [s for s in range(k.shape[1]) if not key_padding_mask[b, s]]
+        seen = [[s for s in valid if not pattern.causal or s <= t] for t in range(q_len)]
+        candidates = [t for t in range(q_len)
+                      if seen[t] and (pattern.cross or not key_padding_mask[b, t])]
+        for h in range(heads):
+            measure = {}
+            for t in candidates:
+                n, m = len(seen[t]), _budget(len(seen[t]), factor)
+                sampled = [seen[t][math.floor((j + 0.5) * n / m)] for j in range(m)]
+                scores = k[b, sampled, h] @ q[b, t, h] / math.sqrt(dim)
+                measure[t] = (scores.max() - scores.mean()).item()
+            for t in range(q_len):
+                if not seen[t]:
+                    continue
+                if pattern.causal:
+                    prefix = [s for s in candidates if s <= t]
+                    larger = sum(measure[s] > measure.get(t, math.inf) for s in prefix)
+                    active = t in measure and larger < _budget(len(prefix), factor)
+                else:
+                    ranked = sorted(candidates, key=lambda s: -measure[s])
+                    active = t in ranked[: _budget(len(candidates), factor)]
+                keys = seen[t]
+                if active:
+                    out[b, t, h] = _softmax_row(q[b, t, h], k[b, keys, h], v[b, keys, h])
+                else:
+                    out[b, t, h] = v[b, keys, h].mean(dim=0)
+    return out
+
+
+@pytest.mark.parametrize("pattern", list(Pattern))
+@pytest.mark.parametrize("factor", [1, 2])
+def test_probsparse_matches_its_definition(pattern, factor):
+    attention = build_for_test("probsparse", pattern, factor=factor)
+    q_len, k_len = (19, 16) if pattern.cross else (21, 21)
+    q, k, v = random_inputs(2, q_len, k_len)
+    padding = _right_padding(2, k_len, 4)
+    if pattern == Pattern.NONCAUSAL_CROSS:
+        padding[0, 3] = True
+    expected = probsparse_reference(q, k, v, factor=factor, pattern=pattern,
+                                    key_padding_mask=padding)
+    out = attention(q, k, v, padding)
+    if not pattern.cross:  # outputs at padded query positions are meaningless
+        out[1, k_len - 4 :], expected[1, k_len - 4 :] = 0, 0
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("pattern", list(Pattern))
+def test_probsparse_with_every_query_active_is_softmax(pattern):
+    q_len, k_len = (12, 15) if pattern.cross else (14, 14)
+    q, k, v = random_inputs(2, q_len, k_len)
+    padding = _right_padding(2, k_len, 3)
+    attention = build_for_test("probsparse", pattern, factor=k_len)
+    expected = softmax_attention(q, k, v, causal=pattern.causal, key_padding_mask=padding)
+    out = attention(q, k, v, padding)
+    if not pattern.cross:
+        out, expected = out[:, : k_len - 3], expected[:, : k_len - 3]
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+def test_probsparse_samples_keys_at_random_only_in_training():
+    attention = build_for_test("probsparse", Pattern.NONCAUSAL_SELF, factor=1)
+    q, k, v = random_inputs(1, 200, 200)
+    assert torch.equal(attention(q, k, v), attention(q, k, v))
+    attention.train()
+    assert not torch.equal(attention(q, k, v), attention(q, k, v))
