@@ -307,3 +307,64 @@ def test_probsparse_samples_keys_at_random_only_in_training():
     assert torch.equal(attention(q, k, v), attention(q, k, v))
     attention.train()
     assert not torch.equal(attention(q, k, v), attention(q, k, v))
+
+
+# longshort ---------------------------------------------------------------------------------
+
+def longshort_reference(attention, q, k, v, *, causal, key_padding_mask):
+    """Transformer-LS per query: window tokens and projected tokens under one softmax."""
+    config = attention.config
+    batch, length, heads, dim = q.shape
+
+    def norm(module, x):
+        return torch.nn.functional.layer_norm(x, (dim,), module.weight, module.bias, module.eps)
+
+    def project(b, h, positions):  # dynamic projection of the given positions: [r, D] twice
+        positions = [s for s in positions if s < length and not key_padding_mask[b, s]]
+        weights = torch.softmax(k[b, positions, h] @ attention.projection[h], dim=0)  # [s, r]
+        return weights.T @ k[b, positions, h], weights.T @ v[b, positions, h]
+
+    out = torch.zeros_like(q)
+    w, half = config.window, config.window // 2
+    for b in range(batch):
+        for h in range(heads):
+            if causal:
+                segments = [range(start, start + config.segment)
+                            for start in range(0, length, config.segment)]
+            else:
+                segments = [range(length)]
+            projected = {segment: project(b, h, segment) for segment in segments}
+            for t in range(length):
+                if causal:
+                    window = [s for s in range(t - w + 1, t + 1) if s >= 0]
+                    seen = [p for p in segments if p[-1] <= t]
+                else:
+                    start = (t // w) * w
+                    window = [s for s in range(start - half, start + w + half) if 0 <= s < length]
+                    seen = segments
+                window = [s for s in window if not key_padding_mask[b, s]]
+                keys = [norm(attention.norm_short, k[b, window, h])]
+                values = [norm(attention.norm_short, v[b, window, h])]
+                for segment in seen:
+                    projected_keys, projected_values = projected[segment]
+                    keys.append(norm(attention.norm_long, projected_keys))
+                    values.append(norm(attention.norm_long, projected_values))
+                out[b, t, h] = _softmax_row(q[b, t, h], torch.cat(keys), torch.cat(values))
+    return out
+
+
+@pytest.mark.parametrize("pattern", SELF_PATTERNS)
+@pytest.mark.parametrize("config", [
+    {"window": 4, "rank": 3, "segment": 3, "segment_rank": 2},
+    {"window": 5, "rank": 1, "segment": 4, "segment_rank": 1},
+])
+def test_longshort_matches_its_definition(pattern, config):
+    attention = build_for_test("longshort", pattern, **config)
+    q, k, v = random_inputs(2, 14, 14)
+    padding = _right_padding(2, 14, 4)
+    with torch.no_grad():
+        expected = longshort_reference(attention, q, k, v, causal=pattern.causal,
+                                       key_padding_mask=padding)
+        out = attention(q, k, v, padding)
+    torch.testing.assert_close(out[0], expected[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(out[1, :10], expected[1, :10], rtol=0, atol=1e-12)

@@ -18,6 +18,7 @@ VARIANTS = [(name, {}) for name in list_attentions()] + [
     ("lavo", {"w": 64}),  # one window longer than every test sequence
     ("local", {"window": 3}),
     ("local", {"window": 4, "kind": "blocked"}),
+    ("longshort", {"window": 4, "rank": 3, "segment": 3, "segment_rank": 2}),
     ("nystrom", {"landmarks": 4}),
     ("probsparse", {"factor": 1}),  # few active queries: most of each sequence is lazy
 ]

@@ -1,5 +1,5 @@
 """The built-in mechanisms; importing this package registers them."""
 
-from attention_zoo.mechanisms import abc, lavo, local, nystrom, probsparse, s4d, sdpa, softmax
+from attention_zoo.mechanisms import abc, lavo, local, longshort, nystrom, probsparse, s4d, sdpa, softmax
 
-__all__ = ["abc", "lavo", "local", "nystrom", "probsparse", "s4d", "sdpa", "softmax"]
+__all__ = ["abc", "lavo", "local", "longshort", "nystrom", "probsparse", "s4d", "sdpa", "softmax"]

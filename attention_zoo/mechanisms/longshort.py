@@ -1,0 +1,141 @@
+"""Transformer-LS: a short-term window and a long-term dynamic projection under one softmax."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attention_zoo.base import Attention, Complexity, Pattern, masked_softmax
+from attention_zoo.mechanisms.local import gather_windows, window_positions, windowed_softmax_logits
+from attention_zoo.registry import register_attention
+
+
+@dataclass(frozen=True)
+class LongShortConfig:
+    """Hyperparameters of Transformer-LS."""
+
+    window: int = field(
+        default=16,
+        metadata={"help": "short-term window w: segments of w plus w/2 each side; causal: last w keys",
+                  "min": 1},
+    )
+    rank: int = field(
+        default=16, metadata={"help": "non-causal: r tokens of the dynamic projection", "min": 1}
+    )
+    segment: int = field(
+        default=16, metadata={"help": "causal: length l of the separately projected segments",
+                              "min": 1},
+    )
+    segment_rank: int = field(
+        default=1, metadata={"help": "causal: tokens each segment is projected to", "min": 1}
+    )
+
+
+def _layer_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
+    return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.bias.to(x.dtype),
+                        norm.eps)
+
+
+@register_attention("longshort")
+class LongShortAttention(Attention):
+    """Transformer-LS: short-term sliding window + long-term dynamic projection, one softmax.
+
+    Long term (dynamic projection): P = softmax_s(K W_P) (softmax over the positions, per
+    column; W_P in R^{D x r} per head), K_bar = P^T K and V_bar = P^T V (r tokens). Short term:
+    the sequence is cut into segments of w; a query sees its segment and w/2 keys on each side.
+    DualLN: LN_S on the window's keys and values, LN_L on K_bar and V_bar (learned affine), so
+    the two sets of logits share a scale. Then
+    out_t = softmax([q_t LN_S(K_win(t))^T, q_t LN_L(K_bar)^T] / sqrt(D)) [LN_S(V_win(t)); LN_L(V_bar)].
+    Defaults w = 16, r = 16.
+
+    Causal (the paper's autoregressive version): the sequence is cut into segments of l
+    (``segment``, 16), each projected separately to ``segment_rank`` (1) tokens with its own
+    softmax over its positions; query t reads the projected tokens of every segment that ends
+    at or before t, and its window is the last w keys (t - w, t]. Non-causal time O(n (w + r) D);
+    causal O(n (w + n r / l) D): quadratic with a constant l / r times smaller than softmax's.
+    Self attention only: the window needs aligned positions.
+    """
+
+    Config = LongShortConfig
+    patterns = frozenset({Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF})
+    complexity = Complexity.LINEAR
+    reference = (
+        "Zhu et al., Long-Short Transformer: Efficient Transformers for Language and Vision, "
+        "NeurIPS 2021"
+    )
+
+    def __init__(
+        self, config: LongShortConfig, *, pattern: Pattern, heads: int, head_dim: int
+    ) -> None:
+        super().__init__(config, pattern=pattern, heads=heads, head_dim=head_dim)
+        rank = config.segment_rank if pattern.causal else config.rank
+        self.projection = nn.Parameter(torch.randn(heads, head_dim, rank) / math.sqrt(head_dim))
+        self.norm_short = nn.LayerNorm(head_dim)
+        self.norm_long = nn.LayerNorm(head_dim)
+
+    def _short_term(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        w = self.config.window
+        if self.pattern.causal:
+            return window_positions(length, length, window=w, kind="sliding", causal=True,
+                                    device=device)
+        half = w // 2
+        t = torch.arange(length, device=device)[:, None]
+        positions = (t // w) * w - half + torch.arange(w + 2 * half, device=device)[None, :]
+        inside = (positions >= 0) & (positions < length)
+        return positions.clamp(0, length - 1), inside
+
+    def _long_term(self, k: Tensor, v: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Projected keys and values [B, H, R, D] and which query sees which: [B or 1, 1, L, R]."""
+        batch, length = valid.shape
+        logits = torch.einsum("blhd,hdr->bhrl", k, self.projection.to(k.dtype))  # [B, H, r, L]
+        if not self.pattern.causal:
+            projection = masked_softmax(logits, valid[:, None, None, :])  # over the positions
+            keys = torch.einsum("bhrl,blhd->bhrd", projection, k)
+            values = torch.einsum("bhrl,blhd->bhrd", projection, v)
+            return keys, values, valid.any(dim=1)[:, None, None, None]
+        seg = self.config.segment
+        segments = -(-length // seg)
+        pad = segments * seg - length
+        k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (k, v))
+        valid = F.pad(valid, (0, pad), value=False).view(batch, 1, 1, segments, seg)
+        logits = F.pad(logits, (0, pad)).view(batch, self.heads, -1, segments, seg)
+        projection = masked_softmax(logits, valid)  # per segment: [B, H, r, N, l]
+        shape = (batch, segments, seg, self.heads, self.head_dim)
+        keys = torch.einsum("bhrns,bnshd->bhnrd", projection, k.view(shape)).flatten(2, 3)
+        values = torch.einsum("bhrns,bnshd->bhnrd", projection, v.view(shape)).flatten(2, 3)
+        rank = self.config.segment_rank
+        t = torch.arange(length, device=k.device)[:, None]
+        ends = (torch.arange(segments, device=k.device) + 1) * seg - 1  # last position of each
+        complete = (ends[None, :] <= t).repeat_interleave(rank, dim=1)  # [L, N r]
+        present = valid.any(dim=-1).view(batch, segments).repeat_interleave(rank, dim=1)
+        return keys, values, complete[None, None] & present[:, None, None, :]
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        batch, length, _, dim = q.shape
+        valid = (
+            torch.ones(batch, length, dtype=torch.bool, device=q.device)
+            if key_padding_mask is None else ~key_padding_mask
+        )
+        positions, inside = self._short_term(length, q.device)  # [L, W]
+        short_keys, short_values = _layer_norm(self.norm_short, k), _layer_norm(self.norm_short, v)
+        short_logits, short_visible = windowed_softmax_logits(
+            q, short_keys, positions, inside, key_padding_mask
+        )  # [B, H, L, W]
+        long_keys, long_values, long_visible = self._long_term(k, v, valid)
+        long_keys = _layer_norm(self.norm_long, long_keys)  # [B, H, R, D]
+        long_values = _layer_norm(self.norm_long, long_values)
+        long_logits = torch.einsum("blhd,bhrd->bhlr", q, long_keys) / math.sqrt(dim)
+        width = positions.shape[1]
+        logits = torch.cat([short_logits, long_logits], dim=-1)
+        visible = torch.cat([
+            short_visible.expand(batch, 1, length, width),
+            long_visible.expand(batch, 1, length, long_keys.shape[2]),
+        ], dim=-1)
+        probs = masked_softmax(logits, visible)  # one softmax over both sets
+        out = torch.einsum("bhlw,blwhd->blhd", probs[..., :width],
+                           gather_windows(short_values, positions))
+        return out + torch.einsum("bhlr,bhrd->blhd", probs[..., width:], long_values)
