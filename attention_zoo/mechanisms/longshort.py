@@ -10,7 +10,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attention_zoo.base import Attention, Complexity, Pattern, masked_softmax
-from attention_zoo.mechanisms.local import gather_windows, window_positions, windowed_softmax_logits
+from attention_zoo.mechanisms.local import (
+    from_blocks,
+    to_blocks,
+    window_blocks,
+    windowed_logits,
+    windowed_read,
+)
 from attention_zoo.registry import register_attention
 
 
@@ -77,17 +83,6 @@ class LongShortAttention(Attention):
         self.norm_short = nn.LayerNorm(head_dim)
         self.norm_long = nn.LayerNorm(head_dim)
 
-    def _short_term(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        w = self.config.window
-        if self.pattern.causal:
-            return window_positions(length, length, window=w, kind="sliding", causal=True,
-                                    device=device)
-        half = w // 2
-        t = torch.arange(length, device=device)[:, None]
-        positions = (t // w) * w - half + torch.arange(w + 2 * half, device=device)[None, :]
-        inside = (positions >= 0) & (positions < length)
-        return positions.clamp(0, length - 1), inside
-
     def _long_term(self, k: Tensor, v: Tensor, valid: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Projected keys and values [B, H, R, D] and which query sees which: [B or 1, 1, L, R]."""
         batch, length = valid.shape
@@ -116,26 +111,27 @@ class LongShortAttention(Attention):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
         batch, length, _, dim = q.shape
+        w = self.config.window
         valid = (
             torch.ones(batch, length, dtype=torch.bool, device=q.device)
             if key_padding_mask is None else ~key_padding_mask
         )
-        positions, inside = self._short_term(length, q.device)  # [L, W]
+        kind = "sliding" if self.pattern.causal else "segment"
+        layout = window_blocks(length, window=w, kind=kind, causal=self.pattern.causal,
+                               device=q.device)
         short_keys, short_values = _layer_norm(self.norm_short, k), _layer_norm(self.norm_short, v)
-        short_logits, short_visible = windowed_softmax_logits(
-            q, short_keys, positions, inside, key_padding_mask
-        )  # [B, H, L, W]
+        short_logits, short_visible = windowed_logits(q, short_keys, layout, key_padding_mask)
         long_keys, long_values, long_visible = self._long_term(k, v, valid)
         long_keys = _layer_norm(self.norm_long, long_keys)  # [B, H, R, D]
         long_values = _layer_norm(self.norm_long, long_values)
-        long_logits = torch.einsum("blhd,bhrd->bhlr", q, long_keys) / math.sqrt(dim)
-        width = positions.shape[1]
+        long_logits = torch.einsum("blhd,bhrd->blhr", q, long_keys) / math.sqrt(dim)
+        long_logits = to_blocks(long_logits, w).permute(0, 3, 1, 2, 4)  # [B, H, N, w, R]
+        long_visible = long_visible.squeeze(1).expand(batch, length, long_keys.shape[2])
+        long_visible = to_blocks(long_visible, w)[:, None]  # [B, 1, N, w, R]
+        span = layout.width
         logits = torch.cat([short_logits, long_logits], dim=-1)
-        visible = torch.cat([
-            short_visible.expand(batch, 1, length, width),
-            long_visible.expand(batch, 1, length, long_keys.shape[2]),
-        ], dim=-1)
+        visible = torch.cat([short_visible, long_visible], dim=-1)
         probs = masked_softmax(logits, visible)  # one softmax over both sets
-        out = torch.einsum("bhlw,blwhd->blhd", probs[..., :width],
-                           gather_windows(short_values, positions))
-        return out + torch.einsum("bhlr,bhrd->blhd", probs[..., width:], long_values)
+        out = windowed_read(probs[..., :span], short_values, layout, length)
+        long_probs = from_blocks(probs[..., span:].permute(0, 2, 3, 1, 4), length)  # [B, L, H, R]
+        return out + torch.einsum("blhr,bhrd->blhd", long_probs, long_values)
