@@ -62,7 +62,8 @@ class LongShortAttention(Attention):
     (``segment``, 16), each projected separately to ``segment_rank`` (1) tokens with its own
     softmax over its positions; query t reads the projected tokens of every segment that ends
     at or before t, and its window is the last w keys (t - w, t]. Non-causal time O(n (w + r) D);
-    causal O(n (w + n r / l) D): quadratic with a constant l / r times smaller than softmax's.
+    causal O(n (w + n r / l) D): quadratic with a constant l / r times smaller than softmax's
+    (the declared complexity class is the non-causal one).
     Self attention only: the window needs aligned positions.
     """
 

@@ -83,7 +83,7 @@ class NystromAttention(Attention):
     so padding changes nothing and no fixed-length padding is needed), the pseudo-inverse's
     initial scale is per sample and head rather than a max over the batch, and the optional
     depthwise convolution skip on V (a separate module in the paper) is not part of the core.
-    Time and memory O(n m + m^2) per head.
+    Half-precision inputs are computed in float32. Time and memory O(n m + m^2) per head.
     """
 
     Config = NystromConfig
@@ -95,6 +95,8 @@ class NystromAttention(Attention):
     )
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        if q.dtype in (torch.float16, torch.bfloat16):  # the pseudo-inverse diverges in half types
+            return self.attend(q.float(), k.float(), v.float(), key_padding_mask).to(q.dtype)
         m = self.config.landmarks
         key_valid = (
             torch.ones(k.shape[:2], dtype=torch.bool, device=k.device)

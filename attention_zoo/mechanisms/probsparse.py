@@ -138,6 +138,8 @@ class ProbSparseAttention(Attention):
         valid_positions = torch.argsort((~key_valid).to(torch.int8), dim=1, stable=True)  # [B, Lk]
         positions = torch.gather(valid_positions, 1, rank.flatten(1)).view(batch, q_len, width)
         sampled_keys = k[torch.arange(batch, device=k.device)[:, None, None], positions]
+        if q.dtype in (torch.float16, torch.bfloat16):  # rank queries on float32 measurements
+            q, sampled_keys = q.float(), sampled_keys.float()
         scores = torch.einsum("bqhd,bqwhd->bhqw", q, sampled_keys) / math.sqrt(q.shape[-1])
         sampled = (torch.arange(width, device=q.device) < samples[..., None])[:, None]  # [B,1,Lq,W]
         maximum = scores.masked_fill(~sampled, float("-inf")).amax(dim=-1)
