@@ -48,10 +48,10 @@ class ABCAttention(Attention):
 
     The paper computes the control from the layer input x; at the zoo boundary only q, k, v
     exist, so the control reads the key (a linear function of x in the usual layer). The causal
-    pass is chunked: exact softmax-weighted prefix sums inside chunks of 64 tokens, carried
-    across chunks with the log normaliser (stable, no future statistic), so it builds
-    [B, H, L, 64, n] and [B, H, L / 64, n, D] tensors, never [B, L, H, n, D].
-    Time O(n L (64 + D)); decoding state O(n D) per head.
+    pass is chunked: exact softmax-weighted prefix sums inside chunks of C = 32 tokens, and a
+    scan over the chunks that carries the memory with the log normaliser (stable, no future
+    statistic), so it builds [B, H, L, C, n] and [B, H, L / C, n, D] tensors, never
+    [B, L, H, n, D]. Time O(n L (C + D)); decoding state O(n D) per head.
     """
 
     Config = ABCConfig
@@ -61,7 +61,7 @@ class ABCAttention(Attention):
     reference = (
         "Peng et al., ABC: Attention with Bounded-memory Control, ACL 2022 (arXiv 2110.02488)"
     )
-    chunk_size = 64
+    chunk_size = 32
 
     def __init__(self, config: ABCConfig, *, pattern: Pattern, heads: int, head_dim: int) -> None:
         super().__init__(config, pattern=pattern, heads=heads, head_dim=head_dim)
@@ -113,18 +113,23 @@ class ABCAttention(Attention):
         exponent = (a[:, :, :, None] - z[:, :, :, :, None]).masked_fill(~inside, float("-inf"))
         weights = torch.exp(exponent)
 
-        # Memories at each chunk's end, combined across chunks with exp(Z_c' - Z_c) <= 1.
+        # Each chunk's own contribution to the memory at its end, then a scan over the chunks:
+        # memory(end c) = exp(Z_end(c-1) - Z_end(c)) memory(end c-1) + contribution(c), factor <= 1.
         z_end = z[:, :, :, -1]  # [B, H, N, n]
-        end_keys = torch.einsum("bhcsn,bhcsd->bhcnd", weights[:, :, :, -1], kc)
-        end_values = torch.einsum("bhcsn,bhcsd->bhcnd", weights[:, :, :, -1], vc)
-        earlier = torch.ones(chunks, chunks, dtype=torch.bool, device=q.device).tril()[..., None]
-        carry = (z_end[:, :, None] - z_end[:, :, :, None]).masked_fill(~earlier, float("-inf"))
-        carry = torch.exp(carry)  # [B, H, N(c), N(c'), n]
-        end_keys = torch.einsum("bhcen,bhend->bhcnd", carry, end_keys)
-        end_values = torch.einsum("bhcen,bhend->bhcnd", carry, end_values)
-        # What each chunk starts from: the memory at the previous chunk's end (none for the first).
-        start_keys = F.pad(end_keys, (0, 0, 0, 0, 1, -1))  # [B, H, N, n, D]
-        start_values = F.pad(end_values, (0, 0, 0, 0, 1, -1))
+        own_keys = torch.einsum("bhcsn,bhcsd->bhcnd", weights[:, :, :, -1], kc)  # [B, H, N, n, D]
+        own_values = torch.einsum("bhcsn,bhcsd->bhcnd", weights[:, :, :, -1], vc)
+        memory_keys = q.new_zeros(batch, heads, logits.shape[-1], dim)  # [B, H, n, D]
+        memory_values = torch.zeros_like(memory_keys)
+        previous_z = torch.full_like(z_end[:, :, 0], float("-inf"))
+        start_keys, start_values = [], []
+        for chunk in range(chunks):  # L / C small steps: linear in L, unlike a chunk-pair matrix
+            start_keys.append(memory_keys)
+            start_values.append(memory_values)
+            keep = torch.exp(previous_z - z_end[:, :, chunk])[..., None]
+            memory_keys = keep * memory_keys + own_keys[:, :, chunk]
+            memory_values = keep * memory_values + own_values[:, :, chunk]
+            previous_z = z_end[:, :, chunk]
+        start_keys, start_values = torch.stack(start_keys, 2), torch.stack(start_values, 2)
         # -inf: the first chunk carries nothing in (exp(0 - Z) could overflow).
         start_z = F.pad(z_end, (0, 0, 1, -1), value=float("-inf"))  # [B, H, N, n]
         decay = torch.exp(start_z[:, :, :, None] - z)  # exp(Z_start - Z_t) <= 1: [B, H, N, C, n]
