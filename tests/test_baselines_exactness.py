@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from attention_zoo import Pattern
+from attention_zoo import AttentionConfigError, Pattern
 from attention_zoo.mechanisms.softmax import softmax_attention
 from attention_zoo.testing import build_for_test, random_inputs
 
@@ -123,11 +123,13 @@ def test_s4d_steps_equal_the_convolution_in_float32():
     torch.testing.assert_close(torch.cat(steps, 1), parallel, rtol=1e-4, atol=1e-4)
 
 
-def test_s4d_rejects_an_odd_state_size():
-    from attention_zoo import AttentionConfigError
-
-    with pytest.raises(AttentionConfigError, match="state_size must be even"):
-        build_for_test("s4d", Pattern.CAUSAL_SELF, state_size=7)
+@pytest.mark.parametrize(("config", "message"), [
+    ({"state_size": 7}, "state_size must be even"),
+    ({"dt_min": 0.5, "dt_max": 0.1}, "dt_min <= dt_max"),
+])
+def test_s4d_rejects_inconsistent_settings(config, message):
+    with pytest.raises(AttentionConfigError, match=message):
+        build_for_test("s4d", Pattern.CAUSAL_SELF, **config)
 
 
 # abc ---------------------------------------------------------------------------------------

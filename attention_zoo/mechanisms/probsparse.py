@@ -43,8 +43,8 @@ class ProbSparseAttention(Attention):
 
     - Key sampling is stratified over each query's visible valid keys (m equal strata, one key
       each): at random inside each stratum in training, the strata's midpoints in evaluation.
-      Informer draws keys uniformly over all positions once per batch, which makes evaluation
-      random and lets padded keys into the measurement.
+      Informer draws key indices uniformly over all positions at every call (the same for every
+      sample and head), which makes evaluation random and lets padded keys into the measurement.
     - The measurement divides by the number of sampled keys (Informer divides the sum by the
       full key length).
     - Causal: query t's measurement uses only keys s <= t, and t is active when fewer than
