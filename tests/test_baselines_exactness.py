@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from attention_zoo import AttentionConfigError, Pattern
+from attention_zoo import AttentionConfigError, MultiHeadAttention, Pattern
 from attention_zoo.mechanisms.softmax import softmax_attention
 from attention_zoo.testing import build_for_test, random_inputs
 
@@ -370,3 +370,22 @@ def test_longshort_matches_its_definition(pattern, config):
         out = attention(q, k, v, padding)
     torch.testing.assert_close(out[0], expected[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(out[1, :10], expected[1, :10], rtol=0, atol=1e-12)
+
+
+# through the multi-head layer the backbones use --------------------------------------------
+
+@pytest.mark.parametrize(("name", "config"), [
+    ("local", {"window": 3}), ("local", {"window": 4, "kind": "blocked"}),
+    ("abc", {"slots": 4}), ("s4d", {}),
+])
+def test_layer_decoding_equals_parallel(name, config):
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(16, 2, name, pattern="causal_self", attention_args=config).double()
+    x = torch.randn(2, 11, 16, dtype=torch.float64)
+    parallel = layer(x)
+    state = layer.init_state(2, dtype=torch.float64)
+    steps = []
+    for t in range(11):
+        out, state = layer.step(x[:, t : t + 1], state)
+        steps.append(out)
+    torch.testing.assert_close(torch.cat(steps, 1), parallel, rtol=0, atol=1e-10)
