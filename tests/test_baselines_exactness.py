@@ -377,6 +377,7 @@ def test_longshort_matches_its_definition(pattern, config):
 @pytest.mark.parametrize(("name", "config"), [
     ("local", {"window": 3}), ("local", {"window": 4, "kind": "blocked"}),
     ("abc", {"slots": 4}), ("s4d", {}),
+    ("longshort", {"window": 3, "segment": 4, "segment_rank": 2}),
 ])
 def test_layer_decoding_equals_parallel(name, config):
     torch.manual_seed(0)

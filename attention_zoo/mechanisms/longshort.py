@@ -41,6 +41,28 @@ class LongShortConfig:
     )
 
 
+@dataclass
+class LongShortState:
+    """Decoding state of causal Transformer-LS.
+
+    Attributes:
+        window_keys: [B, j, H, D] raw keys of the last j <= w - 1 positions.
+        window_values: [B, j, H, D].
+        segment_keys: [B, i, H, D] raw keys of the current, incomplete segment (i < l).
+        segment_values: [B, i, H, D].
+        long_keys: [B, H, R, D] projected, normalised keys of every complete segment
+            (R = segment_rank per segment: the state grows as t r / l).
+        long_values: [B, H, R, D].
+    """
+
+    window_keys: Tensor
+    window_values: Tensor
+    segment_keys: Tensor
+    segment_values: Tensor
+    long_keys: Tensor
+    long_values: Tensor
+
+
 def _layer_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
     return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.bias.to(x.dtype),
                         norm.eps)
@@ -64,11 +86,13 @@ class LongShortAttention(Attention):
     at or before t, and its window is the last w keys (t - w, t]. Non-causal time O(n (w + r) D);
     causal O(n (w + n r / l) D): quadratic with a constant l / r times smaller than softmax's
     (the declared complexity class is the non-causal one).
-    Self attention only: the window needs aligned positions.
+    Self attention only: the window needs aligned positions. Decodes causally, keeping the
+    last w - 1 keys, the current segment, and the projected tokens of the complete segments.
     """
 
     Config = LongShortConfig
     patterns = frozenset({Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF})
+    decoding = True
     complexity = Complexity.LINEAR
     reference = (
         "Zhu et al., Long-Short Transformer: Efficient Transformers for Language and Vision, "
@@ -136,3 +160,47 @@ class LongShortAttention(Attention):
         out = windowed_read(probs[..., :span], short_values, layout, length)
         long_probs = from_blocks(probs[..., span:].permute(0, 2, 3, 1, 4), length)  # [B, L, H, R]
         return out + torch.einsum("blhr,bhrd->blhd", long_probs, long_values)
+
+    def init_state(
+        self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype
+    ) -> LongShortState:
+        raw = torch.zeros(batch_size, 0, self.heads, self.head_dim, device=device, dtype=dtype)
+        projected = torch.zeros(batch_size, self.heads, 0, self.head_dim, device=device, dtype=dtype)
+        return LongShortState(raw, raw.clone(), raw.clone(), raw.clone(), projected,
+                              projected.clone())
+
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: LongShortState
+    ) -> tuple[Tensor, LongShortState]:
+        w, seg = self.config.window, self.config.segment
+        window_keys = torch.cat([state.window_keys, k], dim=1)  # [B, j+1, H, D], j + 1 <= w
+        window_values = torch.cat([state.window_values, v], dim=1)
+        segment_keys = torch.cat([state.segment_keys, k], dim=1)
+        segment_values = torch.cat([state.segment_values, v], dim=1)
+        long_keys, long_values = state.long_keys, state.long_values
+        if segment_keys.shape[1] == seg:  # the segment is complete: project it once, for good
+            weights = torch.softmax(
+                torch.einsum("blhd,hdr->bhrl", segment_keys, self.projection.to(k.dtype)), dim=-1
+            )  # [B, H, r, l]
+            keys = _layer_norm(self.norm_long, torch.einsum("bhrl,blhd->bhrd", weights, segment_keys))
+            values = _layer_norm(self.norm_long,
+                                 torch.einsum("bhrl,blhd->bhrd", weights, segment_values))
+            long_keys = torch.cat([long_keys, keys], dim=2)  # [B, H, R, D]
+            long_values = torch.cat([long_values, values], dim=2)
+            segment_keys, segment_values = segment_keys[:, :0], segment_values[:, :0]
+        query = q[:, 0]  # [B, H, D]
+        short_keys = _layer_norm(self.norm_short, window_keys)
+        short_values = _layer_norm(self.norm_short, window_values)
+        logits = torch.cat([
+            torch.einsum("bhd,bjhd->bhj", query, short_keys),
+            torch.einsum("bhd,bhrd->bhr", query, long_keys),
+        ], dim=-1) / math.sqrt(self.head_dim)
+        probs = torch.softmax(logits, dim=-1)
+        span = window_keys.shape[1]
+        out = torch.einsum("bhj,bjhd->bhd", probs[..., :span], short_values) + torch.einsum(
+            "bhr,bhrd->bhd", probs[..., span:], long_values
+        )
+        keep = max(span - (w - 1), 0)
+        state = LongShortState(window_keys[:, keep:], window_values[:, keep:], segment_keys,
+                               segment_values, long_keys, long_values)
+        return out[:, None], state
