@@ -25,7 +25,7 @@ class ProbSparseConfig:
 
 def budget(count: Tensor, factor: int) -> Tensor:
     """Informer's u = c * ceil(ln n), at least c and at most n, elementwise on counts (long)."""
-    logs = torch.log(count.clamp(min=1).to(torch.float64)).ceil().clamp(min=1)
+    logs = torch.log(count.clamp(min=1).float()).ceil().clamp(min=1)
     return torch.minimum(count, (factor * logs).long())
 
 
@@ -126,14 +126,14 @@ class ProbSparseAttention(Attention):
         batch, q_len = visible.shape
         samples = budget(visible, self.config.factor)  # [B, Lq]
         width = max(int(samples.max()), 1)
-        slot = torch.arange(width, device=q.device, dtype=torch.float64)
-        if self.training:
-            offset = torch.rand(q_len, width, device=q.device, dtype=torch.float64)
-        else:
-            offset = torch.full((q_len, width), 0.5, device=q.device, dtype=torch.float64)
+        slot = torch.arange(width, device=q.device)
+        n, m = visible[..., None], samples.clamp(min=1)[..., None]  # [B, Lq, 1]
         # Sample j of query t: the key of rank floor((j + offset) n / m) among its visible keys.
-        stride = visible.to(torch.float64) / samples.clamp(min=1).to(torch.float64)  # [B, Lq]
-        rank = ((slot + offset) * stride[..., None]).floor().long()  # [B, Lq, W]
+        if self.training:
+            offset = torch.rand(q_len, width, device=q.device)
+            rank = ((slot + offset) * (n / m)).floor().long()  # [B, Lq, W]
+        else:  # offset 1/2, in integers so that no rounding moves a sample
+            rank = torch.div((2 * slot + 1) * n, 2 * m, rounding_mode="floor")
         rank = torch.minimum(rank, (visible - 1).clamp(min=0)[..., None])
         valid_positions = torch.argsort((~key_valid).to(torch.int8), dim=1, stable=True)  # [B, Lk]
         positions = torch.gather(valid_positions, 1, rank.flatten(1)).view(batch, q_len, width)
