@@ -203,6 +203,10 @@ class AttentionSpec:
         patterns: the attention patterns it supports.
         decoding: whether it supports token-by-token decoding in ``causal_self``
             (:meth:`Attention.init_state` / :meth:`Attention.step`).
+        mixes_queries: whether, in ``noncausal_cross``, a query's output depends on the other
+            queries (landmarks or top-u selection pooled over queries). Such a mechanism gives
+            different results when a decoder feeds its queries one at a time, and inside a
+            causal decoder it lets later positions reach earlier ones.
         complexity: time complexity class in sequence length.
         hyperparameters: typed hyperparameters with defaults, in declaration order.
         summary: first line of the class docstring.
@@ -213,6 +217,7 @@ class AttentionSpec:
     cls: type[Attention]
     patterns: frozenset[Pattern]
     decoding: bool
+    mixes_queries: bool
     complexity: Complexity
     hyperparameters: tuple[HyperParameter, ...]
     summary: str
@@ -258,7 +263,8 @@ class Attention(nn.Module):
     """Base class of every zoo mechanism: the attention core between projections.
 
     A subclass declares, as class attributes, ``Config`` (a frozen dataclass: the one typed
-    source of its hyperparameters), ``patterns``, ``decoding``, ``complexity`` and ``reference``,
+    source of its hyperparameters), ``patterns``, ``decoding``, ``mixes_queries`` (see
+    :class:`AttentionSpec`), ``complexity`` and ``reference``,
     implements :meth:`attend`, and, if ``decoding`` is true, :meth:`init_state` and :meth:`step`.
     It is registered with :func:`attention_zoo.register_attention`.
 
@@ -272,6 +278,7 @@ class Attention(nn.Module):
     Config: ClassVar[type] = NoConfig
     patterns: ClassVar[frozenset[Pattern]] = frozenset()
     decoding: ClassVar[bool] = False
+    mixes_queries: ClassVar[bool] = False
     complexity: ClassVar[Complexity] = Complexity.QUADRATIC
     reference: ClassVar[str] = ""
     spec: ClassVar[AttentionSpec]

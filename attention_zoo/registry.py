@@ -113,6 +113,7 @@ def _make_spec(name: str, cls: type[Attention]) -> AttentionSpec:
         cls=cls,
         patterns=patterns,
         decoding=bool(cls.decoding),
+        mixes_queries=bool(cls.mixes_queries),
         complexity=Complexity(cls.complexity),
         hyperparameters=tuple(hyperparameters),
         summary=doc.splitlines()[0] if doc else "",

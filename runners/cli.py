@@ -54,6 +54,7 @@ def capability_rows() -> list[dict[str, Any]]:
             "name": name,
             **{p.value: p in spec.patterns for p in Pattern},
             "decoding": spec.decoding,
+            "mixes_queries": spec.mixes_queries,
             "complexity": spec.complexity.value,
             "hyperparameters": {hp.name: {"type": hp.type_name, "default": hp.default}
                                 for hp in spec.hyperparameters},
@@ -64,14 +65,15 @@ def capability_rows() -> list[dict[str, Any]]:
 
 def capability_markdown() -> str:
     """The zoo's capability table in Markdown (the README embeds this, generated)."""
-    header = ["attention", *(p.value for p in Pattern), "decoding", "complexity",
-              "hyperparameters (default)"]
+    header = ["attention", *(p.value for p in Pattern), "decoding", "cross mixes queries",
+              "complexity", "hyperparameters (default)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in capability_rows():
         marks = ["yes" if row[p.value] else "-" for p in Pattern]
         hps = ", ".join(f"`{k}`={v['default']!r}" for k, v in row["hyperparameters"].items())
         lines.append("| " + " | ".join([
-            f"`{row['name']}`", *marks, "yes" if row["decoding"] else "-", row["complexity"],
+            f"`{row['name']}`", *marks, "yes" if row["decoding"] else "-",
+            "yes" if row["mixes_queries"] else "-", row["complexity"],
             hps or "-",
         ]) + " |")
     return "\n".join(lines) + "\n"

@@ -16,6 +16,11 @@ VARIANTS = [(name, {}) for name in list_attentions()] + [
     ("lavo", {"position": "none", "w": 5, "r": 3}),
     ("lavo", {"w": 1}),
     ("lavo", {"w": 64}),  # one window longer than every test sequence
+    ("local", {"window": 3}),
+    ("local", {"window": 4, "kind": "blocked"}),
+    ("longshort", {"window": 4, "rank": 3, "segment": 3, "segment_rank": 2}),
+    ("nystrom", {"landmarks": 4}),
+    ("probsparse", {"factor": 1}),  # few active queries: most of each sequence is lazy
 ]
 
 

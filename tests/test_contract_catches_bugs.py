@@ -14,6 +14,7 @@ from attention_zoo.testing import (
     check_gradients,
     check_no_future_leak,
     check_padding_invariance,
+    check_query_independence,
 )
 
 SELF = Pattern.CAUSAL_SELF
@@ -102,3 +103,23 @@ def test_dead_parameter_is_caught(scratch_registry):
     name = _register(scratch_registry, "dead_parameter", DeadParameter)
     with pytest.raises(AssertionError, match="gets no gradient"):
         check_gradients(name, SELF)
+
+
+def test_query_mixing_in_cross_attention_is_caught_unless_declared(scratch_registry):
+    class PoolsQueries(SoftmaxAttention):
+        """Cross attention whose queries are centred on their mean over positions."""
+
+        def attend(self, q, k, v, key_padding_mask):
+            return super().attend(q - q.mean(1, keepdim=True), k, v, key_padding_mask)
+
+    name = _register(scratch_registry, "pools_queries", PoolsQueries)
+    with pytest.raises(AssertionError, match="other queries change"):
+        check_query_independence(name, Pattern.NONCAUSAL_CROSS)
+
+    class DeclaresIt(PoolsQueries):
+        """The same, declared."""
+
+        mixes_queries = True
+
+    check_query_independence(_register(scratch_registry, "declares_it", DeclaresIt),
+                             Pattern.NONCAUSAL_CROSS)

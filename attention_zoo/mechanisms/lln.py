@@ -115,8 +115,8 @@ class LLNAttention(Attention):
     - Causal patterns use prefix statistics: query t's alpha_t uses queries <= t, key s's
       beta_s uses positions <= s (fixed once the key has arrived), so decoding token by token
       gives the parallel result; the official code uses whole-sequence statistics.
-    - Non-causal cross attention is not offered: s_q over every query would make each query's
-      output depend on the other queries (see ``check_query_independence`` in the contract).
+    - In non-causal cross attention s_q pools every query, so a query's output depends on the
+      other queries (declared as ``mixes_queries``); causal cross pools the query prefix only.
     - The official key stabiliser subtracts the maximum over all keys (the future, causally);
       here key sums are kept relative to the running maximum (see ``kernelized``), which is
       exact and prefix-only. No eps is added to the normaliser.
@@ -128,10 +128,8 @@ class LLNAttention(Attention):
     """
 
     Config = LLNConfig
-    # Not noncausal_cross: s_q pools every query, so a query's output would depend on the
-    # other queries; inside a decoder (trained in parallel, decoded one query at a time) that
-    # leaks later positions. Causal cross pools the query prefix only, which is sound.
-    patterns = frozenset({Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF, Pattern.CAUSAL_CROSS})
+    patterns = frozenset(Pattern)
+    mixes_queries = True  # non-causal cross: s_q pools every query (causal cross: the prefix)
     decoding = True
     complexity = Complexity.LINEAR
     reference = (
