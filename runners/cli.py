@@ -25,6 +25,20 @@ from runners.efficiency import default_cells, efficiency_length, run_efficiency,
 
 DEFAULT_RESULTS = Path("results")
 
+RUN_HELP = """\
+Run every cell of a preset (task x attention x hyperparameters x settings x seed); each cell
+writes results/runs/<task>/<cell>.json. Re-running the same command skips finished cells.
+
+Overrides (KEY=V1,V2,... sweeps the values):
+  task=lm,tts              the tasks to run (from those installed)
+  attention=lavo,softmax   mechanisms, or `all` (every one supporting the task's roles)
+  attention.r=16,32,64     a mechanism hyperparameter, for the mechanisms that declare it
+  seed=1,2,3               seeds
+  timeout=600              seconds a cell may run (one value)
+  seq_len=1024,4096        a task setting (a field of the task's Config), for every task with it
+  lm.seq_len=1024          a task setting for one task
+"""
+
 
 def _console() -> Console:
     # Rich wraps tables at 80 columns when output is not a terminal (logs, CI): widen it.
@@ -213,6 +227,99 @@ def command_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submitit_parameters(items: Sequence[str]) -> dict[str, Any]:
+    """``["slurm_partition=gpu", "gpus_per_node=2"]`` -> submitit parameters (numbers typed)."""
+    parameters: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise AttentionConfigError(f"--slurm takes KEY=VALUE (a submitit parameter such as "
+                                       f"slurm_partition=gpu or gpus_per_node=1), got {item!r}")
+        for kind in (int, float):
+            try:
+                parameters[key] = kind(value)
+                break
+            except ValueError:
+                continue
+        else:
+            parameters[key] = value
+    return parameters
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from runners.matrix import plan
+    from runners.records import read_records
+    from runners.summary import failures, parameter_flags, summary_tables
+    from runners.sweep import KIND, is_finished, resolve_devices, run_local, run_submitit
+
+    console = _console()
+    expansion = plan(args.preset, args.overrides)
+    preset = Path(args.preset).stem
+    try:
+        devices = resolve_devices(args.device, args.jobs)
+    except ValueError as error:
+        raise AttentionConfigError(str(error)) from None
+    for notice in expansion.notices:
+        console.print(f"[yellow]{notice}[/]")
+    cells = expansion.cells
+    todo = [c for c in cells if not is_finished(args.results_dir, c, retry_failed=args.retry_failed)]
+    console.print(f"[bold]attnbench run {preset}[/]: {expansion.description}".rstrip(": "))
+    console.print(f"{len(cells)} cells, {len(cells) - len(todo)} already finished in "
+                  f"{args.results_dir / 'runs'}, {len(todo)} to run "
+                  f"({args.executor}" + (f", {args.jobs} at once on {', '.join(devices)})"
+                                         if args.executor == "local" else ")"))
+    if args.dry_run:
+        for cell in cells:
+            console.print(f"  {'todo' if cell in todo else 'done'}  {cell.key}")
+        return 0
+    if not cells:
+        console.print("nothing to run: no installed task in this preset (see `attnbench run --help`)")
+        return 0
+
+    counts = {"ok": 0, "failed": 0}
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[ok]} ok, [red]{task.fields[failed]} failed[/], "
+                             "{task.fields[remaining]} remaining"),
+                  TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                  disable=not todo) as progress:
+        bar = progress.add_task(preset, total=len(todo), ok=0, failed=0, remaining=len(todo))
+
+        def on_done(cell: Any, status: str, seconds: float) -> None:
+            counts["ok" if status == "ok" else "failed"] += 1
+            done = counts["ok"] + counts["failed"]
+            progress.update(bar, advance=1, ok=counts["ok"], failed=counts["failed"],
+                            remaining=len(todo) - done)
+            colour = "green" if status == "ok" else "red"
+            progress.console.print(f"  [{colour}]{status:>7}[/] {seconds:7.1f} s  {cell.key}")
+
+        if args.executor == "local":
+            run_local(todo, args.results_dir, jobs=args.jobs, devices=devices, preset=preset,
+                      threads=args.threads, on_done=on_done)
+        else:
+            cluster = "slurm" if args.executor == "slurm" else "local"
+            jobs = run_submitit(todo, args.results_dir, cluster=cluster, preset=preset,
+                                parameters=_submitit_parameters(args.slurm), wait=not args.no_wait,
+                                on_done=on_done)
+            if args.no_wait:
+                progress.stop()
+                console.print(f"submitted {len(jobs)} jobs (first: {jobs[0].job_id if jobs else '-'}); "
+                              "re-run the same command later to collect the table")
+                return 0
+
+    wanted = {c.key for c in cells}
+    records = [r for r in read_records(args.results_dir / "runs", kind=KIND) if r.get("key") in wanted]
+    for table in summary_tables(records):
+        console.print(table)
+    for line in parameter_flags(records):
+        console.print(f"[yellow]parameter flag[/]: {line}")
+    for line in failures(records):
+        console.print(f"[red]failed[/]: {line}")
+    console.print(f"{len(records)} records in {args.results_dir / 'runs'}")
+    return 1 if any(r.get("status") != "ok" for r in records) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnbench",
@@ -245,6 +352,32 @@ def build_parser() -> argparse.ArgumentParser:
     efficiency.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
     efficiency.set_defaults(handler=command_efficiency)
 
+    run = commands.add_parser(
+        "run", help="run a benchmark matrix: a preset with overrides, one record per cell",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=RUN_HELP)
+    run.add_argument("preset", help="a shipped preset (smoke, paper) or the path of a YAML file")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUES",
+                     help="sweeps, e.g. attention=lavo,softmax attention.r=16,32 seed=1,2,3")
+    run.add_argument("--executor", choices=("local", "slurm", "submitit-local"), default="local",
+                     help="local processes (default), SLURM through submitit, or submitit's "
+                          "local executor (the SLURM path on this machine)")
+    run.add_argument("--jobs", type=int, default=1, help="cells at once (local executor)")
+    run.add_argument("--device", default="auto",
+                     help="auto (every GPU round-robin, else CPU), cpu, or cuda:0,cuda:1")
+    run.add_argument("--threads", type=int, default=0,
+                     help="CPU threads per cell (default: cores / jobs)")
+    run.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
+    run.add_argument("--retry-failed", action="store_true",
+                     help="re-run cells whose record says error, oom, timeout or crashed")
+    run.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
+    run.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                     help="a submitit parameter, e.g. slurm_partition=gpu, gpus_per_node=1, "
+                          "cpus_per_task=8, mem_gb=64, timeout_min=600, slurm_array_parallelism=16")
+    run.add_argument("--no-wait", action="store_true",
+                     help="submit the jobs and return (slurm); re-run later to collect")
+    run.set_defaults(handler=command_run)
+
     data = commands.add_parser("data", help="list or download the full datasets")
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION")
     data_commands.add_parser("list", help="datasets that can be fetched")
@@ -258,7 +391,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow options (`run smoke --jobs 2 seed=1`): argparse leaves those here.
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray or (extra and args.command != "run"):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if args.command is None:
         parser.print_help()
         return 0

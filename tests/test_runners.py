@@ -1,0 +1,335 @@
+"""The matrix runner: presets and overrides expand and validate before anything runs; every cell
+writes one record; failures are recorded and the sweep goes on; a killed sweep resumes without
+recomputing or losing anything; submitit's (local) executor writes the same records.
+
+The cells run a small real task, next-value regression of sine waves with one attention layer,
+installed for the test as a distribution with an ``attnbench.tasks`` entry point."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from attention_zoo import AttentionConfigError
+from runners.cli import main
+from runners.matrix import Cell, MatrixConfigError, load_preset, plan, preset_names
+from runners.records import read_records
+from runners.summary import parameter_flags
+from runners.sweep import record_path, run_local
+
+TASK_SOURCE = '''
+"""Next-value regression: predict x[t+1] from x[<=t] for sine waves of random phase and frequency."""
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from attention_zoo import MultiHeadAttention, Pattern
+from tasks.base import Metric, Task, TaskResult
+
+
+@dataclass(frozen=True)
+class NextValueConfig:
+    steps: int = field(default=30, metadata={"min": 1})
+    seq_len: int = field(default=16, metadata={"min": 2})
+    width: int = field(default=16, metadata={"min": 1})
+    heads: int = field(default=2, metadata={"min": 1})
+    batch: int = field(default=16, metadata={"min": 1})
+    lr: float = 0.01
+
+
+class NextValue(Task):
+    name = "next_value"
+    roles = {"self": Pattern.CAUSAL_SELF}
+    metrics = (Metric("mse", higher_is_better=False), Metric("initial_mse", higher_is_better=False))
+    Config = NextValueConfig
+
+    def run(self, config, attention, *, seed, device, workdir):
+        generator = torch.Generator().manual_seed(seed)
+
+        def waves(n):
+            t = torch.arange(config.seq_len + 1, dtype=torch.float32)
+            frequency = 0.2 + 0.6 * torch.rand(n, 1, generator=generator)
+            phase = 6.28 * torch.rand(n, 1, generator=generator)
+            x = torch.sin(frequency * t + phase)[..., None]  # [n, L + 1, 1]
+            return x[:, :-1].to(device), x[:, 1:].to(device)
+
+        choice = attention["self"]
+        torch.manual_seed(seed)
+        embed = nn.Linear(1, config.width)
+        layer = MultiHeadAttention(config.width, config.heads, choice.name, pattern="causal_self",
+                                   attention_args=dict(choice.args))
+        head = nn.Linear(config.width, 1)
+        model = nn.ModuleList([embed, layer, head]).to(device)
+
+        def predict(x):
+            h = embed(x)  # [B, L, E]
+            return head(h + layer(h))  # [B, L, 1]
+
+        test_x, test_y = waves(64)
+        with torch.no_grad():
+            initial = torch.mean((predict(test_x) - test_y) ** 2).item()
+        optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
+        start = time.perf_counter()
+        for _ in range(config.steps):
+            x, y = waves(config.batch)
+            loss = torch.mean((predict(x) - y) ** 2)
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+        train_seconds = time.perf_counter() - start
+        with torch.no_grad():
+            mse = torch.mean((predict(test_x) - test_y) ** 2).item()
+        log = os.environ.get("ATTNBENCH_TEST_LOG")
+        if log:
+            with open(log, "a") as stream:
+                stream.write(f"done {choice.label()} seed={seed} steps={config.steps}\\n")
+        return TaskResult(
+            metrics={"mse": mse, "initial_mse": initial},
+            parameters=sum(p.numel() for p in model.parameters()),
+            attention_parameters=sum(p.numel() for p in layer.attention.parameters()),
+            train_seconds=train_seconds,
+        )
+'''
+
+
+@pytest.fixture
+def task_installed(tmp_path, monkeypatch):
+    """The test task as an installed distribution: a module and a dist-info with entry points,
+    on sys.path here and on PYTHONPATH for the processes the runner starts."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "attnbench_test_task.py").write_text(TASK_SOURCE)
+    info = site / "attnbench_test_task-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: attnbench-test-task\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[attnbench.tasks]\nnext_value = attnbench_test_task:NextValue\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("ATTNBENCH_TEST_LOG", str(tmp_path / "executions.log"))
+    yield tmp_path
+    sys.modules.pop("attnbench_test_task", None)
+
+
+def write_preset(path: Path, **overrides) -> Path:
+    preset = {
+        "description": "test matrix",
+        "defaults": {"seed": [0], "timeout": 120},
+        "blocks": [
+            {"task": "next_value", "attention": ["softmax", "lavo"], "attention_args": {"r": 4, "w": 4},
+             "settings": {"steps": 5}},
+            {"task": "not_installed_task"},
+        ],
+        **overrides,
+    }
+    path.write_text(yaml.safe_dump(preset))
+    return path
+
+
+def records_of(results: Path) -> dict[str, dict]:
+    return {r["key"]: r for r in read_records(results / "runs", kind="run")}
+
+
+# Expansion and validation ---------------------------------------------------------------------
+
+
+def test_overrides_sweep_and_deduplicate(task_installed):
+    preset = write_preset(task_installed / "p.yaml")
+    expansion = plan(preset, ["attention=lavo,softmax", "attention.r=4,8", "seed=1,2", "steps=3,7"])
+    cells = expansion.cells
+    # lavo: 2 r x 2 seeds x 2 steps; softmax has no r, so its copies collapse: 2 seeds x 2 steps.
+    assert len(cells) == 8 + 4
+    assert len({c.key for c in cells}) == len(cells)
+    lavo = [c for c in cells if c.attention == "lavo"]
+    assert sorted({c.attention_args["r"] for c in lavo}) == [4, 8]
+    assert all(c.attention_args["w"] == 4 for c in lavo)  # from the preset, typed
+    assert all(c.attention_args == {} for c in cells if c.attention == "softmax")
+    assert {c.settings["steps"] for c in cells} == {3, 7}  # typed by the task's Config
+    assert all(c.settings["seq_len"] == 16 for c in cells)  # the full resolved config
+    assert any("skipped task 'not_installed_task': not installed" in n for n in expansion.notices)
+
+
+def test_task_scoped_settings_and_all_attentions(task_installed):
+    preset = write_preset(task_installed / "p.yaml")
+    cells = plan(preset, ["attention=all", "next_value.seq_len=8"]).cells
+    from attention_zoo import list_attentions
+
+    assert sorted({c.attention for c in cells}) == list_attentions("causal_self")
+    assert {c.settings["seq_len"] for c in cells} == {8}
+
+
+def test_key_is_derived_from_the_resolved_config(task_installed):
+    preset = write_preset(task_installed / "p.yaml")
+    default, explicit = (plan(preset, extra).cells[0] for extra in ([], ["seq_len=16"]))
+    assert default.key == explicit.key  # seq_len=16 is the default: the same cell
+    other = plan(preset, ["seq_len=12"]).cells[0]
+    assert other.key != default.key and other.key.startswith("next_value/softmax-seed0-")
+    assert Cell.from_json(json.loads(json.dumps(default.to_json()))).key == default.key
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["stepz=3"], r"unknown override key 'stepz'.*next_value: steps, seq_len, width, heads, batch, lr"),
+    (["steps=abc"], r"cannot read 'abc' as 'steps' \(int\)"),
+    (["steps=0"], r"'steps' must be >= 1"),
+    (["attention=lavoo"], r"unknown attention 'lavoo'; known: .*lavo.*softmax"),
+    (["attention.q=1"], r"attention hyperparameter\(s\) q declared by none of the selected mechanisms "
+                        r"\(lavo, softmax\); valid: bases, combine, position, r, w"),
+    (["attention.w=wide"], r"cannot read 'wide' as 'w' \(int\)"),
+    (["task=nope"], r"task=nope: not installed; installed: next_value"),
+    (["nope.steps=1"], r"unknown task 'nope'; installed: next_value"),
+    (["seed=x"], r"seed must be an integer, got 'x'"),
+    (["timeout=-1"], r"timeout must be a positive number"),
+    (["steps"], r"override 'steps' is not KEY=VALUE"),
+])
+def test_bad_overrides_name_the_valid_choices(task_installed, overrides, message):
+    preset = write_preset(task_installed / "p.yaml")
+    with pytest.raises(AttentionConfigError, match=message):
+        plan(preset, overrides)
+
+
+def test_bad_presets_name_the_valid_choices(task_installed):
+    with pytest.raises(MatrixConfigError, match=r"unknown preset 'smok'; shipped: paper, smoke"):
+        load_preset("smok")
+    bad = write_preset(task_installed / "bad.yaml", blocks=[{"task": "next_value", "setings": {}}])
+    with pytest.raises(MatrixConfigError, match=r"block 1: unknown key 'setings'; valid: task, settings"):
+        load_preset(bad)
+    typo = write_preset(task_installed / "typo.yaml",
+                        blocks=[{"task": "next_value", "settings": {"lr": "x"}}])
+    with pytest.raises(MatrixConfigError, match=r"cannot read 'x' as 'lr' \(float\)"):
+        plan(typo)
+
+
+def test_shipped_presets_validate_against_the_installed_tasks():
+    """Every block of every shipped preset expands (settings, attentions, hyperparameters all
+    valid for the installed tasks) or is skipped because its task is not installed."""
+    assert {"smoke", "paper"} <= set(preset_names())
+    for name in preset_names():
+        expansion = plan(name)
+        _, blocks = load_preset(name)
+        covered = {c.task for c in expansion.cells}
+        for block in blocks:
+            assert block.task in covered or any(f"'{block.task}': not installed" in n
+                                                for n in expansion.notices)
+
+
+def test_errors_stop_the_run_before_any_cell(task_installed, capsys):
+    preset = write_preset(task_installed / "p.yaml")
+    results = task_installed / "results"
+    assert main(["run", str(preset), "--results-dir", str(results), "seed=0", "stepz=1"]) == 2
+    assert "unknown override key 'stepz'" in capsys.readouterr().err
+    assert not results.exists()
+
+
+# Running ----------------------------------------------------------------------------------------
+
+
+def test_failed_cells_are_recorded_and_the_sweep_goes_on(task_installed, capsys):
+    preset = write_preset(task_installed / "p.yaml")
+    results = task_installed / "results"
+    # heads=3 does not divide the width of 16: those cells fail inside the task.
+    code = main(["run", str(preset), "heads=2,3", "steps=40", "--jobs", "2", "--results-dir", str(results)])
+    assert code == 1
+    records = records_of(results)
+    assert len(records) == 4
+    for record in records.values():
+        assert record["schema"] == "attnbench.run/1" and record["provenance"]["torch"]
+        if record["cell"]["settings"]["heads"] == 3:
+            assert record["status"] == "error"
+            assert "not divisible by num_heads=3" in record["error"] and "Traceback" in record["traceback"]
+        else:
+            assert record["status"] == "ok", record.get("error")
+            metrics = record["metrics"]
+            assert math.isfinite(metrics["mse"]) and metrics["mse"] < metrics["initial_mse"]  # it learned
+            assert record["parameters"] > record["attention_parameters"] >= 0
+            assert record["timings"]["train_seconds"] > 0 and record["process_peak_rss_mib"] > 0
+    out = capsys.readouterr().out
+    assert "next_value: mean ± std over seeds" in out and "failed" in out
+    assert "skipped task 'not_installed_task'" in out
+
+
+def test_a_cell_past_its_timeout_is_stopped_and_recorded(task_installed):
+    cell = plan(write_preset(task_installed / "p.yaml"), ["attention=softmax", "steps=1000000",
+                                                           "timeout=1"]).cells[0]
+    seen = []
+    run_local([cell], task_installed / "results", on_done=lambda c, status, s: seen.append(status))
+    record = json.loads(record_path(task_installed / "results", cell).read_text())
+    assert seen == ["timeout"] and record["status"] == "timeout"
+    assert "timeout of 1 s" in record["error"]
+
+
+def test_a_killed_sweep_resumes_without_recomputing_or_losing(task_installed):
+    preset = write_preset(task_installed / "p.yaml")
+    results = task_installed / "results"
+    log = task_installed / "executions.log"
+    command = [sys.executable, "-m", "runners.cli", "run", str(preset), "seed=0,1,2", "steps=150",
+               "--results-dir", str(results)]
+    first = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while len(list((results / "runs").rglob("*.json"))) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # the coordinator and its cell processes, at once
+        first.wait()
+    before = {p: p.read_bytes() for p in (results / "runs").rglob("*.json")}
+    assert 2 <= len(before) < 6, "the sweep should have been killed part-way"
+
+    second = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert f"{len(before)} already finished" in second.stdout
+    after = {p: p.read_bytes() for p in (results / "runs").rglob("*.json")}
+    assert len(after) == 6  # nothing lost
+    assert all(after[p] == content for p, content in before.items())  # nothing rewritten
+    finished = [line for line in log.read_text().splitlines() if line.startswith("done ")]
+    assert len(finished) == len(set(finished)) == 6  # each cell computed to the end exactly once
+
+    third = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert "6 already finished" in third.stdout and "0 to run" in third.stdout
+    assert len(log.read_text().splitlines()) == len(finished)
+
+
+def test_submitit_local_executor_writes_the_same_records(task_installed):
+    preset = write_preset(task_installed / "p.yaml")
+    results = task_installed / "results"
+    code = main(["run", str(preset), "--executor", "submitit-local", "--results-dir", str(results),
+                 "--slurm", "timeout_min=5"])
+    assert code == 0
+    records = records_of(results)
+    assert sorted(r["cell"]["attention"] for r in records.values()) == ["lavo", "softmax"]
+    for record in records.values():
+        assert record["status"] == "ok" and record["metrics"]["mse"] < record["metrics"]["initial_mse"]
+        # Each ran in a job process of its own, not in this one.
+        assert record["provenance"]["argv"][0].endswith("_submit.py") or "submitit" in " ".join(
+            record["provenance"]["argv"])
+    assert list((results / "logs" / "submitit").rglob("*_log.out"))
+
+
+def test_parameter_overhead_beyond_ten_percent_is_flagged():
+    def record(attention, parameters):
+        return {"key": attention, "status": "ok", "parameters": parameters, "metrics": {},
+                "cell": {"task": "t", "attention": attention, "attention_args": {}, "overrides": {}}}
+
+    flags = parameter_flags([record("softmax", 1000), record("lavo", 1099), record("big", 1101)])
+    assert len(flags) == 1 and flags[0].startswith("t [defaults]: big has +10.1% parameters")
+
+
+def test_dry_run_of_the_smoke_preset_covers_every_task_or_says_why_not(capsys):
+    assert main(["run", "smoke", "--dry-run", "--results-dir", "unused"]) == 0
+    out = capsys.readouterr().out
+    _, blocks = load_preset("smoke")
+    for block in blocks:
+        assert f"skipped task '{block.task}': not installed" in out or f" {block.task}/" in out
+    assert not Path("unused").exists()
