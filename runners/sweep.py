@@ -9,6 +9,7 @@ whose process dies, or that runs past its timeout, is recorded by the coordinato
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import multiprocessing
@@ -19,6 +20,7 @@ import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +67,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def reset_peak_rss() -> None:
+    """Reset this process's peak resident memory (Linux: VmHWM), so that a worker that runs
+    several cells reports each cell's own peak."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process since :func:`reset_peak_rss`, in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def _base_record(cell: Cell, *, preset: str, device: str) -> dict[str, Any]:
     return {
         "schema": SCHEMA,
@@ -98,6 +118,7 @@ def run_cell(cell: Cell | Mapping[str, Any], results_dir: str | Path, *, device:
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
             torch.cuda.reset_peak_memory_stats()
+        reset_peak_rss()
         seed_everything(cell.seed)
         workdir = artifacts_dir(results_dir, cell)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +148,7 @@ def run_cell(cell: Cell | Mapping[str, Any], results_dir: str | Path, *, device:
     record.setdefault("timings", {})["total_seconds"] = time.time() - started
     record["timings"]["started_utc"] = _utc(started)
     record["timings"]["finished_utc"] = _utc(time.time())
-    record["process_peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    record["process_peak_rss_mib"] = peak_rss_mib()
     if device.startswith("cuda"):
         record["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
     record["provenance"] = provenance(torch.device(device))
@@ -167,62 +188,98 @@ class SweepState:
 Callback = Callable[[Cell, str, float], None]
 
 
-def _child_entry(cell: dict[str, Any], results_dir: str, device: str, preset: str, threads: int) -> None:
-    run_cell(cell, results_dir, device=device, preset=preset, threads=threads)
+def default_threads(jobs: int) -> int:
+    """CPU threads per cell: the cores shared among the cells running at once, and no more than
+    ``OMP_NUM_THREADS`` when it is set (oversubscribed threads make small models crawl)."""
+    threads = max(1, len(os.sched_getaffinity(0)) // max(1, jobs))
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    return min(threads, int(limit)) if limit.isdigit() and int(limit) > 0 else threads
+
+
+def _worker(connection: Connection, results_dir: str, device: str, preset: str, threads: int) -> None:
+    """A local worker process: runs the cells it is sent, one at a time, until it gets None."""
+    torch.set_num_threads(threads)
+    while (cell := connection.recv()) is not None:
+        connection.send(run_cell(cell, results_dir, device=device, preset=preset))
+
+
+@dataclass
+class _Slot:
+    """One of the ``jobs`` places a cell can run: a worker process on a device."""
+
+    device: str
+    process: Any = None
+    connection: Connection | None = None
+    cell: Cell | None = None
+    started: float = 0.0
+
+    def stop(self, *, kill: bool) -> None:
+        if self.process is not None:
+            if kill:
+                self.process.kill()
+            elif self.connection is not None:
+                try:
+                    self.connection.send(None)
+                except (BrokenPipeError, OSError):
+                    self.process.kill()
+            self.process.join()
+        self.process = self.connection = self.cell = None
 
 
 def run_local(cells: Sequence[Cell], results_dir: Path, *, jobs: int = 1, devices: Sequence[str] = ("cpu",),
               preset: str = "", threads: int = 0, on_done: Callback | None = None) -> None:
-    """Run ``cells`` in up to ``jobs`` spawned processes at once; slot i uses ``devices[i % n]``
-    (GPUs round-robin). A child that dies or exceeds its cell's timeout is recorded here."""
+    """Run ``cells`` on ``jobs`` worker processes at once; worker i uses ``devices[i % n]`` (GPUs
+    round-robin). Workers are spawned once and reused (PyTorch is imported once per worker, not
+    per cell). A worker that dies, or whose cell runs past its timeout, is killed, its cell
+    recorded here as ``crashed`` or ``timeout``, and a fresh worker takes its place."""
     context = multiprocessing.get_context("spawn")
-    if not threads:
-        threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    threads = threads or default_threads(jobs)
     pending = list(cells)
-    running: dict[int, tuple[Any, Cell, float]] = {}  # slot -> (process, cell, start time)
+    slots = [_Slot(device=devices[i % len(devices)]) for i in range(max(1, jobs))]
+
     try:
-        while pending or running:
-            for slot in range(jobs):
-                if slot not in running and pending:
-                    cell = pending.pop(0)
-                    device = devices[slot % len(devices)]
-                    process = context.Process(
-                        target=_child_entry, name=f"attnbench-{cell.key}",
-                        args=(cell.to_json(), str(results_dir), device, preset, threads))
-                    process.start()
-                    running[slot] = (process, cell, time.time())
-            time.sleep(0.05)
-            for slot, (process, cell, started) in list(running.items()):
-                elapsed = time.time() - started
-                device = devices[slot % len(devices)]
-                if process.is_alive():
-                    if cell.timeout is not None and elapsed > cell.timeout:
-                        process.terminate()
-                        process.join(10)
-                        if process.is_alive():
-                            process.kill()
-                            process.join()
-                        record_failure(results_dir, cell, status="timeout", preset=preset,
-                                       device=device, seconds=elapsed,
-                                       error=f"stopped after the cell's timeout of {cell.timeout:g} s")
-                        del running[slot]
-                        if on_done:
-                            on_done(cell, "timeout", elapsed)
+        while pending or any(slot.cell for slot in slots):
+            for slot in slots:
+                if slot.cell is None and pending:
+                    if slot.process is None:
+                        slot.connection, child = context.Pipe()
+                        slot.process = context.Process(
+                            target=_worker, args=(child, str(results_dir), slot.device, preset, threads),
+                            name="attnbench-worker", daemon=True)
+                        slot.process.start()
+                        child.close()
+                    slot.cell, slot.started = pending.pop(0), time.time()
+                    slot.connection.send(slot.cell.to_json())
+            busy = [slot for slot in slots if slot.cell is not None]
+            ready = wait([slot.connection for slot in busy], timeout=0.2)
+            for slot in busy:
+                cell, elapsed = slot.cell, time.time() - slot.started
+                if slot.connection in ready:
+                    try:
+                        status = slot.connection.recv()
+                        slot.cell = None
+                    except (EOFError, OSError):
+                        slot.process.join(5)
+                        code = slot.process.exitcode
+                        slot.stop(kill=True)
+                        status = record_failure(
+                            results_dir, cell, status="crashed", preset=preset, device=slot.device,
+                            seconds=elapsed, error=f"the cell's process died (exit code {code}) "
+                                                   "without writing its record")["status"]
+                elif cell.timeout is not None and elapsed > cell.timeout:
+                    slot.stop(kill=True)
+                    status = record_failure(
+                        results_dir, cell, status="timeout", preset=preset, device=slot.device,
+                        seconds=elapsed, error=f"stopped after the cell's timeout of {cell.timeout:g} s",
+                    )["status"]
+                else:
                     continue
-                process.join()
-                del running[slot]
-                record = read_record(results_dir, cell)
-                if record is None:
-                    record = record_failure(
-                        results_dir, cell, status="crashed", preset=preset, device=device,
-                        seconds=elapsed, error=f"the cell's process exited with code {process.exitcode} "
-                                              "without writing its record")
                 if on_done:
-                    on_done(cell, record["status"], elapsed)
+                    on_done(cell, status, elapsed)
     finally:
-        for process, _, _ in running.values():
-            process.kill()
-            process.join()
+        interrupted = any(slot.cell for slot in slots)
+        for slot in slots:
+            slot.stop(kill=interrupted)
 
 
 def _submitit_job(cell: dict[str, Any], results_dir: str, preset: str) -> str:

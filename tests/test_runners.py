@@ -119,6 +119,7 @@ def task_installed(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(site))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("ATTNBENCH_TEST_LOG", str(tmp_path / "executions.log"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the cells are tiny: one thread each is fastest
     yield tmp_path
     sys.modules.pop("attnbench_test_task", None)
 
@@ -239,10 +240,11 @@ def test_failed_cells_are_recorded_and_the_sweep_goes_on(task_installed, capsys)
     preset = write_preset(task_installed / "p.yaml")
     results = task_installed / "results"
     # heads=3 does not divide the width of 16: those cells fail inside the task.
-    code = main(["run", str(preset), "heads=2,3", "steps=40", "--jobs", "2", "--results-dir", str(results)])
+    code = main(["run", str(preset), "attention=lavo", "heads=2,3", "steps=25", "--jobs", "2",
+                 "--results-dir", str(results)])
     assert code == 1
     records = records_of(results)
-    assert len(records) == 4
+    assert len(records) == 2
     for record in records.values():
         assert record["schema"] == "attnbench.run/1" and record["provenance"]["torch"]
         if record["cell"]["settings"]["heads"] == 3:
@@ -273,31 +275,31 @@ def test_a_killed_sweep_resumes_without_recomputing_or_losing(task_installed):
     preset = write_preset(task_installed / "p.yaml")
     results = task_installed / "results"
     log = task_installed / "executions.log"
-    command = [sys.executable, "-m", "runners.cli", "run", str(preset), "seed=0,1,2", "steps=150",
+    command = [sys.executable, "-m", "runners.cli", "run", str(preset), "seed=0,1", "steps=100",
                "--results-dir", str(results)]
     first = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 60
-        while len(list((results / "runs").rglob("*.json"))) < 2 and time.time() < deadline:
+        while not list((results / "runs").rglob("*.json")) and time.time() < deadline:
             time.sleep(0.05)
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # the coordinator and its cell processes, at once
         first.wait()
     before = {p: p.read_bytes() for p in (results / "runs").rglob("*.json")}
-    assert 2 <= len(before) < 6, "the sweep should have been killed part-way"
+    assert 1 <= len(before) < 4, "the sweep should have been killed part-way"
 
     second = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stdout + second.stderr
     assert f"{len(before)} already finished" in second.stdout
     after = {p: p.read_bytes() for p in (results / "runs").rglob("*.json")}
-    assert len(after) == 6  # nothing lost
+    assert len(after) == 4  # nothing lost
     assert all(after[p] == content for p, content in before.items())  # nothing rewritten
     finished = [line for line in log.read_text().splitlines() if line.startswith("done ")]
-    assert len(finished) == len(set(finished)) == 6  # each cell computed to the end exactly once
+    assert len(finished) == len(set(finished)) == 4  # each cell computed to the end exactly once
 
     third = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert "6 already finished" in third.stdout and "0 to run" in third.stdout
+    assert "4 already finished" in third.stdout and "0 to run" in third.stdout
     assert len(log.read_text().splitlines()) == len(finished)
 
 
