@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from attention_zoo import (
@@ -21,7 +22,17 @@ from attention_zoo import (
     list_attentions,
     parse_attention_args,
 )
-from runners.efficiency import default_cells, efficiency_length, run_efficiency, scaling_exponent
+from runners.efficiency import PRESETS as EFFICIENCY_PRESETS
+from runners.efficiency import (
+    TIMERS,
+    default_cells,
+    efficiency_length,
+    fla_cells,
+    fla_unavailable,
+    gpu_timer,
+    run_efficiency,
+    scaling_exponent,
+)
 
 DEFAULT_RESULTS = Path("results")
 
@@ -133,7 +144,12 @@ def command_efficiency(args: argparse.Namespace) -> int:
     attentions = _csv(args.attention) if args.attention else list_attentions()
     for name in attentions:
         attention_spec(name)  # unknown names fail here, naming the valid ones
-    patterns = [Pattern.parse(p).value for p in _csv(args.patterns)]
+    preset = EFFICIENCY_PRESETS[args.preset]
+    for name in ("batch", "heads", "head_dim", "lengths"):
+        if getattr(args, name) is None:
+            setattr(args, name, preset[name])
+    patterns = [Pattern.parse(p).value
+                for p in (_csv(args.patterns) if args.patterns else preset["patterns"])]
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -146,14 +162,24 @@ def command_efficiency(args: argparse.Namespace) -> int:
         attentions, patterns, args.lengths,
         attention_args=_parse_per_attention_args(args.attention_args),
         batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
-        device=device,
+        device=device, scope="layer" if args.layer else "core",
     )
+    if args.compare_fla:
+        reason = fla_unavailable(device)
+        if reason:
+            console.print(f"[yellow]flash-linear-attention comparison skipped[/]: {reason}")
+        else:
+            cells += fla_cells(patterns, args.lengths, batch=args.batch, heads=args.heads,
+                               head_dim=args.head_dim, dtype=args.dtype, device=device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    timer = gpu_timer(args.timer) if device.startswith("cuda") else "perf_counter"
     console.print(
-        f"[bold]attnbench efficiency[/]: {len(cells)} cells on {device} ({args.dtype}), "
+        f"[bold]attnbench efficiency[/] ({args.preset}): {len(cells)} cells on {device} ({args.dtype}), "
         f"batch {args.batch}, {args.heads} heads x {args.head_dim}, "
-        f"median of {args.repeats} after {args.warmup} warm-up"
+        f"{'whole MultiHeadAttention layer' if args.layer else 'attention core'}, "
+        + ("triton do_bench (median)" if timer == "do_bench"
+           else f"median of {args.repeats} after {args.warmup} warm-up ({timer})")
     )
 
     def progress(record: dict[str, Any]) -> None:
@@ -165,7 +191,7 @@ def command_efficiency(args: argparse.Namespace) -> int:
                       f"{status:>5} {detail}")
 
     records = run_efficiency(cells, results_dir=args.results_dir, warmup=args.warmup,
-                             repeats=args.repeats, on_result=progress)
+                             repeats=args.repeats, timer=args.timer, on_result=progress)
     console.print(summary_table(records, args.lengths))
     run_dir = args.results_dir / "efficiency" / records[0]["run_id"] if records else None
     console.print(f"records: {run_dir}")
@@ -179,7 +205,8 @@ def summary_table(records: list[dict[str, Any]], lengths: Sequence[int]) -> Tabl
     for record in records:
         cell = record["cell"]
         args = ",".join(f"{k}={v}" for k, v in sorted(cell["attention_args"].items()))
-        grouped[(cell["attention"], args, cell["pattern"])][cell["length"]] = record
+        name = cell["attention"] + (" [layer]" if cell.get("scope") == "layer" else "")
+        grouped[(name, args, cell["pattern"])][cell["length"]] = record
     table = Table(title="forward / forward+backward: ms (peak MiB of forward+backward)")
     for column in ("attention", "pattern", *(f"L={n}" for n in lengths), "k", "eff. length"):
         table.add_column(column, justify="right")
@@ -199,14 +226,16 @@ def summary_table(records: list[dict[str, Any]], lengths: Sequence[int]) -> Tabl
                 measured_lengths.append(n)
                 times.append(m["forward_backward_ms"])
         exponent = scaling_exponent(measured_lengths, times)
-        reference = grouped.get(("softmax", "", pattern), {})
+        reference = grouped.get(("softmax" + (" [layer]" if name.endswith(" [layer]") else ""), "", pattern),
+                                {})
         paired = [(n, t, reference[n]["metrics"]["forward_backward_ms"])
                   for n, t in zip(measured_lengths, times)
                   if n in reference and reference[n]["status"] == "ok"]
-        crossing = efficiency_length(*zip(*paired)) if paired and name != "softmax" else None
+        crossing = (efficiency_length(*zip(*paired)) if paired and not name.startswith("softmax")
+                    else None)
         label = name + (f" ({args})" if args else "")
         table.add_row(
-            label, pattern, *cells,
+            escape(label), pattern, *cells,
             f"{exponent:.2f}" if exponent is not None else "-",
             "-" if crossing is None else ("never" if crossing == float("inf")
                                           else f"{crossing:.0f}"),
@@ -337,13 +366,23 @@ def build_parser() -> argparse.ArgumentParser:
     efficiency.add_argument("--attention", help="comma-separated names (default: all registered)")
     efficiency.add_argument("--attention-args", action="append", default=[],
                             metavar="NAME:K=V,...", help="hyperparameters, e.g. lavo:r=32,w=16")
-    efficiency.add_argument("--patterns", default="causal_self,noncausal_self",
-                            help="comma-separated patterns (default: %(default)s)")
-    efficiency.add_argument("--lengths", type=_lengths, default=_lengths("256,1024,4096"),
-                            help="comma-separated sequence lengths (default: 256,1024,4096)")
-    efficiency.add_argument("--batch", type=int, default=1)
-    efficiency.add_argument("--heads", type=int, default=8)
-    efficiency.add_argument("--head-dim", type=int, default=64)
+    efficiency.add_argument("--preset", choices=sorted(EFFICIENCY_PRESETS), default="default",
+                            help="default: batch 1, 8 x 64, 256..4096, self patterns; cab: CAB's "
+                                 "setting, batch 4, d 512 in 8 heads, 256..8192, every pattern. "
+                                 "The flags below override it")
+    efficiency.add_argument("--patterns", help="comma-separated patterns")
+    efficiency.add_argument("--lengths", type=_lengths, help="comma-separated sequence lengths")
+    efficiency.add_argument("--batch", type=int)
+    efficiency.add_argument("--heads", type=int)
+    efficiency.add_argument("--head-dim", type=int)
+    efficiency.add_argument("--layer", action="store_true",
+                            help="time the whole MultiHeadAttention layer (projections included) "
+                                 "instead of the attention core")
+    efficiency.add_argument("--compare-fla", action="store_true",
+                            help="also time flash-linear-attention's kernels (fla-core, CUDA only)")
+    efficiency.add_argument("--timer", choices=TIMERS, default="auto",
+                            help="CUDA timer: auto (triton's do_bench when importable, else CUDA "
+                                 "events), do_bench, cuda_events")
     efficiency.add_argument("--dtype", default="float32")
     efficiency.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
     efficiency.add_argument("--warmup", type=int, default=2)

@@ -335,3 +335,76 @@ def test_dry_run_of_the_smoke_preset_covers_every_task_or_says_why_not(capsys):
     for block in blocks:
         assert f"skipped task '{block.task}': not installed" in out or f" {block.task}/" in out
     assert not Path("unused").exists()
+
+
+# Efficiency benchmark -------------------------------------------------------------------------
+
+
+def efficiency_records(results: Path) -> list[dict]:
+    return read_records(results / "efficiency", kind="efficiency")
+
+
+def test_efficiency_cab_preset_and_whole_layer(tmp_path, capsys):
+    code = main(["efficiency", "--preset", "cab", "--attention", "softmax", "--lengths", "16",
+                 "--heads", "2", "--head-dim", "8", "--layer", "--repeats", "1", "--warmup", "1",
+                 "--device", "cpu", "--results-dir", str(tmp_path)])
+    assert code == 0
+    records = efficiency_records(tmp_path)
+    # CAB's batch of 4 and its four patterns; the flags given override the preset's shape.
+    assert sorted(r["cell"]["pattern"] for r in records) == sorted(
+        ["causal_self", "noncausal_self", "causal_cross", "noncausal_cross"])
+    width = 2 * 8
+    for record in records:
+        assert record["cell"]["batch"] == 4 and record["cell"]["scope"] == "layer"
+        assert record["status"] == "ok" and record["settings"]["timer"] == "perf_counter"
+        # The layer's four projections with biases (softmax itself has no parameters).
+        assert record["metrics"]["parameters"] == 4 * (width * width + width)
+    assert "softmax [layer]" in capsys.readouterr().out
+
+
+def test_efficiency_fla_comparison_is_skipped_with_a_reason_on_cpu(tmp_path, capsys):
+    code = main(["efficiency", "--attention", "softmax", "--lengths", "16", "--patterns", "causal_self",
+                 "--heads", "2", "--head-dim", "8", "--repeats", "1", "--warmup", "1", "--device", "cpu",
+                 "--compare-fla", "--results-dir", str(tmp_path)])
+    assert code == 0
+    assert "flash-linear-attention comparison skipped: flash-linear-attention's kernels are Triton GPU " \
+           "kernels; the device is cpu" in " ".join(capsys.readouterr().out.split())
+    assert [r["cell"]["attention"] for r in efficiency_records(tmp_path)] == ["softmax"]
+
+
+def test_fla_kernel_adapter_feeds_the_linear_transformer_features(monkeypatch):
+    """The glue around fla's chunk_linear_attn (run here against a plain causal linear attention
+    standing in for the Triton kernel): elu+1 features, normalised, output taken from the tuple."""
+    import types
+
+    import torch
+
+    from runners.efficiency import FLA_KERNELS
+
+    def chunk_linear_attn(q, k, v, normalize=False):
+        # [B, T, H, D]: out_t = sum_{s<=t} (q_t . k_s) v_s / sum_{s<=t} q_t . k_s
+        scores = torch.einsum("bthd,bshd->bhts", q, k).tril()
+        out = torch.einsum("bhts,bshd->bthd", scores, v)
+        if normalize:
+            out = out / scores.sum(-1).transpose(1, 2)[..., None]
+        return out, None
+
+    module = types.ModuleType("fla.ops.linear_attn")
+    module.chunk_linear_attn = chunk_linear_attn
+    monkeypatch.setitem(sys.modules, "fla.ops.linear_attn", module)
+    q, k, v = (torch.randn(2, 6, 3, 4, dtype=torch.float64) for _ in range(3))
+    out = FLA_KERNELS["fla_linear_attn"].build(head_dim=4)(q, k, v)
+    fq, fk = torch.nn.functional.elu(q) + 1, torch.nn.functional.elu(k) + 1
+    t = 3  # position 3 of batch 0, head 1, by hand
+    weights = torch.stack([fq[0, t, 1] @ fk[0, s, 1] for s in range(t + 1)])
+    expected = (weights[:, None] * v[0, : t + 1, 1]).sum(0) / weights.sum()
+    torch.testing.assert_close(out[0, t, 1], expected)
+    assert FLA_KERNELS["fla_linear_attn"].counterpart == "linear"
+
+
+def test_gpu_timer_choices_are_named():
+    from runners.efficiency import gpu_timer
+
+    assert gpu_timer("cuda_events") == "cuda_events"
+    with pytest.raises(ValueError, match="unknown timer 'events'; valid: auto, do_bench, cuda_events"):
+        gpu_timer("events")
