@@ -281,7 +281,7 @@ def command_run(args: argparse.Namespace) -> int:
     from runners.matrix import plan
     from runners.records import read_records
     from runners.summary import failures, parameter_flags, summary_tables
-    from runners.sweep import KIND, is_finished, resolve_devices, run_local, run_submitit
+    from runners.sweep import KIND, is_finished, resolve_devices, run_local, run_submitit, submitted_job
 
     console = _console()
     expansion = plan(args.preset, args.overrides)
@@ -294,6 +294,12 @@ def command_run(args: argparse.Namespace) -> int:
         console.print(f"[yellow]{notice}[/]")
     cells = expansion.cells
     todo = [c for c in cells if not is_finished(args.results_dir, c, retry_failed=args.retry_failed)]
+    in_flight = {c.key: job for c in todo if (job := submitted_job(args.results_dir, c))}
+    if in_flight and not args.resubmit:
+        console.print(f"[yellow]{len(in_flight)} cells were submitted earlier and have no record yet "
+                      f"(jobs {', '.join(sorted(set(in_flight.values()))[:10])}): not submitted again; "
+                      "--resubmit submits them again (after those jobs died)[/]")
+        todo = [c for c in todo if c.key not in in_flight]
     console.print(f"[bold]attnbench run {preset}[/]: {expansion.description}".rstrip(": "))
     console.print(f"{len(cells)} cells, {len(cells) - len(todo)} already finished in "
                   f"{args.results_dir / 'runs'}, {len(todo)} to run "
@@ -415,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "cpus_per_task=8, mem_gb=64, timeout_min=600, slurm_array_parallelism=16")
     run.add_argument("--no-wait", action="store_true",
                      help="submit the jobs and return (slurm); re-run later to collect")
+    run.add_argument("--resubmit", action="store_true",
+                     help="run cells submitted earlier that never wrote a record (their jobs died)")
     run.set_defaults(handler=command_run)
 
     data = commands.add_parser("data", help="list or download the full datasets")

@@ -10,6 +10,7 @@ whose process dies, or that runs past its timeout, is recorded by the coordinato
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import multiprocessing
@@ -38,6 +39,26 @@ FAILED = ("error", "oom", "timeout", "crashed")
 
 def record_path(results_dir: Path, cell: Cell) -> Path:
     return Path(results_dir) / "runs" / f"{cell.key}.json"
+
+
+def submitted_path(results_dir: Path, cell: Cell) -> Path:
+    return Path(results_dir) / "runs" / f"{cell.key}.submitted"
+
+
+def mark_submitted(results_dir: Path, cell: Cell, job_id: str) -> None:
+    """Note that a cluster job was submitted for ``cell`` (so that collecting the results later
+    does not submit it twice); the cell's record, once written, supersedes the note."""
+    write_record(submitted_path(results_dir, cell), {"job_id": job_id, "submitted_utc": _utc(time.time())})
+
+
+def submitted_job(results_dir: Path, cell: Cell) -> str | None:
+    """The job id of an earlier submission of ``cell`` that has not written its record yet."""
+    if read_record(results_dir, cell) is not None:
+        return None
+    try:
+        return str(json.loads(submitted_path(results_dir, cell).read_text())["job_id"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
 
 
 def artifacts_dir(results_dir: Path, cell: Cell) -> Path:
@@ -151,6 +172,10 @@ def run_cell(cell: Cell | Mapping[str, Any], results_dir: str | Path, *, device:
     record["process_peak_rss_mib"] = peak_rss_mib()
     if device.startswith("cuda"):
         record["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    # The worker runs the next cell next: leave it nothing of this one.
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     record["provenance"] = provenance(torch.device(device))
     write_record(record_path(results_dir, cell), record)
     return record["status"]
@@ -312,6 +337,8 @@ def run_submitit(cells: Sequence[Cell], results_dir: Path, *, cluster: str = "sl
     executor.update_parameters(**{**defaults, **(parameters or {})})
     jobs = executor.map_array(_submitit_job, [c.to_json() for c in cells],
                               [str(results_dir)] * len(cells), [preset] * len(cells))
+    for job, cell in zip(jobs, cells):
+        mark_submitted(results_dir, cell, job.job_id)
     if not wait:
         return jobs
     started = time.time()

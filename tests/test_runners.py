@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from attention_zoo import AttentionConfigError
@@ -303,20 +304,31 @@ def test_a_killed_sweep_resumes_without_recomputing_or_losing(task_installed):
     assert len(log.read_text().splitlines()) == len(finished)
 
 
-def test_submitit_local_executor_writes_the_same_records(task_installed):
+def test_submitit_local_executor_writes_the_same_records(task_installed, capsys):
     preset = write_preset(task_installed / "p.yaml")
     results = task_installed / "results"
-    code = main(["run", str(preset), "--executor", "submitit-local", "--results-dir", str(results),
-                 "--slurm", "timeout_min=5"])
-    assert code == 0
+    base = ["run", str(preset), "--executor", "submitit-local", "--results-dir", str(results),
+            "--slurm", "timeout_min=5"]
+    # Followed to the end: the table comes back.
+    assert main([*base, "attention=softmax"]) == 0
+    assert "next_value: mean ± std over seeds" in capsys.readouterr().out
+    # Submitted without waiting, then asked for again at once: not submitted twice.
+    assert main([*base, "attention=lavo", "--no-wait"]) == 0
+    assert main([*base, "attention=lavo", "--no-wait"]) == 0
+    again = " ".join(capsys.readouterr().out.split())
+    assert "1 cells were submitted earlier and have no record yet" in again or "1 already finished" in again
+    deadline = time.time() + 90
+    while len(records_of(results)) < 2 and time.time() < deadline:
+        time.sleep(0.2)
     records = records_of(results)
     assert sorted(r["cell"]["attention"] for r in records.values()) == ["lavo", "softmax"]
     for record in records.values():
         assert record["status"] == "ok" and record["metrics"]["mse"] < record["metrics"]["initial_mse"]
-        # Each ran in a job process of its own, not in this one.
-        assert record["provenance"]["argv"][0].endswith("_submit.py") or "submitit" in " ".join(
-            record["provenance"]["argv"])
+        # Each ran in a submitit job process of its own, not in this one.
+        assert "submitit" in " ".join(record["provenance"]["argv"])
     assert list((results / "logs" / "submitit").rglob("*_log.out"))
+    log = (task_installed / "executions.log").read_text().splitlines()
+    assert sorted(line.split()[1] for line in log) == ["lavo(r=4,w=4)", "softmax"]
 
 
 def test_parameter_overhead_beyond_ten_percent_is_flagged():
@@ -377,8 +389,6 @@ def test_fla_kernel_adapter_feeds_the_linear_transformer_features(monkeypatch):
     standing in for the Triton kernel): elu+1 features, normalised, output taken from the tuple."""
     import types
 
-    import torch
-
     from runners.efficiency import FLA_KERNELS
 
     def chunk_linear_attn(q, k, v, normalize=False):
@@ -400,6 +410,18 @@ def test_fla_kernel_adapter_feeds_the_linear_transformer_features(monkeypatch):
     expected = (weights[:, None] * v[0, : t + 1, 1]).sum(0) / weights.sum()
     torch.testing.assert_close(out[0, t, 1], expected)
     assert FLA_KERNELS["fla_linear_attn"].counterpart == "linear"
+
+
+def test_devices_are_checked():
+    from runners.sweep import resolve_devices
+
+    assert resolve_devices("cpu", 2) == ["cpu"]
+    with pytest.raises(ValueError, match="unknown device 'tpu'; valid: auto, cpu, cuda, cuda:N"):
+        resolve_devices("tpu", 1)
+    if not torch.cuda.is_available():
+        assert resolve_devices("auto", 2) == ["cpu"]
+        with pytest.raises(ValueError, match=r"'cuda:1' requested but torch.cuda.is_available\(\) is False"):
+            resolve_devices("cuda:1", 1)
 
 
 def test_gpu_timer_choices_are_named():
