@@ -15,6 +15,7 @@ Preset (YAML, ``runners/presets/<name>.yaml``, or any file path)::
     blocks:                    # one block per task
       - task: lm
         settings: {seq_len: [1024, 4096]}       # the task's Config fields; a list sweeps
+        # or a list of variants, each swept on its own: [{dataset: ETTh1, seq_len: 336}, ...]
         attention: [softmax, lavo]
         attention_args: {r: [32, 64], w: 16}    # for the mechanisms that declare them
 
@@ -73,7 +74,8 @@ class Block:
     """A preset block: one task, its setting sweeps, the mechanisms and seeds to run."""
 
     task: str
-    settings: dict[str, list[Any]] = field(default_factory=dict)
+    settings: list[dict[str, list[Any]]] = field(default_factory=lambda: [{}])
+    """Variants (usually one); each maps a ``Config`` field to the values it sweeps."""
     attention: list[str] | str = ALL
     attention_args: dict[str, list[Any]] = field(default_factory=dict)
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -177,12 +179,20 @@ def parse_preset(data: Mapping[str, Any], *, source: str = "preset") -> tuple[st
                                     f"{', '.join(BLOCK_KEYS[1:])}")
         _known_keys(raw, BLOCK_KEYS, where)
         merged = {**defaults, **raw}
-        settings = {**(defaults.get("settings") or {}), **(raw.get("settings") or {})}
+        base = defaults.get("settings") or {}
+        if not isinstance(base, Mapping):
+            raise MatrixConfigError(f"{source}: defaults: settings must be a mapping of task settings")
+        variants = raw.get("settings") or {}
+        variants = variants if isinstance(variants, list) else [variants]
+        if not all(isinstance(v, Mapping) for v in variants):
+            raise MatrixConfigError(f"{where}: settings must be a mapping of task settings, or a list "
+                                    "of such mappings (variants)")
         args = {**(defaults.get("attention_args") or {}), **(raw.get("attention_args") or {})}
         attention = merged.get("attention", ALL)
         blocks.append(Block(
             task=str(raw["task"]),
-            settings={k: _as_list(v) for k, v in settings.items()},
+            settings=[{k: _as_list(v) for k, v in {**base, **variant}.items()}
+                      for variant in variants or [{}]],
             attention=ALL if attention == ALL else [str(a) for a in _as_list(attention)],
             attention_args={k: _as_list(v) for k, v in args.items()},
             seeds=[_seed(s, where) for s in _as_list(merged.get("seed", 0))],
@@ -211,7 +221,8 @@ def parse_overrides(items: Iterable[str]) -> list[Override]:
 
 def apply_overrides(blocks: Sequence[Block], overrides: Sequence[Override]) -> list[Block]:
     """The preset's blocks with ``overrides`` applied (checked against installed tasks)."""
-    blocks = [dataclasses.replace(b, settings=dict(b.settings), attention_args=dict(b.attention_args),
+    blocks = [dataclasses.replace(b, settings=[dict(v) for v in b.settings],
+                                  attention_args=dict(b.attention_args),
                                   required_args=set(b.required_args))
               for b in blocks]
     installed = list_tasks()
@@ -263,7 +274,8 @@ def _apply_setting(blocks: Sequence[Block], key: str, values: list[str], install
         fields = [hp.name for hp in get_task(block.task).config_fields()]
         valid[block.task] = fields
         if name in fields:
-            block.settings[name] = values
+            for variant in block.settings:
+                variant[name] = values
             applied = True
     if not applied:
         choices = "; ".join(f"{task}: {', '.join(fields)}" for task, fields in valid.items())
@@ -306,7 +318,7 @@ def expand(blocks: Sequence[Block], *, description: str = "") -> Expansion:
             except AttentionConfigError as error:
                 requested.setdefault(name, False)
                 notices.append(f"skipped {name} for {block.task}: {error}")
-        for setting_values in _product(block.settings):
+        for setting_values in (combo for variant in block.settings for combo in _product(variant)):
             try:
                 config = task.make_config(setting_values)
             except AttentionConfigError as error:

@@ -172,6 +172,16 @@ def test_task_scoped_settings_and_all_attentions(task_installed):
     assert {c.settings["seq_len"] for c in cells} == {8}
 
 
+def test_settings_variants_are_swept_each_on_its_own(task_installed):
+    preset = write_preset(task_installed / "v.yaml", blocks=[{
+        "task": "next_value", "attention": "softmax",
+        "settings": [{"seq_len": 8, "steps": [1, 2]}, {"seq_len": 12}]}])
+    shapes = sorted((c.settings["seq_len"], c.settings["steps"]) for c in plan(preset).cells)
+    assert shapes == [(8, 1), (8, 2), (12, 30)]
+    shapes = sorted((c.settings["seq_len"], c.settings["steps"]) for c in plan(preset, ["steps=5"]).cells)
+    assert shapes == [(8, 5), (12, 5)]
+
+
 def test_key_is_derived_from_the_resolved_config(task_installed):
     preset = write_preset(task_installed / "p.yaml")
     default, explicit = (plan(preset, extra).cells[0] for extra in ([], ["seq_len=16"]))
