@@ -330,8 +330,14 @@ def command_run(args: argparse.Namespace) -> int:
             progress.console.print(f"  [{colour}]{status:>7}[/] {seconds:7.1f} s  {cell.key}")
 
         if args.executor == "local":
-            run_local(todo, args.results_dir, jobs=args.jobs, devices=devices, preset=preset,
-                      threads=args.threads, on_done=on_done)
+            try:
+                run_local(todo, args.results_dir, jobs=args.jobs, devices=devices, preset=preset,
+                          threads=args.threads, on_done=on_done)
+            except KeyboardInterrupt:
+                progress.stop()
+                console.print(f"interrupted: {counts['ok'] + counts['failed']} cells finished and kept; "
+                              "run the same command again to resume")
+                return 130
         else:
             cluster = "slurm" if args.executor == "slurm" else "local"
             jobs = run_submitit(todo, args.results_dir, cluster=cluster, preset=preset,

@@ -224,8 +224,13 @@ def default_threads(jobs: int) -> int:
 def _worker(connection: Connection, results_dir: str, device: str, preset: str, threads: int) -> None:
     """A local worker process: runs the cells it is sent, one at a time, until it gets None."""
     torch.set_num_threads(threads)
-    while (cell := connection.recv()) is not None:
-        connection.send(run_cell(cell, results_dir, device=device, preset=preset))
+    try:
+        while (cell := connection.recv()) is not None:
+            connection.send(run_cell(cell, results_dir, device=device, preset=preset))
+    except (KeyboardInterrupt, EOFError, BrokenPipeError):
+        # Ctrl-C reaches the whole process group, and a coordinator that died closes the pipe:
+        # either way the sweep is over, and the unfinished cell has no record to resume from.
+        return
 
 
 @dataclass
