@@ -211,6 +211,25 @@ def test_bad_overrides_name_the_valid_choices(task_installed, overrides, message
         plan(preset, overrides)
 
 
+def test_a_mechanism_lacking_every_task_pattern_is_refused(task_installed, scratch_registry):
+    from attention_zoo import Pattern
+    from attention_zoo.mechanisms.softmax import SoftmaxAttention
+
+    @scratch_registry.register_attention("bidirectional_only")
+    class BidirectionalOnly(SoftmaxAttention):
+        """Non-causal self attention only."""
+
+        patterns = frozenset({Pattern.NONCAUSAL_SELF})
+        decoding = False
+
+    preset = write_preset(task_installed / "p.yaml")
+    assert "bidirectional_only" not in {c.attention for c in plan(preset, ["attention=all"]).cells}
+    with pytest.raises(MatrixConfigError, match=r"'bidirectional_only' supports the roles of none of the "
+                       r"selected tasks; skipped bidirectional_only for next_value: .*role 'self' needs "
+                       r"causal_self attention"):
+        plan(preset, ["attention=bidirectional_only,softmax"])
+
+
 def test_bad_presets_name_the_valid_choices(task_installed):
     with pytest.raises(MatrixConfigError, match=r"unknown preset 'smok'; shipped: paper, smoke"):
         load_preset("smok")
