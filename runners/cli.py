@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -284,6 +285,9 @@ def command_run(args: argparse.Namespace) -> int:
     from runners.sweep import KIND, is_finished, resolve_devices, run_local, run_submitit, submitted_job
 
     console = _console()
+    if args.executor == "slurm" and shutil.which("sbatch") is None:
+        raise SystemExit("attnbench: --executor slurm needs SLURM's sbatch on PATH, and this machine "
+                         "has none; --executor submitit-local runs the same jobs here")
     expansion = plan(args.preset, args.overrides)
     preset = Path(args.preset).stem
     try:
