@@ -233,10 +233,10 @@ def apply_overrides(blocks: Sequence[Block], overrides: Sequence[Override]) -> l
                     raise MatrixConfigError(f"task={name}: not installed; installed: "
                                             f"{', '.join(installed) or '-'}")
             template = blocks[0] if blocks else Block(task="")
-            by_task = {b.task: b for b in blocks}
-            blocks = [by_task.get(name) or Block(task=name, attention=template.attention,
-                                                 seeds=list(template.seeds), timeout=template.timeout)
-                      for name in override.values]
+            kept = [b for b in blocks if b.task in override.values]  # a task may have several blocks
+            blocks = kept + [Block(task=name, attention=template.attention, seeds=list(template.seeds),
+                                   timeout=template.timeout)
+                             for name in dict.fromkeys(override.values) if name not in {b.task for b in kept}]
     for override in overrides:
         key, values = override.key, list(override.values)
         if key == "task":

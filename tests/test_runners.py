@@ -180,6 +180,12 @@ def test_settings_variants_are_swept_each_on_its_own(task_installed):
     assert shapes == [(8, 1), (8, 2), (12, 30)]
     shapes = sorted((c.settings["seq_len"], c.settings["steps"]) for c in plan(preset, ["steps=5"]).cells)
     assert shapes == [(8, 5), (12, 5)]
+    # Two blocks of one task (say, different seeds per dataset) both survive task=.
+    two = write_preset(task_installed / "two.yaml", blocks=[
+        {"task": "next_value", "attention": "softmax", "seed": [0, 1], "settings": {"seq_len": 8}},
+        {"task": "next_value", "attention": "softmax", "seed": 2, "settings": {"seq_len": 12}}])
+    cells = plan(two, ["task=next_value"]).cells
+    assert sorted((c.settings["seq_len"], c.seed) for c in cells) == [(8, 0), (8, 1), (12, 2)]
 
 
 def test_key_is_derived_from_the_resolved_config(task_installed):
