@@ -92,7 +92,7 @@ class Cell:
     Attributes:
         task: the task's entry-point name.
         attention: mechanism name (it fills every attention role of the task's backbone).
-        attention_args: its hyperparameters (only those given; the rest are its defaults).
+        attention_args: its hyperparameters that differ from the mechanism's defaults.
         overrides: the task settings given by preset and overrides (what rebuilds the config).
         settings: the task's complete resolved ``Config`` as JSON-ready values.
         seed: the seed.
@@ -324,7 +324,7 @@ def expand(blocks: Sequence[Block], *, description: str = "") -> Expansion:
             except AttentionConfigError as error:
                 raise MatrixConfigError(str(error)) from None
             settings = json.loads(json.dumps(dataclasses.asdict(config), default=str))
-            overrides = json.loads(json.dumps(setting_values, default=str))
+            overrides = {k: settings[k] for k in setting_values}  # typed, as the Config holds them
             for name in runnable:
                 spec = attention_spec(name)
                 declared = {hp.name for hp in spec.hyperparameters}
@@ -335,6 +335,8 @@ def expand(blocks: Sequence[Block], *, description: str = "") -> Expansion:
                     args = {k: spec.hyperparameter(k).parse(v, name) if isinstance(v, str)
                             else spec.hyperparameter(k).check(v, name) for k, v in raw_args.items()}
                     resolve_attention(task, AttentionChoice(name, args))
+                    # A value equal to the default is the default: one cell, one key.
+                    args = {k: v for k, v in args.items() if v != spec.hyperparameter(k).default}
                     for seed in block.seeds:
                         cell = Cell(task=block.task, attention=name, attention_args=args,
                                     overrides=overrides, settings=settings, seed=seed,

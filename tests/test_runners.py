@@ -192,6 +192,8 @@ def test_key_is_derived_from_the_resolved_config(task_installed):
     preset = write_preset(task_installed / "p.yaml")
     default, explicit = (plan(preset, extra).cells[0] for extra in ([], ["seq_len=16"]))
     assert default.key == explicit.key  # seq_len=16 is the default: the same cell
+    lavo = [plan(preset, ["attention=lavo", *extra]).cells[0] for extra in ([], ["attention.bases=fixed"])]
+    assert lavo[0].key == lavo[1].key and lavo[0].attention_args == {"r": 4, "w": 4}
     other = plan(preset, ["seq_len=12"]).cells[0]
     assert other.key != default.key and other.key.startswith("next_value/softmax-seed0-")
     assert Cell.from_json(json.loads(json.dumps(default.to_json()))).key == default.key
