@@ -113,15 +113,36 @@ def check_no_future_leak(name: str, pattern: Pattern, **config: Any) -> None:
         )
 
 
+def check_query_independence(name: str, pattern: Pattern, **config: Any) -> None:
+    """Cross attention: a query's output does not depend on the other queries (a decoder's cross
+    attention, trained on whole sequences and decoded one query at a time, relies on it)."""
+    if pattern != Pattern.NONCAUSAL_CROSS:
+        return  # causal cross: check_no_future_leak already perturbs later queries
+    attention = build_for_test(name, pattern, **config)
+    q, k, v = random_inputs(2, 9, 12)
+    before = attention(q, k, v)
+    for position in (0, 4, 8):
+        changed = random_inputs(2, 9, 12, seed=200 + position)[0]
+        changed[:, position] = q[:, position]
+        difference = (attention(changed, k, v)[:, position] - before[:, position]).abs().max().item()
+        assert difference < TOLERANCE, (
+            f"{name}/{pattern}: query {position}'s output moves by {difference:.3g} when the "
+            "other queries change"
+        )
+
+
 def check_batch_invariance(name: str, pattern: Pattern, **config: Any) -> None:
-    """A sample's output does not depend on the other samples of its batch."""
+    """A sample's output does not depend on the other samples of its batch (their values or
+    their padding)."""
     attention = build_for_test(name, pattern, **config)
     q_len, k_len = _lengths(pattern, 13)
     q, k, v = random_inputs(3, q_len, k_len)
-    together = attention(q, k, v)
+    padding = torch.zeros(3, k_len, dtype=torch.bool)
+    padding[2, -4:] = True  # samples differ in length, so per-batch statistics would show
+    together = attention(q, k, v, padding)
     others = random_inputs(3, q_len, k_len, seed=7)
     for i in range(3):
-        alone = attention(q[i : i + 1], k[i : i + 1], v[i : i + 1])
+        alone = attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], padding[i : i + 1])
         difference = (together[i : i + 1] - alone).abs().max().item()
         assert difference < TOLERANCE, (
             f"{name}/{pattern}: sample {i} changes by {difference:.3g} when batched with others"
@@ -129,7 +150,9 @@ def check_batch_invariance(name: str, pattern: Pattern, **config: Any) -> None:
         mixed = [t.clone() for t in others]
         for t, original in zip(mixed, (q, k, v)):
             t[i] = original[i]
-        difference = (attention(*mixed)[i] - together[i]).abs().max().item()
+        mixed_padding = torch.zeros_like(padding)
+        mixed_padding[i] = padding[i]
+        difference = (attention(*mixed, mixed_padding)[i] - together[i]).abs().max().item()
         assert difference < TOLERANCE, (
             f"{name}/{pattern}: sample {i} changes by {difference:.3g} when the other samples change"
         )
@@ -226,6 +249,7 @@ CHECKS: dict[str, Callable[..., None]] = {
     "shapes_and_dtypes": check_shapes_and_dtypes,
     "gradients": check_gradients,
     "no_future_leak": check_no_future_leak,
+    "query_independence": check_query_independence,
     "batch_invariance": check_batch_invariance,
     "padding_invariance": check_padding_invariance,
     "decoding": check_decoding,

@@ -458,9 +458,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from tasks.base import DatasetUnavailable
+
     try:
         return args.handler(args)
-    except AttentionConfigError as error:
+    except (AttentionConfigError, DatasetUnavailable) as error:
         print(f"attnbench: {error}", file=sys.stderr)
         return 2
 

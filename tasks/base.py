@@ -25,6 +25,10 @@ TASK_GROUP = "attnbench.tasks"
 DATASET_GROUP = "attnbench.datasets"
 
 
+class DatasetUnavailable(RuntimeError):
+    """A dataset that cannot be fetched unattended; the message says how to get it by hand."""
+
+
 @dataclass(frozen=True)
 class AttentionChoice:
     """A mechanism with its hyperparameters, for one attention role of a backbone."""
