@@ -157,16 +157,13 @@ class HyperParameter:
                         return choice
             elif member is bool and lowered in ("true", "false", "1", "0", "yes", "no"):
                 return lowered in ("true", "1", "yes")
-            elif member is int:
+            elif member is int or member is float:
                 try:
-                    return self._check_range(int(text), mechanism)
+                    number = member(text)
                 except ValueError:
-                    pass
-            elif member is float:
-                try:
-                    return self._check_range(float(text), mechanism)
-                except ValueError:
-                    pass
+                    continue
+                # Outside the try: an out-of-range number must say so, not "cannot read".
+                return self._check_range(number, mechanism)
             elif member is str:
                 return text
         raise AttentionConfigError(

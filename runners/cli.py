@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from attention_zoo import (
@@ -21,9 +23,33 @@ from attention_zoo import (
     list_attentions,
     parse_attention_args,
 )
-from runners.efficiency import default_cells, efficiency_length, run_efficiency, scaling_exponent
+from runners.efficiency import PRESETS as EFFICIENCY_PRESETS
+from runners.efficiency import (
+    TIMERS,
+    default_cells,
+    efficiency_length,
+    fla_cells,
+    fla_unavailable,
+    gpu_timer,
+    run_efficiency,
+    scaling_exponent,
+)
 
 DEFAULT_RESULTS = Path("results")
+
+RUN_HELP = """\
+Run every cell of a preset (task x attention x hyperparameters x settings x seed); each cell
+writes results/runs/<task>/<cell>.json. Re-running the same command skips finished cells.
+
+Overrides (KEY=V1,V2,... sweeps the values):
+  task=lm,tts              the tasks to run (from those installed)
+  attention=lavo,softmax   mechanisms, or `all` (every one supporting the task's roles)
+  attention.r=16,32,64     a mechanism hyperparameter, for the mechanisms that declare it
+  seed=1,2,3               seeds
+  timeout=600              seconds a cell may run (one value)
+  seq_len=1024,4096        a task setting (a field of the task's Config), for every task with it
+  lm.seq_len=1024          a task setting for one task
+"""
 
 
 def _console() -> Console:
@@ -121,7 +147,12 @@ def command_efficiency(args: argparse.Namespace) -> int:
     attentions = _csv(args.attention) if args.attention else list_attentions()
     for name in attentions:
         attention_spec(name)  # unknown names fail here, naming the valid ones
-    patterns = [Pattern.parse(p).value for p in _csv(args.patterns)]
+    preset = EFFICIENCY_PRESETS[args.preset]
+    for name in ("batch", "heads", "head_dim", "lengths"):
+        if getattr(args, name) is None:
+            setattr(args, name, preset[name])
+    patterns = [Pattern.parse(p).value
+                for p in (_csv(args.patterns) if args.patterns else preset["patterns"])]
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -134,14 +165,24 @@ def command_efficiency(args: argparse.Namespace) -> int:
         attentions, patterns, args.lengths,
         attention_args=_parse_per_attention_args(args.attention_args),
         batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
-        device=device,
+        device=device, scope="layer" if args.layer else "core",
     )
+    if args.compare_fla:
+        reason = fla_unavailable(device)
+        if reason:
+            console.print(f"[yellow]flash-linear-attention comparison skipped[/]: {reason}")
+        else:
+            cells += fla_cells(patterns, args.lengths, batch=args.batch, heads=args.heads,
+                               head_dim=args.head_dim, dtype=args.dtype, device=device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    timer = gpu_timer(args.timer) if device.startswith("cuda") else "perf_counter"
     console.print(
-        f"[bold]attnbench efficiency[/]: {len(cells)} cells on {device} ({args.dtype}), "
+        f"[bold]attnbench efficiency[/] ({args.preset}): {len(cells)} cells on {device} ({args.dtype}), "
         f"batch {args.batch}, {args.heads} heads x {args.head_dim}, "
-        f"median of {args.repeats} after {args.warmup} warm-up"
+        f"{'whole MultiHeadAttention layer' if args.layer else 'attention core'}, "
+        + ("triton do_bench (median)" if timer == "do_bench"
+           else f"median of {args.repeats} after {args.warmup} warm-up ({timer})")
     )
 
     def progress(record: dict[str, Any]) -> None:
@@ -153,7 +194,7 @@ def command_efficiency(args: argparse.Namespace) -> int:
                       f"{status:>5} {detail}")
 
     records = run_efficiency(cells, results_dir=args.results_dir, warmup=args.warmup,
-                             repeats=args.repeats, on_result=progress)
+                             repeats=args.repeats, timer=args.timer, on_result=progress)
     console.print(summary_table(records, args.lengths))
     run_dir = args.results_dir / "efficiency" / records[0]["run_id"] if records else None
     console.print(f"records: {run_dir}")
@@ -167,7 +208,8 @@ def summary_table(records: list[dict[str, Any]], lengths: Sequence[int]) -> Tabl
     for record in records:
         cell = record["cell"]
         args = ",".join(f"{k}={v}" for k, v in sorted(cell["attention_args"].items()))
-        grouped[(cell["attention"], args, cell["pattern"])][cell["length"]] = record
+        name = cell["attention"] + (" [layer]" if cell.get("scope") == "layer" else "")
+        grouped[(name, args, cell["pattern"])][cell["length"]] = record
     table = Table(title="forward / forward+backward: ms (peak MiB of forward+backward)")
     for column in ("attention", "pattern", *(f"L={n}" for n in lengths), "k", "eff. length"):
         table.add_column(column, justify="right")
@@ -187,14 +229,16 @@ def summary_table(records: list[dict[str, Any]], lengths: Sequence[int]) -> Tabl
                 measured_lengths.append(n)
                 times.append(m["forward_backward_ms"])
         exponent = scaling_exponent(measured_lengths, times)
-        reference = grouped.get(("softmax", "", pattern), {})
+        reference = grouped.get(("softmax" + (" [layer]" if name.endswith(" [layer]") else ""), "", pattern),
+                                {})
         paired = [(n, t, reference[n]["metrics"]["forward_backward_ms"])
                   for n, t in zip(measured_lengths, times)
                   if n in reference and reference[n]["status"] == "ok"]
-        crossing = efficiency_length(*zip(*paired)) if paired and name != "softmax" else None
+        crossing = (efficiency_length(*zip(*paired)) if paired and not name.startswith("softmax")
+                    else None)
         label = name + (f" ({args})" if args else "")
         table.add_row(
-            label, pattern, *cells,
+            escape(label), pattern, *cells,
             f"{exponent:.2f}" if exponent is not None else "-",
             "-" if crossing is None else ("never" if crossing == float("inf")
                                           else f"{crossing:.0f}"),
@@ -215,6 +259,114 @@ def command_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submitit_parameters(items: Sequence[str]) -> dict[str, Any]:
+    """``["slurm_partition=gpu", "gpus_per_node=2"]`` -> submitit parameters (numbers typed)."""
+    parameters: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise AttentionConfigError(f"--slurm takes KEY=VALUE (a submitit parameter such as "
+                                       f"slurm_partition=gpu or gpus_per_node=1), got {item!r}")
+        for kind in (int, float):
+            try:
+                parameters[key] = kind(value)
+                break
+            except ValueError:
+                continue
+        else:
+            parameters[key] = value
+    return parameters
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from runners.matrix import plan
+    from runners.records import read_records
+    from runners.summary import failures, parameter_flags, summary_tables
+    from runners.sweep import KIND, is_finished, resolve_devices, run_local, run_submitit, submitted_job
+
+    console = _console()
+    if args.executor == "slurm" and shutil.which("sbatch") is None:
+        raise SystemExit("attnbench: --executor slurm needs SLURM's sbatch on PATH, and this machine "
+                         "has none; --executor submitit-local runs the same jobs here")
+    expansion = plan(args.preset, args.overrides)
+    preset = Path(args.preset).stem
+    try:
+        devices = resolve_devices(args.device, args.jobs)
+    except ValueError as error:
+        raise AttentionConfigError(str(error)) from None
+    for notice in expansion.notices:
+        console.print(f"[yellow]{notice}[/]")
+    cells = expansion.cells
+    todo = [c for c in cells if not is_finished(args.results_dir, c, retry_failed=args.retry_failed)]
+    in_flight = {c.key: job for c in todo if (job := submitted_job(args.results_dir, c))}
+    if in_flight and not args.resubmit:
+        console.print(f"[yellow]{len(in_flight)} cells were submitted earlier and have no record yet "
+                      f"(jobs {', '.join(sorted(set(in_flight.values()))[:10])}): not submitted again; "
+                      "--resubmit submits them again (after those jobs died)[/]")
+        todo = [c for c in todo if c.key not in in_flight]
+    console.print(f"[bold]attnbench run {preset}[/]: {expansion.description}".rstrip(": "))
+    console.print(f"{len(cells)} cells, {len(cells) - len(todo)} already finished in "
+                  f"{args.results_dir / 'runs'}, {len(todo)} to run "
+                  f"({args.executor}" + (f", {args.jobs} at once on {', '.join(devices)})"
+                                         if args.executor == "local" else ")"))
+    if args.dry_run:
+        for cell in cells:
+            console.print(f"  {'todo' if cell in todo else 'done'}  {cell.key}")
+        return 0
+    if not cells:
+        console.print("nothing to run: no installed task in this preset (see `attnbench run --help`)")
+        return 0
+
+    counts = {"ok": 0, "failed": 0}
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[ok]} ok, [red]{task.fields[failed]} failed[/], "
+                             "{task.fields[remaining]} remaining"),
+                  TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                  disable=not todo) as progress:
+        bar = progress.add_task(preset, total=len(todo), ok=0, failed=0, remaining=len(todo))
+
+        def on_done(cell: Any, status: str, seconds: float) -> None:
+            counts["ok" if status == "ok" else "failed"] += 1
+            done = counts["ok"] + counts["failed"]
+            progress.update(bar, advance=1, ok=counts["ok"], failed=counts["failed"],
+                            remaining=len(todo) - done)
+            colour = "green" if status == "ok" else "red"
+            progress.console.print(f"  [{colour}]{status:>7}[/] {seconds:7.1f} s  {cell.key}")
+
+        if args.executor == "local":
+            try:
+                run_local(todo, args.results_dir, jobs=args.jobs, devices=devices, preset=preset,
+                          threads=args.threads, on_done=on_done)
+            except KeyboardInterrupt:
+                progress.stop()
+                console.print(f"interrupted: {counts['ok'] + counts['failed']} cells finished and kept; "
+                              "run the same command again to resume")
+                return 130
+        else:
+            cluster = "slurm" if args.executor == "slurm" else "local"
+            jobs = run_submitit(todo, args.results_dir, cluster=cluster, preset=preset,
+                                parameters=_submitit_parameters(args.slurm), wait=not args.no_wait,
+                                on_done=on_done)
+            if args.no_wait:
+                progress.stop()
+                console.print(f"submitted {len(jobs)} jobs (first: {jobs[0].job_id if jobs else '-'}); "
+                              "re-run the same command later to collect the table")
+                return 0
+
+    wanted = {c.key for c in cells}
+    records = [r for r in read_records(args.results_dir / "runs", kind=KIND) if r.get("key") in wanted]
+    for table in summary_tables(records):
+        console.print(table)
+    for line in parameter_flags(records):
+        console.print(f"[yellow]parameter flag[/]: {line}")
+    for line in failures(records):
+        console.print(f"[red]failed[/]: {line}")
+    console.print(f"{len(records)} records in {args.results_dir / 'runs'}")
+    return 1 if any(r.get("status") != "ok" for r in records) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnbench",
@@ -232,13 +384,23 @@ def build_parser() -> argparse.ArgumentParser:
     efficiency.add_argument("--attention", help="comma-separated names (default: all registered)")
     efficiency.add_argument("--attention-args", action="append", default=[],
                             metavar="NAME:K=V,...", help="hyperparameters, e.g. lavo:r=32,w=16")
-    efficiency.add_argument("--patterns", default="causal_self,noncausal_self",
-                            help="comma-separated patterns (default: %(default)s)")
-    efficiency.add_argument("--lengths", type=_lengths, default=_lengths("256,1024,4096"),
-                            help="comma-separated sequence lengths (default: 256,1024,4096)")
-    efficiency.add_argument("--batch", type=int, default=1)
-    efficiency.add_argument("--heads", type=int, default=8)
-    efficiency.add_argument("--head-dim", type=int, default=64)
+    efficiency.add_argument("--preset", choices=sorted(EFFICIENCY_PRESETS), default="default",
+                            help="default: batch 1, 8 x 64, 256..4096, self patterns; cab: CAB's "
+                                 "setting, batch 4, d 512 in 8 heads, 256..8192, every pattern. "
+                                 "The flags below override it")
+    efficiency.add_argument("--patterns", help="comma-separated patterns")
+    efficiency.add_argument("--lengths", type=_lengths, help="comma-separated sequence lengths")
+    efficiency.add_argument("--batch", type=int)
+    efficiency.add_argument("--heads", type=int)
+    efficiency.add_argument("--head-dim", type=int)
+    efficiency.add_argument("--layer", action="store_true",
+                            help="time the whole MultiHeadAttention layer (projections included) "
+                                 "instead of the attention core")
+    efficiency.add_argument("--compare-fla", action="store_true",
+                            help="also time flash-linear-attention's kernels (fla-core, CUDA only)")
+    efficiency.add_argument("--timer", choices=TIMERS, default="auto",
+                            help="CUDA timer: auto (triton's do_bench when importable, else CUDA "
+                                 "events), do_bench, cuda_events")
     efficiency.add_argument("--dtype", default="float32")
     efficiency.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
     efficiency.add_argument("--warmup", type=int, default=2)
@@ -246,6 +408,34 @@ def build_parser() -> argparse.ArgumentParser:
     efficiency.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's)")
     efficiency.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
     efficiency.set_defaults(handler=command_efficiency)
+
+    run = commands.add_parser(
+        "run", help="run a benchmark matrix: a preset with overrides, one record per cell",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=RUN_HELP)
+    run.add_argument("preset", help="a shipped preset (smoke, paper) or the path of a YAML file")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUES",
+                     help="sweeps, e.g. attention=lavo,softmax attention.r=16,32 seed=1,2,3")
+    run.add_argument("--executor", choices=("local", "slurm", "submitit-local"), default="local",
+                     help="local processes (default), SLURM through submitit, or submitit's "
+                          "local executor (the SLURM path on this machine)")
+    run.add_argument("--jobs", type=int, default=1, help="cells at once (local executor)")
+    run.add_argument("--device", default="auto",
+                     help="auto (every GPU round-robin, else CPU), cpu, or cuda:0,cuda:1")
+    run.add_argument("--threads", type=int, default=0,
+                     help="CPU threads per cell (default: cores / jobs)")
+    run.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
+    run.add_argument("--retry-failed", action="store_true",
+                     help="re-run cells whose record says error, oom, timeout or crashed")
+    run.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
+    run.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
+                     help="a submitit parameter, e.g. slurm_partition=gpu, gpus_per_node=1, "
+                          "cpus_per_task=8, mem_gb=64, timeout_min=600, slurm_array_parallelism=16")
+    run.add_argument("--no-wait", action="store_true",
+                     help="submit the jobs and return (slurm); re-run later to collect")
+    run.add_argument("--resubmit", action="store_true",
+                     help="run cells submitted earlier that never wrote a record (their jobs died)")
+    run.set_defaults(handler=command_run)
 
     data = commands.add_parser("data", help="list or download the full datasets")
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION")
@@ -260,7 +450,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow options (`run smoke --jobs 2 seed=1`): argparse leaves those here.
+    stray = [item for item in extra if item.startswith("-") or "=" not in item]
+    if stray or (extra and args.command != "run"):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if args.command is None:
         parser.print_help()
         return 0

@@ -5,10 +5,19 @@ call, the median of several repeats. Peak memory is the allocator's high-water m
 on CPU, the high-water mark of the allocations PyTorch's profiler records during one call. Both
 are measured above what was allocated before the call (inputs excluded). Out-of-memory is
 recorded as such and the benchmark goes on.
+
+On CUDA the timer is triton's ``do_bench`` when triton is importable (it also flushes the L2
+cache between calls) and CUDA events otherwise; on the CPU, ``time.perf_counter`` around
+synchronous calls. A cell measures either the mechanism alone (``scope="core"``, between the
+projections, as CAB does) or the whole :class:`~attention_zoo.MultiHeadAttention` layer
+(``scope="layer"``: projections included). flash-linear-attention's kernels (``fla-core``, GPU
+only) can be measured beside the zoo under the names of :data:`FLA_KERNELS`.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import itertools
 import math
 import statistics
@@ -21,11 +30,66 @@ from typing import Any
 
 import torch
 
-from attention_zoo import Pattern, attention_spec, build_attention
+from attention_zoo import MultiHeadAttention, Pattern, attention_spec, build_attention
 from runners.provenance import provenance
 from runners.records import write_record
 
 SCHEMA = "attnbench.efficiency/1"
+SCOPES = ("core", "layer")
+TIMERS = ("auto", "do_bench", "cuda_events")
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The quick default: one sequence, the two self patterns, up to 4K tokens.
+    "default": {"batch": 1, "heads": 8, "head_dim": 64, "lengths": [256, 1024, 4096],
+                "patterns": ["causal_self", "noncausal_self"]},
+    # CAB's efficiency setting (Zhang et al., ICML 2023, section 5): batch 4, model width 512 in
+    # 8 heads, lengths 256..8192, every pattern.
+    "cab": {"batch": 4, "heads": 8, "head_dim": 64,
+            "lengths": [256, 512, 1024, 2048, 4096, 8192],
+            "patterns": [p.value for p in Pattern]},
+}
+"""Named settings of ``attnbench efficiency --preset``; explicit flags override them."""
+
+
+@dataclass(frozen=True)
+class FlaKernel:
+    """A flash-linear-attention kernel and the zoo mechanism it is the fast counterpart of."""
+
+    name: str
+    counterpart: str
+    module: str
+    function: str
+    patterns: tuple[str, ...] = ("causal_self",)
+
+    def build(self, head_dim: int) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+        """A function of q, k, v [B, L, H, D] -> [B, L, H, D] (fla's own layout)."""
+        kernel = getattr(importlib.import_module(self.module), self.function)
+        if self.name == "fla_linear_attn":
+            # The linear transformer's elu+1 feature map, normalised: the zoo's `linear`.
+            return lambda q, k, v: kernel(torch.nn.functional.elu(q) + 1,
+                                          torch.nn.functional.elu(k) + 1, v, normalize=True)[0]
+        slots = min(64, head_dim)
+        # ABC's slot logits; here a slice of q stands in for their projection ([B, L, H, M]).
+        return lambda q, k, v: kernel(q, k, v, q[..., :slots].contiguous())[0]
+
+
+FLA_KERNELS = {k.name: k for k in (
+    FlaKernel("fla_linear_attn", "linear", "fla.ops.linear_attn", "chunk_linear_attn"),
+    FlaKernel("fla_abc", "abc", "fla.ops.abc", "chunk_abc"),
+)}
+
+
+def fla_unavailable(device: str) -> str | None:
+    """Why flash-linear-attention's kernels cannot run here, or None if they can."""
+    if not device.startswith("cuda"):
+        return f"flash-linear-attention's kernels are Triton GPU kernels; the device is {device}"
+    if importlib.util.find_spec("fla") is None:
+        return "flash-linear-attention is not installed: pip install fla-core (or attnbench[fla])"
+    try:
+        importlib.import_module("fla.ops")
+    except Exception as error:
+        return f"flash-linear-attention failed to import: {type(error).__name__}: {error}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -41,17 +105,65 @@ class EfficiencyCell:
     head_dim: int = 64
     dtype: str = "float32"
     device: str = "cpu"
+    scope: str = "core"
 
     @property
     def key(self) -> str:
         args = "".join(f"-{k}{v}" for k, v in sorted(self.attention_args.items()))
-        return (f"{self.attention}{args}-{self.pattern}-L{self.length}-B{self.batch}"
+        scope = "-layer" if self.scope == "layer" else ""
+        return (f"{self.attention}{args}{scope}-{self.pattern}-L{self.length}-B{self.batch}"
                 f"-H{self.heads}-D{self.head_dim}-{self.dtype}-{self.device.replace(':', '')}")
 
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def gpu_timer(choice: str = "auto") -> str:
+    """The CUDA timer: triton's ``do_bench`` if triton is importable (for ``auto``), else events."""
+    if choice not in TIMERS:
+        raise ValueError(f"unknown timer {choice!r}; valid: {', '.join(TIMERS)}")
+    if choice == "auto":
+        return "do_bench" if importlib.util.find_spec("triton") is not None else "cuda_events"
+    return choice
+
+
+def do_bench_ms(fn: Callable[[], Any], *, grad_to_none: Sequence[torch.Tensor] | None = None) -> list[float]:
+    """Times in ms from triton's ``do_bench`` (its own warm-up and repeat budget, L2 flushed)."""
+    from triton.testing import do_bench
+
+    try:
+        times = do_bench(fn, grad_to_none=grad_to_none, return_mode="all")
+    except (TypeError, ValueError, AssertionError):  # triton < 3 has no return_mode="all"
+        times = [do_bench(fn, grad_to_none=grad_to_none, return_mode="median")]
+    return [float(t) for t in (times if isinstance(times, list | tuple) else [times])]
+
+
+def cuda_event_ms(fn: Callable[[], Any], *, warmup: int, repeats: int) -> list[float]:
+    """Times in ms between CUDA events recorded around each call, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return times
+
+
+def time_ms(fn: Callable[[], Any], device: torch.device, *, warmup: int, repeats: int,
+            timer: str = "auto", grad_to_none: Sequence[torch.Tensor] | None = None) -> list[float]:
+    """Times of ``fn`` in ms: CUDA through :func:`gpu_timer`'s choice, CPU by :func:`median_ms`."""
+    if device.type != "cuda":
+        return median_ms(fn, device, warmup=warmup, repeats=repeats)
+    if gpu_timer(timer) == "do_bench":
+        return do_bench_ms(fn, grad_to_none=grad_to_none)
+    return cuda_event_ms(fn, warmup=warmup, repeats=repeats)
 
 
 def median_ms(fn: Callable[[], Any], device: torch.device, *, warmup: int, repeats: int) -> list[float]:
@@ -100,39 +212,66 @@ def is_out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
-def measure(cell: EfficiencyCell, *, warmup: int, repeats: int) -> dict[str, Any]:
+def _module_under_test(cell: EfficiencyCell) -> tuple[Callable[..., torch.Tensor], list[torch.nn.Parameter]]:
+    """The function a cell times (a zoo mechanism, the whole layer, or an fla kernel) and its
+    parameters."""
+    if cell.attention in FLA_KERNELS:
+        if cell.scope != "core":
+            raise ValueError(f"{cell.attention} is a kernel: only scope 'core' applies")
+        return FLA_KERNELS[cell.attention].build(cell.head_dim), []
+    if cell.scope == "layer":
+        module: torch.nn.Module = MultiHeadAttention(
+            cell.heads * cell.head_dim, cell.heads, cell.attention, pattern=cell.pattern,
+            attention_args=cell.attention_args)
+    elif cell.scope == "core":
+        module = build_attention(cell.attention, pattern=cell.pattern, heads=cell.heads,
+                                 head_dim=cell.head_dim, **cell.attention_args)
+    else:
+        raise ValueError(f"unknown scope {cell.scope!r}; valid: {', '.join(SCOPES)}")
+    module.to(device=torch.device(cell.device), dtype=getattr(torch, cell.dtype))
+    return module, list(module.parameters())
+
+
+def measure(cell: EfficiencyCell, *, warmup: int, repeats: int, timer: str = "auto") -> dict[str, Any]:
     """Measure one cell and return its metrics."""
     device = torch.device(cell.device)
     dtype = getattr(torch, cell.dtype)
     torch.manual_seed(0)
-    attention = build_attention(
-        cell.attention, pattern=cell.pattern, heads=cell.heads, head_dim=cell.head_dim,
-        **cell.attention_args,
-    ).to(device=device, dtype=dtype)
-    shape = (cell.batch, cell.length, cell.heads, cell.head_dim)
+    function, parameters = _module_under_test(cell)
+    if cell.scope == "layer":
+        shape: tuple[int, ...] = (cell.batch, cell.length, cell.heads * cell.head_dim)  # [B, L, E]
+    else:
+        shape = (cell.batch, cell.length, cell.heads, cell.head_dim)  # [B, L, H, D]
+    cross = Pattern.parse(cell.pattern).cross
     q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
     grad_out = torch.randn(shape, device=device, dtype=dtype)
 
+    def call(*inputs: torch.Tensor) -> torch.Tensor:
+        if cell.scope == "layer":
+            # Self attention projects one input; cross attention reads a second sequence.
+            return function(inputs[0], inputs[1], inputs[1]) if cross else function(inputs[0])
+        return function(*inputs)
+
     def forward() -> None:
         with torch.no_grad():
-            attention(q, k, v)
+            call(q, k, v)
 
     leaves = [t.requires_grad_() for t in (q.clone(), k.clone(), v.clone())]
 
     def forward_backward() -> None:
-        for leaf in leaves:
-            leaf.grad = None
-        attention.zero_grad(set_to_none=True)
-        attention(*leaves).backward(grad_out)
+        for tensor in (*leaves, *parameters):
+            tensor.grad = None
+        call(*leaves).backward(grad_out)
 
-    forward_times = median_ms(forward, device, warmup=warmup, repeats=repeats)
-    backward_times = median_ms(forward_backward, device, warmup=warmup, repeats=repeats)
+    forward_times = time_ms(forward, device, warmup=warmup, repeats=repeats, timer=timer)
+    backward_times = time_ms(forward_backward, device, warmup=warmup, repeats=repeats, timer=timer,
+                             grad_to_none=[*leaves, *parameters])
     return {
         "forward_ms": statistics.median(forward_times),
         "forward_backward_ms": statistics.median(backward_times),
         "forward_peak_mib": peak_mib(forward, device),
         "forward_backward_peak_mib": peak_mib(forward_backward, device),
-        "parameters": sum(p.numel() for p in attention.parameters()),
+        "parameters": sum(p.numel() for p in parameters),
         "forward_ms_repeats": forward_times,
         "forward_backward_ms_repeats": backward_times,
     }
@@ -144,6 +283,7 @@ def run_efficiency(
     results_dir: Path,
     warmup: int = 2,
     repeats: int = 5,
+    timer: str = "auto",
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Measure every cell, write one record per cell to ``results_dir/efficiency/<run id>/``."""
@@ -155,11 +295,14 @@ def run_efficiency(
             "kind": "efficiency",
             "run_id": run_id,
             "cell": asdict(cell),
-            "settings": {"warmup": warmup, "repeats": repeats},
+            "settings": {"warmup": warmup, "repeats": repeats,
+                         "timer": gpu_timer(timer) if cell.device.startswith("cuda") else "perf_counter"},
             "provenance": provenance(torch.device(cell.device)),
         }
+        if cell.attention in FLA_KERNELS:
+            record["counterpart"] = FLA_KERNELS[cell.attention].counterpart
         try:
-            record["metrics"] = measure(cell, warmup=warmup, repeats=repeats)
+            record["metrics"] = measure(cell, warmup=warmup, repeats=repeats, timer=timer)
             record["status"] = "ok"
         except Exception as error:  # recorded, and the benchmark goes on
             record["status"] = "oom" if is_out_of_memory(error) else "error"
@@ -229,3 +372,12 @@ def default_cells(
                     attention_args=dict((attention_args or {}).get(name, {})), **shape,
                 ))
     return cells
+
+
+def fla_cells(patterns: Sequence[str], lengths: Sequence[int], **shape: Any) -> list[EfficiencyCell]:
+    """Cells for every flash-linear-attention kernel of :data:`FLA_KERNELS` at the patterns it
+    implements (its causal chunked form)."""
+    return [EfficiencyCell(attention=kernel.name, pattern=Pattern.parse(pattern).value, length=length,
+                           **shape)
+            for kernel in FLA_KERNELS.values() for pattern in patterns
+            if Pattern.parse(pattern).value in kernel.patterns for length in lengths]

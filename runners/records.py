@@ -28,10 +28,16 @@ def write_record(path: Path, record: dict[str, Any]) -> Path:
 
 
 def read_records(directory: Path, kind: str | None = None) -> list[dict[str, Any]]:
-    """Every record below ``directory`` (optionally of one ``kind``), in path order."""
+    """Every record below ``directory`` (optionally of one ``kind``), in path order.
+
+    JSON files that are not records (a task's artifacts under ``results/artifacts/``) are
+    skipped: a record is an object with a ``schema`` and a ``kind``.
+    """
     records = []
     for path in sorted(Path(directory).rglob("*.json")):
         record = json.loads(path.read_text())
+        if not (isinstance(record, dict) and "schema" in record and "kind" in record):
+            continue
         if kind is None or record.get("kind") == kind:
             records.append(record)
     return records

@@ -1,0 +1,386 @@
+"""Running the cells of a matrix: one record per cell in ``results/runs/``, resumable, on local
+processes or on SLURM through submitit.
+
+A cell runs in a process of its own (a spawned child locally, a job on SLURM) and writes its own
+record atomically, so a crash of the coordinator loses nothing that finished, and a re-run of the
+same command skips every cell whose record exists. A cell that fails records its error; a cell
+whose process dies, or that runs past its timeout, is recorded by the coordinator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import multiprocessing
+import os
+import random
+import resource
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runners.matrix import Cell
+from runners.provenance import provenance
+from runners.records import write_record
+from tasks.base import AttentionChoice, get_task, resolve_attention
+
+SCHEMA = "attnbench.run/1"
+KIND = "run"
+FAILED = ("error", "oom", "timeout", "crashed")
+
+
+def record_path(results_dir: Path, cell: Cell) -> Path:
+    return Path(results_dir) / "runs" / f"{cell.key}.json"
+
+
+def submitted_path(results_dir: Path, cell: Cell) -> Path:
+    return Path(results_dir) / "runs" / f"{cell.key}.submitted"
+
+
+def mark_submitted(results_dir: Path, cell: Cell, job_id: str) -> None:
+    """Note that a cluster job was submitted for ``cell`` (so that collecting the results later
+    does not submit it twice); the cell's record, once written, supersedes the note."""
+    write_record(submitted_path(results_dir, cell), {"job_id": job_id, "submitted_utc": _utc(time.time())})
+
+
+def submitted_job(results_dir: Path, cell: Cell) -> str | None:
+    """The job id of an earlier submission of ``cell`` that has not written its record yet."""
+    if read_record(results_dir, cell) is not None:
+        return None
+    try:
+        return str(json.loads(submitted_path(results_dir, cell).read_text())["job_id"])
+    except (FileNotFoundError, ValueError, KeyError):
+        return None
+
+
+def artifacts_dir(results_dir: Path, cell: Cell) -> Path:
+    """The cell's private ``workdir`` (checkpoints, figures, audio), beside the records."""
+    return Path(results_dir) / "artifacts" / cell.key
+
+
+def read_record(results_dir: Path, cell: Cell) -> dict[str, Any] | None:
+    path = record_path(results_dir, cell)
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def is_finished(results_dir: Path, cell: Cell, *, retry_failed: bool = False) -> bool:
+    """A cell is finished when its record exists (and, with ``retry_failed``, says ok)."""
+    record = read_record(results_dir, cell)
+    return record is not None and (record.get("status") == "ok" or not retry_failed)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's peak resident memory (Linux: VmHWM), so that a worker that runs
+    several cells reports each cell's own peak."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process since :func:`reset_peak_rss`, in MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _base_record(cell: Cell, *, preset: str, device: str) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "kind": KIND,
+        "key": cell.key,
+        "preset": preset,
+        "cell": cell.to_json(),
+        "seed": cell.seed,
+        "device": device,
+    }
+
+
+def run_cell(cell: Cell | Mapping[str, Any], results_dir: str | Path, *, device: str = "cpu",
+             preset: str = "", threads: int = 0) -> str:
+    """Run one cell in this process and write its record; returns its status.
+
+    This is what a local child process or a SLURM job executes. Any exception of the task is
+    recorded (status ``error``, or ``oom`` for out-of-memory) rather than raised.
+    """
+    cell = cell if isinstance(cell, Cell) else Cell.from_json(cell)
+    results_dir = Path(results_dir)
+    if threads:
+        torch.set_num_threads(threads)
+    record = _base_record(cell, preset=preset, device=device)
+    started = time.time()
+    try:
+        task_class = get_task(cell.task)
+        config = task_class.make_config(cell.overrides)
+        roles = resolve_attention(task_class, AttentionChoice(cell.attention, cell.attention_args))
+        record["roles"] = {role: choice.label() for role, choice in roles.items()}
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+            torch.cuda.reset_peak_memory_stats()
+        reset_peak_rss()
+        seed_everything(cell.seed)
+        workdir = artifacts_dir(results_dir, cell)
+        workdir.mkdir(parents=True, exist_ok=True)
+        result = task_class().run(config, roles, seed=cell.seed, device=device, workdir=workdir)
+        declared = [m.name for m in task_class.metrics]
+        missing = [name for name in declared if name not in result.metrics]
+        if missing:
+            raise RuntimeError(f"task {cell.task} did not report declared metric(s) {missing}; "
+                               f"reported: {sorted(result.metrics)}")
+        record.update(
+            status="ok",
+            metrics={k: float(v) for k, v in result.metrics.items()},
+            metric_directions={m.name: "higher" if m.higher_is_better else "lower"
+                               for m in task_class.metrics},
+            parameters=int(result.parameters),
+            attention_parameters=int(result.attention_parameters),
+            peak_memory_mib=result.peak_memory_mib,
+            extra=result.extra,
+        )
+        record["timings"] = {"train_seconds": result.train_seconds,
+                             "eval_seconds": result.eval_seconds}
+    except Exception as error:
+        out_of_memory = isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+        record.update(status="oom" if out_of_memory else "error",
+                      error=f"{type(error).__name__}: {error}"[:4000],
+                      traceback=traceback.format_exc()[-8000:])
+    record.setdefault("timings", {})["total_seconds"] = time.time() - started
+    record["timings"]["started_utc"] = _utc(started)
+    record["timings"]["finished_utc"] = _utc(time.time())
+    record["process_peak_rss_mib"] = peak_rss_mib()
+    if device.startswith("cuda"):
+        record["cuda_peak_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    # The worker runs the next cell next: leave it nothing of this one.
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    record["provenance"] = provenance(torch.device(device))
+    write_record(record_path(results_dir, cell), record)
+    return record["status"]
+
+
+def record_failure(results_dir: Path, cell: Cell, *, status: str, error: str, preset: str,
+                   device: str, seconds: float) -> dict[str, Any]:
+    """The record of a cell whose process never wrote one (it died or ran past its timeout)."""
+    record = _base_record(cell, preset=preset, device=device)
+    record.update(status=status, error=error, timings={"total_seconds": seconds},
+                  provenance=provenance())
+    write_record(record_path(results_dir, cell), record)
+    return record
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+@dataclass
+class SweepState:
+    """Counts for the progress display."""
+
+    total: int
+    skipped: int = 0
+    ok: int = 0
+    failed: int = 0
+    events: list[tuple[Cell, str, float]] = field(default_factory=list)
+
+    @property
+    def remaining(self) -> int:
+        return self.total - self.skipped - self.ok - self.failed
+
+
+Callback = Callable[[Cell, str, float], None]
+
+
+def default_threads(jobs: int) -> int:
+    """CPU threads per cell: the cores shared among the cells running at once, and no more than
+    ``OMP_NUM_THREADS`` when it is set (oversubscribed threads make small models crawl)."""
+    threads = max(1, len(os.sched_getaffinity(0)) // max(1, jobs))
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    return min(threads, int(limit)) if limit.isdigit() and int(limit) > 0 else threads
+
+
+def _worker(connection: Connection, results_dir: str, device: str, preset: str, threads: int) -> None:
+    """A local worker process: runs the cells it is sent, one at a time, until it gets None."""
+    torch.set_num_threads(threads)
+    try:
+        while (cell := connection.recv()) is not None:
+            connection.send(run_cell(cell, results_dir, device=device, preset=preset))
+    except (KeyboardInterrupt, EOFError, BrokenPipeError):
+        # Ctrl-C reaches the whole process group, and a coordinator that died closes the pipe:
+        # either way the sweep is over, and the unfinished cell has no record to resume from.
+        return
+
+
+@dataclass
+class _Slot:
+    """One of the ``jobs`` places a cell can run: a worker process on a device."""
+
+    device: str
+    process: Any = None
+    connection: Connection | None = None
+    cell: Cell | None = None
+    started: float = 0.0
+
+    def stop(self, *, kill: bool) -> None:
+        if self.process is not None:
+            if kill:
+                self.process.kill()
+            elif self.connection is not None:
+                try:
+                    self.connection.send(None)
+                except (BrokenPipeError, OSError):
+                    self.process.kill()
+            self.process.join()
+        self.process = self.connection = self.cell = None
+
+
+def run_local(cells: Sequence[Cell], results_dir: Path, *, jobs: int = 1, devices: Sequence[str] = ("cpu",),
+              preset: str = "", threads: int = 0, on_done: Callback | None = None) -> None:
+    """Run ``cells`` on ``jobs`` worker processes at once; worker i uses ``devices[i % n]`` (GPUs
+    round-robin). Workers are spawned once and reused (PyTorch is imported once per worker, not
+    per cell). A worker that dies, or whose cell runs past its timeout, is killed, its cell
+    recorded here as ``crashed`` or ``timeout``, and a fresh worker takes its place."""
+    context = multiprocessing.get_context("spawn")
+    threads = threads or default_threads(jobs)
+    pending = list(cells)
+    slots = [_Slot(device=devices[i % len(devices)]) for i in range(max(1, jobs))]
+
+    try:
+        while pending or any(slot.cell for slot in slots):
+            for slot in slots:
+                if slot.cell is None and pending:
+                    if slot.process is None:
+                        slot.connection, child = context.Pipe()
+                        slot.process = context.Process(
+                            target=_worker, args=(child, str(results_dir), slot.device, preset, threads),
+                            name="attnbench-worker", daemon=True)
+                        slot.process.start()
+                        child.close()
+                    slot.cell, slot.started = pending.pop(0), time.time()
+                    slot.connection.send(slot.cell.to_json())
+            busy = [slot for slot in slots if slot.cell is not None]
+            ready = wait([slot.connection for slot in busy], timeout=0.2)
+            for slot in busy:
+                cell, elapsed = slot.cell, time.time() - slot.started
+                if slot.connection in ready:
+                    try:
+                        status = slot.connection.recv()
+                        slot.cell = None
+                    except (EOFError, OSError):
+                        slot.process.join(5)
+                        code = slot.process.exitcode
+                        slot.stop(kill=True)
+                        status = record_failure(
+                            results_dir, cell, status="crashed", preset=preset, device=slot.device,
+                            seconds=elapsed, error=f"the cell's process died (exit code {code}) "
+                                                   "without writing its record")["status"]
+                elif cell.timeout is not None and elapsed > cell.timeout:
+                    slot.stop(kill=True)
+                    status = record_failure(
+                        results_dir, cell, status="timeout", preset=preset, device=slot.device,
+                        seconds=elapsed, error=f"stopped after the cell's timeout of {cell.timeout:g} s",
+                    )["status"]
+                else:
+                    continue
+                if on_done:
+                    on_done(cell, status, elapsed)
+    finally:
+        interrupted = any(slot.cell for slot in slots)
+        for slot in slots:
+            slot.stop(kill=interrupted)
+
+
+def _submitit_job(cell: dict[str, Any], results_dir: str, preset: str) -> str:
+    """What a submitit job runs: the cell on the job's GPU if it has one."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return run_cell(cell, results_dir, device=device, preset=preset)
+
+
+def run_submitit(cells: Sequence[Cell], results_dir: Path, *, cluster: str = "slurm",
+                 parameters: Mapping[str, Any] | None = None, preset: str = "", wait: bool = True,
+                 on_done: Callback | None = None) -> list[Any]:
+    """Submit one job per cell (a job array) through submitit; ``cluster="local"`` runs the same
+    jobs as local subprocesses (submitit's LocalExecutor), ``"slurm"`` on a SLURM cluster.
+
+    ``parameters`` go to ``AutoExecutor.update_parameters`` (``slurm_partition``,
+    ``gpus_per_node``, ``cpus_per_task``, ``mem_gb``, ``timeout_min``, ``slurm_array_parallelism``
+    ...). With ``wait`` the call follows the jobs until they end; otherwise it returns the jobs
+    and the records appear as they finish (a later ``attnbench run`` collects them).
+    """
+    import submitit
+
+    if not cells:
+        return []
+    executor = submitit.AutoExecutor(folder=Path(results_dir) / "logs" / "submitit" / "%j", cluster=cluster)
+    longest = max((c.timeout for c in cells if c.timeout is not None), default=None)
+    defaults: dict[str, Any] = {"name": f"attnbench-{preset or 'run'}",
+                                "timeout_min": math.ceil(longest / 60) + 5 if longest else 24 * 60}
+    if cluster == "slurm":
+        defaults.update(gpus_per_node=1, cpus_per_task=8, tasks_per_node=1, nodes=1)
+    executor.update_parameters(**{**defaults, **(parameters or {})})
+    jobs = executor.map_array(_submitit_job, [c.to_json() for c in cells],
+                              [str(results_dir)] * len(cells), [preset] * len(cells))
+    for job, cell in zip(jobs, cells):
+        mark_submitted(results_dir, cell, job.job_id)
+    if not wait:
+        return jobs
+    started = time.time()
+    waiting = dict(zip(range(len(cells)), zip(jobs, cells)))
+    while waiting:
+        time.sleep(0.5)
+        for index, (job, cell) in list(waiting.items()):
+            if not job.done():
+                continue
+            del waiting[index]
+            record = read_record(results_dir, cell)
+            if record is None:
+                try:
+                    job.result()
+                    problem = "the job ended without writing its record"
+                except Exception as error:
+                    problem = f"{type(error).__name__}: {error}"[:4000]
+                status = "timeout" if "timed-out" in problem or "TIMEOUT" in problem else "crashed"
+                record = record_failure(results_dir, cell, status=status, preset=preset,
+                                        device="slurm" if cluster == "slurm" else "cpu",
+                                        seconds=time.time() - started,
+                                        error=f"job {job.job_id}: {problem}")
+            if on_done:
+                on_done(cell, record["status"], time.time() - started)
+    return jobs
+
+
+def resolve_devices(device: str, jobs: int) -> list[str]:
+    """``auto`` -> every visible GPU (round-robin over the job slots), else the CPU."""
+    if device == "auto":
+        count = torch.cuda.device_count()
+        return [f"cuda:{i}" for i in range(count)] if count else ["cpu"]
+    devices = [d.strip() for d in device.split(",") if d.strip()]
+    for d in devices:
+        if d != "cpu" and not d.startswith("cuda"):
+            raise ValueError(f"unknown device {d!r}; valid: auto, cpu, cuda, cuda:N (comma-separated)")
+        if d.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"device {d!r} requested but torch.cuda.is_available() is False")
+    return devices or ["cpu"]
+
