@@ -108,14 +108,15 @@ def generate_transformer(model: Transformer, tokens: Tensor, *, maxlenratio: flo
         model: a Transformer-TTS in eval mode.
         tokens: [N] character ids (without <sos/eos>, which is appended here as ESPnet does).
         maxlenratio: at most ``maxlenratio * (N + 1)`` frames (ESPnet's default 10).
-        threshold: stop when the stop-token probability reaches it.
+        threshold: stop when the stop-token probability reaches it, from the second frame on
+            (one frame is too short for Griffin-Lim to produce any audio).
 
     Returns:
         [T, n_mels] generated features (after the postnet), in the model's normalised space.
     """
     xs = nn.functional.pad(tokens, [0, 1], "constant", model.eos).unsqueeze(0)  # [1, N + 1]
     memory, _ = model.encoder(xs, None)  # [1, N + 1, adim]
-    maxlen = max(1, int(xs.shape[1] * maxlenratio))
+    maxlen = max(2, int(xs.shape[1] * maxlenratio))
     ys = memory.new_zeros(1, 1, model.odim)  # [1, 1, odim]: ESPnet's all-zero go frame
     frames = []
     for t in range(1, maxlen + 1):
@@ -125,7 +126,7 @@ def generate_transformer(model: Transformer, tokens: Tensor, *, maxlenratio: flo
         frame = model.feat_out(last).view(model.reduction_factor, model.odim)  # [r, odim]
         frames.append(frame)
         ys = torch.cat([ys, frame[-1].view(1, 1, model.odim)], dim=1)
-        if bool((torch.sigmoid(model.prob_out(last)) >= threshold).any()):
+        if t >= 2 and bool((torch.sigmoid(model.prob_out(last)) >= threshold).any()):
             break
     before = torch.cat(frames).unsqueeze(0).transpose(1, 2)  # [1, odim, T]
     after = before + model.postnet(before) if model.postnet is not None else before
