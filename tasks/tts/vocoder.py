@@ -53,7 +53,8 @@ def plot_mels(path: Path, panels: Sequence[tuple[str, np.ndarray]], title: str) 
 
     low = min(float(m.min()) for _, m in panels)
     high = max(float(m.max()) for _, m in panels)
-    figure, axes = plt.subplots(len(panels), 1, figsize=(10, 2.6 * len(panels)), squeeze=False)
+    figure, axes = plt.subplots(len(panels), 1, figsize=(10, 2.6 * len(panels)), squeeze=False,
+                                layout="constrained")
     for axis, (label, mel) in zip(axes[:, 0], panels):
         image = axis.imshow(mel.T, origin="lower", aspect="auto", vmin=low, vmax=high, cmap="magma")
         axis.set_title(label, fontsize=10)
