@@ -17,13 +17,20 @@ from attention_zoo import AttentionConfigError, Pattern
 from tasks.base import AttentionChoice, resolve_attention
 from tasks.tts import metrics
 from tasks.tts.adapter import EspnetAttentionAdapter, key_padding_mask
-from tasks.tts.align import monotonic_alignment_search, read_durations
+from tasks.tts.align import (
+    align,
+    forward_sum_loss,
+    monotonic_alignment_search,
+    read_durations,
+    train_aligner,
+)
 from tasks.tts.data import (
     FEATURES,
     SAMPLE_ROOT,
     CharacterVocabulary,
     Clip,
     load_audio,
+    pad,
     read_ljspeech,
     split_clips,
 )
@@ -103,6 +110,23 @@ def test_monotonic_alignment_search_finds_the_best_path(frames, tokens):
     assert durations.sum() == frames and (durations >= 1).all()
     found = log_probability[np.arange(frames), np.repeat(np.arange(tokens), durations)].sum()
     assert found == pytest.approx(best)
+
+
+def test_aligner_learns_and_aligns_every_frame(corpus):
+    def loss_after(steps: int) -> float:
+        model = train_aligner(corpus.train, VOCABULARY, steps=steps, seed=0, batch_size=2, lr=3e-3)
+        tokens, token_lengths = pad([u.tokens for u in corpus.train])
+        mels, frame_lengths = pad([model.normaliser(u.mel) for u in corpus.train])
+        with torch.no_grad():
+            return float(forward_sum_loss(model(tokens, token_lengths, mels, frame_lengths),
+                                          token_lengths, frame_lengths))
+
+    assert loss_after(15) < 0.8 * loss_after(0)
+    model = train_aligner(corpus.train, VOCABULARY, steps=1, seed=0, batch_size=2)
+    for u in corpus.train:
+        d = align(model, [u])[u.clip_id]
+        assert d.shape[0] == len(u.tokens) + 1 and int(d.sum()) == u.frames and d[-1] == 0
+        assert (d[:-1] >= 1).all()
 
 
 def test_shipped_durations_fit_every_sample_clip():

@@ -214,10 +214,13 @@ class _TTSTask(Task):
         audio_dir = workdir / "audio"
         audio_dir.mkdir(exist_ok=True)
         scores: dict[str, list[float]] = {m.name: [] for m in self.metrics}
-        artifacts: dict[str, Any] = {"audio": [], "figure": None}
+        # Frame counts explain CAB's per-synthesized-frame scores (a short output inflates them).
+        artifacts: dict[str, Any] = {"audio": [], "figure": None, "frames": {}}
         for utterance in corpus.test:
             predicted = corpus.mel.inverse(self.synthesize(model, utterance, config, device).cpu()).numpy()
             synthesized = griffin_lim(predicted, iterations=config.griffin_lim_iterations)
+            artifacts["frames"][utterance.clip_id] = {"synthesized": len(predicted),
+                                                      "reference": utterance.frames}
             reference = griffin_lim(utterance.mel.numpy(), iterations=config.griffin_lim_iterations)
             scores["mcd"].append(tts_metrics.cab_mcd(synthesized, reference))
             scores["msd"].append(tts_metrics.cab_msd(synthesized, reference))
