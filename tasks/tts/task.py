@@ -1,0 +1,341 @@
+"""Text-to-speech on LJSpeech with ESPnet2's FastSpeech 2 and Transformer-TTS (CAB's TTS task).
+
+Two tasks, because the two backbones have different attention roles:
+
+- ``tts_fastspeech2``: encoder and decoder self attention, both non-causal;
+- ``tts_transformer``: encoder self (non-causal), decoder self (causal), and the decoder's cross
+  attention to the characters (causal cross, CAB's pattern for this backbone).
+
+Training is this module's own loop (ESPnet's recipe machinery needs Kaldi-style data folders and
+torchaudio); evaluation synthesizes test clips, vocodes them with Griffin-Lim and scores them
+against the Griffin-Lim resynthesis of the ground truth (:mod:`tasks.tts.metrics`).
+"""
+
+from __future__ import annotations
+
+import tarfile
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import soundfile as sf
+import torch
+from torch import Tensor, nn
+
+from tasks.base import AttentionChoice, Metric, Task, TaskResult
+from tasks.tts import metrics as tts_metrics
+from tasks.tts.adapter import EspnetAttentionAdapter
+from tasks.tts.align import attach_durations, read_durations, run_aligner, write_durations
+from tasks.tts.data import (
+    FEATURES,
+    SAMPLE_ROOT,
+    CharacterVocabulary,
+    Normaliser,
+    Utterance,
+    extract,
+    pad,
+    read_ljspeech,
+    split_clips,
+    token_average,
+)
+from tasks.tts.models import (
+    FASTSPEECH2_ROLES,
+    TRANSFORMER_ROLES,
+    ModelSize,
+    build_fastspeech2,
+    build_transformer,
+    generate_transformer,
+)
+from tasks.tts.vocoder import griffin_lim, plot_mels, write_wav
+
+LJSPEECH_URL = "https://data.keithito.com/data/speech/LJSpeech-1.1.tar.bz2"
+
+
+@dataclass(frozen=True)
+class TTSConfig:
+    """Settings of both TTS tasks; the defaults are the CPU smoke run on the shipped sample."""
+
+    data: str = field(default="", metadata={
+        "help": "LJSpeech-1.1 folder (CAB's split); empty: the shipped 32-clip sample"})
+    train_clips: int = field(default=4, metadata={"min": 0, "help": "the N shortest training clips (0: all)"})
+    eval_clips: int = field(default=1, metadata={"min": 1, "help": "test clips synthesized and scored"})
+    steps: int = field(default=15, metadata={"min": 1})
+    batch_size: int = field(default=4, metadata={"min": 1})
+    lr: float = field(default=2e-3, metadata={"min": 0.0, "help": "peak learning rate (Adam)"})
+    warmup_steps: int = field(default=5, metadata={"min": 0})
+    grad_clip: float = field(default=1.0, metadata={"min": 0.0})
+    adim: int = field(default=64, metadata={"min": 1, "help": "model width"})
+    aheads: int = field(default=2, metadata={"min": 1})
+    elayers: int = field(default=1, metadata={"min": 1})
+    eunits: int = field(default=128, metadata={"min": 1})
+    dlayers: int = field(default=1, metadata={"min": 1})
+    dunits: int = field(default=128, metadata={"min": 1})
+    postnet_layers: int = field(default=2, metadata={"min": 0})
+    postnet_chans: int = field(default=64, metadata={"min": 1})
+    dropout: float = field(default=0.1, metadata={"min": 0.0})
+    griffin_lim_iterations: int = field(default=32, metadata={"min": 1})
+    maxlenratio: float = field(default=10.0, metadata={
+        "min": 0.0, "help": "Transformer-TTS: at most this many frames per character"})
+    aligner_steps: int = field(default=400, metadata={
+        "min": 1, "help": "FastSpeech 2: aligner training steps when DATA/durations.txt is missing"})
+
+    @property
+    def size(self) -> ModelSize:
+        return ModelSize(adim=self.adim, aheads=self.aheads, elayers=self.elayers, eunits=self.eunits,
+                         dlayers=self.dlayers, dunits=self.dunits, postnet_layers=self.postnet_layers,
+                         postnet_chans=self.postnet_chans, dropout=self.dropout)
+
+
+@dataclass
+class Corpus:
+    """Features of the clips one run uses, and the training-set normalisers."""
+
+    train: list[Utterance]
+    test: list[Utterance]
+    mel: Normaliser
+    data: Path
+    pitch: Normaliser | None = None
+    energy: Normaliser | None = None
+
+
+def load_corpus(config: TTSConfig) -> Corpus:
+    """Read the dataset, split it, extract features of the training and evaluated test clips."""
+    data = Path(config.data).expanduser() if config.data else SAMPLE_ROOT
+    splits = split_clips(read_ljspeech(data))
+    train_clips = splits["train"]
+    if config.train_clips:
+        train_clips = sorted(train_clips, key=lambda c: sf.info(c.audio).frames)[: config.train_clips]
+    if not train_clips or len(splits["test"]) < config.eval_clips:
+        raise ValueError(f"{data}: {len(splits['train'])} training and {len(splits['test'])} test clips; "
+                         f"eval_clips={config.eval_clips} asks for more")
+    vocabulary = CharacterVocabulary()
+    train = [extract(c, vocabulary) for c in train_clips]
+    test = [extract(c, vocabulary) for c in splits["test"][: config.eval_clips]]
+    return Corpus(train, test, Normaliser.fit([u.mel for u in train]), data)
+
+
+class _TTSTask(Task):
+    """What both TTS backbones share: data, training loop, synthesis and scoring."""
+
+    metrics = (
+        Metric("mcd", higher_is_better=False,
+               description="CAB's MCD: DTW distance of 13 MFCCs per synthesized frame"),
+        Metric("msd", higher_is_better=False,
+               description="CAB's MSD: DTW distance of 80-band log-mel per synthesized frame"),
+        Metric("mcd_db", higher_is_better=False,
+               description="classic mel cepstral distortion, dB, c1..c24 along the DTW path"),
+    )
+    Config = TTSConfig
+    model_name: ClassVar[str]
+
+    def run(self, config: TTSConfig, attention: Mapping[str, AttentionChoice], *, seed: int,
+            device: str, workdir: Path) -> TaskResult:
+        torch.manual_seed(seed)
+        workdir.mkdir(parents=True, exist_ok=True)
+        corpus = load_corpus(config)
+        extra: dict[str, Any] = {"model": self.model_name, "data": str(corpus.data),
+                                 "train_clips": len(corpus.train),
+                                 "test_clips": [u.clip_id for u in corpus.test]}
+        extra |= self.prepare(config, corpus, seed=seed, workdir=workdir)
+        model, replaced = self.build(config, attention)
+        model.to(device)
+        extra["attention_modules"] = {role: len(paths) for role, paths in replaced.items()}
+
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        extra["loss_curve"] = self.train(model, config, corpus, seed=seed, device=device)
+        train_seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else None
+
+        start = time.perf_counter()
+        scores, artifacts = self.evaluate(model, config, corpus, device=device, workdir=workdir)
+        eval_seconds = time.perf_counter() - start
+        extra["artifacts"] = artifacts
+        return TaskResult(
+            metrics=scores,
+            parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+            attention_parameters=sum(p.numel() for m in model.modules()
+                                     if isinstance(m, EspnetAttentionAdapter)
+                                     for p in m.attention.parameters() if p.requires_grad),
+            train_seconds=train_seconds,
+            eval_seconds=eval_seconds,
+            peak_memory_mib=peak,
+            extra=extra,
+        )
+
+    def prepare(self, config: TTSConfig, corpus: Corpus, *, seed: int, workdir: Path) -> dict[str, Any]:
+        """Model-specific targets (FastSpeech 2's durations, pitch and energy); returns notes."""
+        return {}
+
+    def build(self, config: TTSConfig, attention: Mapping[str, AttentionChoice]) -> tuple[nn.Module, dict]:
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, batch: Sequence[Utterance], corpus: Corpus, device: str) -> Tensor:
+        """ESPnet's training loss of the model on ``batch``."""
+        raise NotImplementedError
+
+    def synthesize(self, model: nn.Module, utterance: Utterance, config: TTSConfig, device: str) -> Tensor:
+        """[T, n_mels] predicted log-mel (normalised) from the characters alone."""
+        raise NotImplementedError
+
+    def train(self, model: nn.Module, config: TTSConfig, corpus: Corpus, *, seed: int,
+              device: str) -> list[float]:
+        """Adam with linear warm-up, random batches of training clips; returns the loss per step."""
+        generator = torch.Generator().manual_seed(seed)
+        optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.98))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimiser, lambda step: min(1.0, (step + 1) / (config.warmup_steps + 1)))
+        losses = []
+        model.train()
+        for _ in range(config.steps):
+            order = torch.randperm(len(corpus.train), generator=generator)[: config.batch_size]
+            loss = self.loss(model, [corpus.train[int(i)] for i in order], corpus, device)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"{self.name}: non-finite training loss {loss.item()}")
+            optimiser.zero_grad()
+            loss.backward()
+            if config.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimiser.step()
+            schedule.step()
+            losses.append(loss.item())
+        return losses
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, config: TTSConfig, corpus: Corpus, *, device: str,
+                 workdir: Path) -> tuple[dict[str, float], dict[str, Any]]:
+        """Synthesize each test clip, vocode, write WAVs and a figure, score against the reference."""
+        model.eval()
+        audio_dir = workdir / "audio"
+        audio_dir.mkdir(exist_ok=True)
+        scores: dict[str, list[float]] = {m.name: [] for m in self.metrics}
+        # Frame counts explain CAB's per-synthesized-frame scores (a short output inflates them).
+        artifacts: dict[str, Any] = {"audio": [], "figure": None, "frames": {}}
+        for utterance in corpus.test:
+            predicted = corpus.mel.inverse(self.synthesize(model, utterance, config, device).cpu()).numpy()
+            synthesized = griffin_lim(predicted, iterations=config.griffin_lim_iterations)
+            artifacts["frames"][utterance.clip_id] = {"synthesized": len(predicted),
+                                                      "reference": utterance.frames}
+            reference = griffin_lim(utterance.mel.numpy(), iterations=config.griffin_lim_iterations)
+            scores["mcd"].append(tts_metrics.cab_mcd(synthesized, reference))
+            scores["msd"].append(tts_metrics.cab_msd(synthesized, reference))
+            scores["mcd_db"].append(tts_metrics.mcd_db(synthesized, reference))
+            for kind, audio in (("synthesized", synthesized), ("reference", reference)):
+                path = audio_dir / f"{utterance.clip_id}_{kind}.wav"
+                write_wav(path, audio)
+                artifacts["audio"].append(str(path))
+            if artifacts["figure"] is None:
+                figure = workdir / f"mel_{utterance.clip_id}.png"
+                plot_mels(figure, [("reference (ground truth)", utterance.mel.numpy()),
+                                   (f"synthesized ({self.model_name})", predicted)],
+                          title=f"{utterance.clip_id}: {self.model_name}")
+                artifacts["figure"] = str(figure)
+        return {name: float(np.mean(values)) for name, values in scores.items()}, artifacts
+
+
+class FastSpeech2Task(_TTSTask):
+    """ESPnet2's FastSpeech 2 with durations from the project's own aligner."""
+
+    name = "tts_fastspeech2"
+    roles = FASTSPEECH2_ROLES
+    model_name = "FastSpeech 2"
+
+    def prepare(self, config: TTSConfig, corpus: Corpus, *, seed: int, workdir: Path) -> dict[str, Any]:
+        """Durations (shipped ``durations.txt`` or a fresh aligner run), token pitch and energy.
+
+        Pitch is the token average of log F0 over voiced frames, energy the token average of
+        frame energy; both are standardised with training-set statistics, as ESPnet does.
+        """
+        source = corpus.data / "durations.txt"
+        notes: dict[str, Any] = {}
+        if source.is_file():
+            durations = read_durations(source)
+        else:
+            durations, report = run_aligner(corpus.data, steps=config.aligner_steps, seed=seed)
+            source = workdir / "durations.txt"
+            write_durations(source, durations, header=f"aligner run by {self.name}: {asdict(report)}")
+            notes["aligner"] = asdict(report)
+        notes["durations"] = str(source)
+        everything = corpus.train + corpus.test
+        attach_durations(everything, durations, source)
+        for u in everything:
+            log_f0 = torch.where(u.pitch > 0, u.pitch.clamp(min=1.0).log(), torch.zeros_like(u.pitch))
+            u.token_pitch = token_average(log_f0, u.durations, skip_zeros=True)  # [N + 1]
+            u.token_energy = token_average(u.energy, u.durations, skip_zeros=False)  # [N + 1]
+        voiced = torch.cat([u.token_pitch[u.token_pitch != 0] for u in corpus.train])
+        corpus.pitch = Normaliser(voiced.mean(), voiced.std().clamp(min=1e-5))
+        corpus.energy = Normaliser.fit([u.token_energy[:-1] for u in corpus.train])
+        return notes
+
+    def build(self, config, attention):
+        return build_fastspeech2(len(CharacterVocabulary()), FEATURES.n_mels, config.size, attention)
+
+    def loss(self, model, batch, corpus, device):
+        tokens, token_lengths = pad([u.tokens for u in batch])
+        mels, frame_lengths = pad([corpus.mel(u.mel) for u in batch])
+        durations, duration_lengths = pad([u.durations for u in batch])
+        # Unvoiced tokens keep 0 after standardising (the mean), as in ESPnet's token averaging.
+        pitch, _ = pad([torch.where(u.token_pitch != 0, corpus.pitch(u.token_pitch), 0.0) for u in batch])
+        energy, _ = pad([corpus.energy(u.token_energy) for u in batch])
+        loss, _, _ = model(
+            text=tokens.to(device), text_lengths=token_lengths.to(device), feats=mels.to(device),
+            feats_lengths=frame_lengths.to(device), durations=durations.to(device),
+            durations_lengths=duration_lengths.to(device), pitch=pitch[..., None].to(device),
+            pitch_lengths=duration_lengths.to(device), energy=energy[..., None].to(device),
+            energy_lengths=duration_lengths.to(device),
+        )
+        return loss
+
+    def synthesize(self, model, utterance, config, device):
+        return model.inference(utterance.tokens.to(device))["feat_gen"]
+
+
+class TransformerTTSTask(_TTSTask):
+    """ESPnet2's Transformer-TTS, synthesizing autoregressively until the stop token."""
+
+    name = "tts_transformer"
+    roles = TRANSFORMER_ROLES
+    model_name = "Transformer-TTS"
+
+    def build(self, config, attention):
+        return build_transformer(len(CharacterVocabulary()), FEATURES.n_mels, config.size, attention)
+
+    def loss(self, model, batch, corpus, device):
+        tokens, token_lengths = pad([u.tokens for u in batch])
+        mels, frame_lengths = pad([corpus.mel(u.mel) for u in batch])
+        loss, _, _ = model(text=tokens.to(device), text_lengths=token_lengths.to(device),
+                           feats=mels.to(device), feats_lengths=frame_lengths.to(device))
+        return loss
+
+    def synthesize(self, model, utterance, config, device):
+        return generate_transformer(model, utterance.tokens.to(device), maxlenratio=config.maxlenratio)
+
+
+def fetch_ljspeech(destination: Path) -> Path:
+    """Download and unpack LJSpeech-1.1 (2.6 GB) into ``destination``; returns its folder.
+
+    Use it with ``attnbench data fetch ljspeech`` and then ``data=<folder>`` (CAB's split:
+    LJ001-LJ002 test, LJ003 dev, the rest train). Durations for FastSpeech 2 are computed on the
+    first run (or beforehand with ``python -m tasks.tts.align --data <folder>``).
+    """
+    folder = destination / "LJSpeech-1.1"
+    if (folder / "metadata.csv").is_file():
+        return folder
+    destination.mkdir(parents=True, exist_ok=True)
+    archive = destination / "LJSpeech-1.1.tar.bz2"
+    if not archive.is_file():
+        partial = archive.with_suffix(".part")
+        urllib.request.urlretrieve(LJSPEECH_URL, partial)
+        partial.rename(archive)
+    with tarfile.open(archive, "r:bz2") as tar:
+        tar.extractall(destination, filter="data")
+    archive.unlink()
+    if not (folder / "metadata.csv").is_file():
+        raise FileNotFoundError(f"{archive} did not contain LJSpeech-1.1/metadata.csv")
+    return folder
+
