@@ -69,12 +69,18 @@ def bits_per_byte(loss_base2: float, tokens: int, text_bytes: int) -> float:
     return loss_base2 * tokens / text_bytes
 
 
-def load_model(checkpoint: Path, data_bin: Path, device: str) -> Any:
-    """A trained model in eval mode, through fairseq's checkpoint loader."""
+def load_model(
+    checkpoint: Path, data_bin: Path, device: str, *, max_positions: int | None = None
+) -> Any:
+    """A trained model in eval mode, through fairseq's checkpoint loader; ``max_positions``
+    raises the model's length limit (for evaluation beyond the training context)."""
     from fairseq import checkpoint_utils
 
+    overrides: dict[str, Any] = {"data": str(data_bin)}
+    if max_positions is not None:
+        overrides["max_target_positions"] = max_positions
     models, _, _ = checkpoint_utils.load_model_ensemble_and_task(
-        [str(checkpoint)], arg_overrides={"data": str(data_bin)}
+        [str(checkpoint)], arg_overrides=overrides
     )
     return models[0].to(device).eval()
 

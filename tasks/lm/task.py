@@ -175,7 +175,7 @@ class LanguageModelingTask(Task):
         if config.threads:
             torch.set_num_threads(config.threads)
         torch.manual_seed(seed)
-        data_dir = Path(config.data) if config.data else lm_data.SAMPLE_DIR
+        data_dir = Path(config.data).expanduser() if config.data else lm_data.SAMPLE_DIR
         prepared = lm_data.prepare(data_dir, tokenizer=config.tokenizer,
                                    vocab_size=config.vocab_size, cache=lm_data.cache_root())
 
@@ -190,17 +190,29 @@ class LanguageModelingTask(Task):
         extrapolation = []
         for multiple in multiples:
             length = multiple * config.seq_len
-            scores = evaluate.eval_lm(
-                prepared.data_bin, checkpoint, tokens_per_sample=length, device=device,
-                batch_size=max(1, config.eval_batch_size // multiple),
-                fp16=config.precision == "fp16",
-            )
+            try:
+                scores = evaluate.eval_lm(
+                    prepared.data_bin, checkpoint, tokens_per_sample=length, device=device,
+                    batch_size=max(1, config.eval_batch_size // multiple),
+                    fp16=config.precision == "fp16",
+                )
+            except (torch.OutOfMemoryError, MemoryError) as error:
+                if multiple == 1:
+                    raise
+                # A quadratic mechanism may not fit at 8L: the table says so, the run goes on.
+                extrapolation.append({"multiple": multiple, "context": length,
+                                      "perplexity": float("nan"), "bits_per_byte": float("nan"),
+                                      "error": f"out of memory: {error}"[:200]})
+                continue
             extrapolation.append({
                 "multiple": multiple, "context": length, "perplexity": scores["perplexity"],
                 "bits_per_byte": evaluate.bits_per_byte(
                     scores["loss_base2"], prepared.tokens["test"], prepared.bytes["test"]),
             })
-        model = evaluate.load_model(checkpoint, prepared.data_bin, device)
+        # Positions up to the stream's length are tabulated once (fairseq's sinusoidal table
+        # would otherwise be rebuilt at every step past its size).
+        model = evaluate.load_model(checkpoint, prepared.data_bin, device,
+                                    max_positions=max(config.seq_len, config.stream_tokens))
         streaming: dict[str, Any] = {"skipped": None}
         if config.stream_tokens and not attention_spec(choice.name).decoding:
             streaming["skipped"] = f"{choice.name} does not declare incremental decoding"
@@ -295,8 +307,9 @@ def extrapolation_table(rows: Mapping[str, list[dict[str, float]]], context: int
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, runs in rows.items():
         by_multiple = {r["multiple"]: r for r in runs}
-        cells = [f"{by_multiple[m]['perplexity']:.2f} ({by_multiple[m]['bits_per_byte']:.3f})"
-                 if m in by_multiple else "-" for m in multiples]
+        cells = ["-" if m not in by_multiple else "OOM" if "error" in by_multiple[m] else
+                 f"{by_multiple[m]['perplexity']:.2f} ({by_multiple[m]['bits_per_byte']:.3f})"
+                 for m in multiples]
         lines.append("| " + " | ".join([f"`{label}`", *cells]) + " |")
     return "Test perplexity (bits per byte), trained at L:\n\n" + "\n".join(lines) + "\n"
 
