@@ -166,6 +166,7 @@ class LanguageModelingTask(Task):
         device: str,
         workdir: Path,
     ) -> TaskResult:
+        from tasks.fairseq_plugin import ZooAttention
         from tasks.lm import evaluate
 
         choice = attention["self"]
@@ -239,8 +240,8 @@ class LanguageModelingTask(Task):
         for name, table in tables.items():
             (workdir / f"{name}.md").write_text(table)
         attention_parameters = sum(
-            p.numel() for module in model.modules() if hasattr(module, "layer")
-            and hasattr(module.layer, "attention") for p in module.layer.attention.parameters()
+            p.numel() for module in model.modules() if isinstance(module, ZooAttention)
+            for p in module.layer.attention.parameters()
         )
         return TaskResult(
             metrics={
