@@ -20,7 +20,7 @@ from attention_zoo import (
     attention_spec,
     list_attentions,
 )
-from tasks.base import AttentionChoice, get_task, resolve_attention
+from tasks.base import AttentionChoice, get_fetcher, get_task, resolve_attention
 from tasks.fairseq_plugin import USER_DIR, ZooAttention, state_bytes
 from tasks.lm import data as lm_data
 from tasks.lm import evaluate
@@ -258,3 +258,41 @@ def test_compat_patches_stay_local() -> None:
     assert np.int is int and np.float is float and np.compat.long is int
     assert checkpoint_utils.torch.load is not torch.load
     assert torch.load.__module__ == "torch.serialization"
+
+
+def test_fetch_pg19_follows_the_bucket_listing_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``attnbench data fetch pg19`` (offline here: the bucket's JSON listing API is faked)."""
+    import io
+    import json
+
+    pages = {
+        ("train/", ""): {"items": [{"name": "train/1.txt"}, {"name": "train/2.txt"}],
+                         "nextPageToken": "next"},
+        ("train/", "next"): {"items": [{"name": "train/3.txt"}]},
+        ("validation/", ""): {"items": [{"name": "validation/4.txt"}]},
+        ("test/", ""): {"items": [{"name": "test/5.txt"}, {"name": "test/"}]},
+    }
+    downloads: list[str] = []
+
+    def urlopen(url: str, timeout: float) -> io.BytesIO:
+        if url.startswith(lm_data.PG19_LISTING):
+            query = dict(part.split("=", 1) for part in url.split("?", 1)[1].split("&"))
+            return io.BytesIO(json.dumps(pages[query["prefix"], query.get("pageToken", "")])
+                              .encode())
+        name = url.removeprefix(lm_data.PG19_URL + "/")
+        downloads.append(name)
+        return io.BytesIO(f"book {name}\n".encode())
+
+    monkeypatch.setattr(lm_data.urllib.request, "urlopen", urlopen)
+    fetch = get_fetcher("pg19")  # the entry point behind `attnbench data fetch pg19`
+    assert fetch(tmp_path) == tmp_path
+    assert sorted(downloads) == ["test/5.txt", "train/1.txt", "train/2.txt", "train/3.txt",
+                                 "validation/4.txt"]
+    assert (tmp_path / "train" / "3.txt").read_text() == "book train/3.txt\n"
+    assert [p.name for p in lm_data.split_files(tmp_path, "train")] == ["1.txt", "2.txt", "3.txt"]
+    downloads.clear()
+    fetch(tmp_path)
+    assert downloads == []  # everything already there: nothing downloaded again
+

@@ -188,45 +188,13 @@ class LanguageModelingTask(Task):
         checkpoint = save_dir / "checkpoint_last.pt"
 
         started = time.perf_counter()
-        extrapolation = []
-        for multiple in multiples:
-            length = multiple * config.seq_len
-            try:
-                scores = evaluate.eval_lm(
-                    prepared.data_bin, checkpoint, tokens_per_sample=length, device=device,
-                    batch_size=max(1, config.eval_batch_size // multiple),
-                    fp16=config.precision == "fp16",
-                )
-            except (torch.OutOfMemoryError, MemoryError) as error:
-                if multiple == 1:
-                    raise
-                # A quadratic mechanism may not fit at 8L: the table says so, the run goes on.
-                extrapolation.append({"multiple": multiple, "context": length,
-                                      "perplexity": float("nan"), "bits_per_byte": float("nan"),
-                                      "error": f"out of memory: {error}"[:200]})
-                continue
-            extrapolation.append({
-                "multiple": multiple, "context": length, "perplexity": scores["perplexity"],
-                "bits_per_byte": evaluate.bits_per_byte(
-                    scores["loss_base2"], prepared.tokens["test"], prepared.bytes["test"]),
-            })
+        extrapolation = [self._evaluate(config, prepared, checkpoint, multiple, device)
+                         for multiple in multiples]
         # Positions up to the stream's length are tabulated once (fairseq's sinusoidal table
         # would otherwise be rebuilt at every step past its size).
         model = evaluate.load_model(checkpoint, prepared.data_bin, device,
                                     max_positions=max(config.seq_len, config.stream_tokens))
-        streaming: dict[str, Any] = {"skipped": None}
-        if config.stream_tokens and not attention_spec(choice.name).decoding:
-            streaming["skipped"] = f"{choice.name} does not declare incremental decoding"
-        elif config.stream_tokens:
-            tokens, eos = evaluate.split_tokens(prepared.data_bin, "test")
-            if len(tokens) < config.stream_tokens:
-                streaming["note"] = (f"test split has {len(tokens)} tokens, fewer than "
-                                     f"stream_tokens={config.stream_tokens}")
-            result = evaluate.stream(model, tokens[: config.stream_tokens], bos=eos,
-                                     context=config.seq_len)
-            streaming = {"skipped": None, "tokens": result.tokens, "buckets": result.buckets,
-                         "tokens_per_second": result.tokens_per_second,
-                         "peak_memory_mib": result.peak_memory_mib}
+        streaming = self._stream(config, prepared, model, choice)
         eval_seconds = time.perf_counter() - started
 
         at_context = extrapolation[0]
@@ -270,6 +238,58 @@ class LanguageModelingTask(Task):
                 "checkpoint": str(checkpoint),
             },
         )
+
+    @staticmethod
+    def _evaluate(
+        config: LMConfig, prepared: lm_data.PreparedData, checkpoint: Path, multiple: int,
+        device: str,
+    ) -> dict[str, Any]:
+        """fairseq-eval-lm at ``multiple`` x L: perplexity and bits per byte (or the OOM)."""
+        from tasks.lm import evaluate
+
+        length = multiple * config.seq_len
+        row: dict[str, Any] = {"multiple": multiple, "context": length}
+        try:
+            scores = evaluate.eval_lm(
+                prepared.data_bin, checkpoint, tokens_per_sample=length, device=device,
+                batch_size=max(1, config.eval_batch_size // multiple),
+                fp16=config.precision == "fp16",
+            )
+        except (torch.OutOfMemoryError, MemoryError) as error:
+            if multiple == 1:
+                raise
+            # A quadratic mechanism may not fit at 8L: the table says so and the run goes on.
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return {**row, "perplexity": float("nan"), "bits_per_byte": float("nan"),
+                    "error": f"out of memory: {error}"[:200]}
+        return {**row, "perplexity": scores["perplexity"],
+                "bits_per_byte": evaluate.bits_per_byte(
+                    scores["loss_base2"], prepared.tokens["test"], prepared.bytes["test"])}
+
+    @staticmethod
+    def _stream(
+        config: LMConfig, prepared: lm_data.PreparedData, model: Any, choice: AttentionChoice
+    ) -> dict[str, Any]:
+        """Token-by-token evaluation of the test split's first ``stream_tokens`` tokens."""
+        from tasks.lm import evaluate
+
+        if not config.stream_tokens:
+            return {"skipped": "stream_tokens=0"}
+        if not attention_spec(choice.name).decoding:
+            return {"skipped": f"{choice.name} does not declare incremental decoding"}
+        tokens, eos = evaluate.split_tokens(prepared.data_bin, "test")
+        result = evaluate.stream(model, tokens[: config.stream_tokens], bos=eos,
+                                 context=config.seq_len)
+        streaming: dict[str, Any] = {
+            "skipped": None, "tokens": result.tokens, "buckets": result.buckets,
+            "tokens_per_second": result.tokens_per_second,
+            "peak_memory_mib": result.peak_memory_mib,
+        }
+        if len(tokens) < config.stream_tokens:
+            streaming["note"] = (f"the test split has {len(tokens)} tokens, fewer than "
+                                 f"stream_tokens={config.stream_tokens}")
+        return streaming
 
     def _train(
         self, config: LMConfig, prepared: lm_data.PreparedData, choice: AttentionChoice, *,
