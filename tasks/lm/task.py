@@ -143,7 +143,13 @@ def train_command(
 
 class LanguageModelingTask(Task):
     """Causal LM on PG-19: token perplexity, bits per byte, training speed and memory, length
-    extrapolation (L..8L) and unbounded-context streaming."""
+    extrapolation (L..8L) and unbounded-context streaming.
+
+    Besides the declared metrics, ``TaskResult.metrics`` carries ``train_loss_first``,
+    ``train_loss_last`` and ``valid_loss``: fairseq's logged losses, in bits per token.
+    ``extra`` holds the training curve, the extrapolation rows, the streaming buckets and both
+    tables in Markdown (also written to ``workdir``).
+    """
 
     name = "lm"
     roles = {"self": Pattern.CAUSAL_SELF}
