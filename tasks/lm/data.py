@@ -173,13 +173,14 @@ def prepare(data_dir: Path, *, tokenizer: str, vocab_size: int, cache: Path) -> 
     work.mkdir(parents=True, exist_ok=True)
     tokens, sizes = {}, {}
     for split in SPLITS:
-        lines = list(_lines_of(files[split]))
-        sizes[split] = text_bytes(lines)
-        encoded = encoder.encode_batch(lines)
-        tokens[split] = sum(len(e.ids) + 1 for e in encoded)
+        sizes[split] = tokens[split] = 0
         with open(work / f"{split}.ids", "w") as stream:
-            for e in encoded:
-                stream.write(" ".join(map(str, e.ids)) + "\n")
+            for book in files[split]:  # one book at a time: full PG-19 is 11 GB
+                lines = book_lines(book)
+                encoded = encoder.encode_batch(lines)
+                sizes[split] += text_bytes(lines)
+                tokens[split] += sum(len(e.ids) + 1 for e in encoded)
+                stream.writelines(" ".join(map(str, e.ids)) + "\n" for e in encoded)
     # Every tokeniser id in the dictionary, so that no valid/test token becomes <unk>.
     vocab = encoder.get_vocab_size()
     (work / "dict.txt").write_text("".join(f"{i} 1\n" for i in range(vocab)))
@@ -204,7 +205,7 @@ def binarise(tokenised: Path, destination: Path) -> None:
         "--trainpref", str(tokenised / "train.ids"),
         "--validpref", str(tokenised / "validation.ids"),
         "--testpref", str(tokenised / "test.ids"),
-        "--destdir", str(destination), "--workers", "1",
+        "--destdir", str(destination), "--workers", str(min(8, os.cpu_count() or 1)),
     ])
     preprocess.main(args)
 
