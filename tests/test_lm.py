@@ -174,20 +174,38 @@ def test_streaming_equals_the_parallel_pass(lm_run: dict[str, Any]) -> None:
     assert streamed.buckets[0]["state_bytes"] == streamed.buckets[-1]["state_bytes"] > 0
 
 
-@pytest.mark.parametrize("name", CAUSAL)
-def test_adapter_equals_zoo_layer(name: str) -> None:
-    """Same weights, same input: the fairseq adapter (time-major) equals the zoo layer."""
-    adapter = ZooAttention(32, 4, name, SMALL_ARGS.get(name), pattern=Pattern.CAUSAL_SELF)
-    layer = MultiHeadAttention(32, 4, name, pattern=Pattern.CAUSAL_SELF,
-                               attention_args=SMALL_ARGS.get(name))
+ADAPTER_CASES = [(name, pattern) for pattern in (Pattern.CAUSAL_SELF, Pattern.NONCAUSAL_SELF,
+                                                  Pattern.NONCAUSAL_CROSS)
+                 for name in list_attentions(pattern)]
+
+
+@pytest.mark.parametrize(("name", "pattern"), ADAPTER_CASES)
+def test_adapter_equals_zoo_layer(name: str, pattern: Pattern) -> None:
+    """Same weights, same input: the fairseq adapter (time-major) equals the zoo layer, for the
+    patterns fairseq models use (decoder and encoder self attention, encoder-decoder attention;
+    the summarization task shares this plug-in)."""
+    source_dim = 24 if pattern.cross else None
+    adapter = ZooAttention(32, 4, name, SMALL_ARGS.get(name), pattern=pattern,
+                           kdim=source_dim, vdim=source_dim)
+    layer = MultiHeadAttention(32, 4, name, pattern=pattern, attention_args=SMALL_ARGS.get(name),
+                               kdim=source_dim, vdim=source_dim)
     layer.load_state_dict(adapter.layer.state_dict())
     x = torch.randn(3, 10, 32)  # [B, T, C]
-    padding = torch.zeros(3, 10, dtype=torch.bool)
+    source = torch.randn(3, 13, 24) if pattern.cross else x  # [B, S, kdim]
+    padding = torch.zeros(3, source.shape[1], dtype=torch.bool)
     padding[1, 7:] = True
-    out, weights = adapter(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1),
+    out, weights = adapter(x.transpose(0, 1), source.transpose(0, 1), source.transpose(0, 1),
                            key_padding_mask=padding)
     assert weights is None
-    torch.testing.assert_close(out.transpose(0, 1), layer(x, key_padding_mask=padding))
+    expected = layer(x, source, source, padding) if pattern.cross else layer(
+        x, key_padding_mask=padding)
+    torch.testing.assert_close(out.transpose(0, 1), expected)
+    if pattern == Pattern.NONCAUSAL_CROSS:
+        # Encoder-decoder attention during generation: one new query, static keys and values.
+        step, _ = adapter(x[:, 4:5].transpose(0, 1), source.transpose(0, 1),
+                          source.transpose(0, 1), key_padding_mask=padding,
+                          incremental_state={}, static_kv=True)
+        torch.testing.assert_close(step.transpose(0, 1), expected[:, 4:5])
 
 
 @pytest.mark.parametrize("name", CAUSAL)
