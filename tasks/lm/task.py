@@ -64,8 +64,10 @@ class LMConfig:
         "help": "tokens of the test split streamed token by token (0: skip)", "min": 0})
     fairseq_args: str = field(default="", metadata={
         "help": "extra fairseq-train flags, e.g. '--decoder-layers 4 --checkpoint-activations'"})
-    threads: int = field(default=0, metadata={"help": "CPU threads (0: torch's default)",
-                                              "min": 0})
+    threads: int = field(default=1, metadata={
+        "help": "CPU threads of training and evaluation (0: torch's default); the smoke model's "
+                "operations are too small to gain from more, and lose much on a shared CPU",
+        "min": 0})
 
 
 def attention_args_text(args: Mapping[str, Any]) -> str:
