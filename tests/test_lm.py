@@ -53,7 +53,9 @@ def lm_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "stream_tokens": 80, "fairseq_args": "--decoder-layers 1 --decoder-embed-dim 64",
         })
         choice = resolve_attention(task, AttentionChoice("lavo", {"r": 8, "w": 8}))
+        threads = torch.get_num_threads()
         result = task().run(config, choice, seed=0, device="cpu", workdir=root / "run")
+        assert torch.get_num_threads() == threads  # the run's own thread setting is undone
         prepared = lm_data.prepare(data, tokenizer="bytelevel", vocab_size=300,
                                    cache=lm_data.cache_root())
     finally:

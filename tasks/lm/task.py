@@ -174,6 +174,23 @@ class LanguageModelingTask(Task):
         device: str,
         workdir: Path,
     ) -> TaskResult:
+        threads = torch.get_num_threads()
+        try:
+            if config.threads:
+                torch.set_num_threads(config.threads)
+            return self._run(config, attention, seed=seed, device=device, workdir=workdir)
+        finally:
+            torch.set_num_threads(threads)  # the caller's setting, whatever the run did
+
+    def _run(
+        self,
+        config: LMConfig,
+        attention: Mapping[str, AttentionChoice],
+        *,
+        seed: int,
+        device: str,
+        workdir: Path,
+    ) -> TaskResult:
         from tasks.fairseq_plugin import ZooAttention
         from tasks.lm import evaluate
 
@@ -181,8 +198,6 @@ class LanguageModelingTask(Task):
         multiples = extrapolation_multiples(config.extrapolation)
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        if config.threads:
-            torch.set_num_threads(config.threads)
         torch.manual_seed(seed)
         data_dir = Path(config.data).expanduser() if config.data else lm_data.SAMPLE_DIR
         prepared = lm_data.prepare(data_dir, tokenizer=config.tokenizer,
