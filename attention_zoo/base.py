@@ -201,7 +201,8 @@ class AttentionSpec:
         decoding: whether it supports token-by-token decoding in ``causal_self``
             (:meth:`Attention.init_state` / :meth:`Attention.step`).
         mixes_queries: whether, in ``noncausal_cross``, a query's output depends on the other
-            queries (landmarks or top-u selection pooled over queries). Such a mechanism gives
+            queries or on its position among them (landmarks or top-u selection pooled over
+            queries, position re-weighting). Such a mechanism gives
             different results when a decoder feeds its queries one at a time, and inside a
             causal decoder it lets later positions reach earlier ones.
         complexity: time complexity class in sequence length.

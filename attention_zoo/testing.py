@@ -114,9 +114,10 @@ def check_no_future_leak(name: str, pattern: Pattern, **config: Any) -> None:
 
 
 def check_query_independence(name: str, pattern: Pattern, **config: Any) -> None:
-    """Non-causal cross attention: a query's output does not depend on the other queries (a
-    decoder's cross attention, trained on whole sequences and decoded one query at a time,
-    relies on it), unless the mechanism declares ``mixes_queries``."""
+    """Non-causal cross attention: a query's output depends neither on the other queries nor on
+    its position among them, so one query alone gives its row of the whole pass (a decoder's
+    cross attention, trained on whole sequences and decoded one query at a time, relies on it),
+    unless the mechanism declares ``mixes_queries``."""
     if pattern != Pattern.NONCAUSAL_CROSS:
         return  # causal cross: check_no_future_leak already perturbs later queries
     if attention_spec(name).mixes_queries:
@@ -131,6 +132,12 @@ def check_query_independence(name: str, pattern: Pattern, **config: Any) -> None
         assert difference < TOLERANCE, (
             f"{name}/{pattern}: query {position}'s output moves by {difference:.3g} when the "
             "other queries change (declare mixes_queries = True if that is the design)"
+        )
+        alone = attention(q[:, position : position + 1], k, v)[:, 0]
+        difference = (alone - before[:, position]).abs().max().item()
+        assert difference < TOLERANCE, (
+            f"{name}/{pattern}: query {position} alone differs by {difference:.3g} from its row "
+            "of the whole pass (declare mixes_queries = True if that is the design)"
         )
 
 

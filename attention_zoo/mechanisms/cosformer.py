@@ -80,6 +80,7 @@ class CosFormerAttention(Attention):
     Config = CosFormerConfig
     patterns = frozenset(Pattern)
     decoding = True
+    mixes_queries = True  # non-causal cross: a query's weight depends on its index i / M
     complexity = Complexity.LINEAR
     reference = "Qin et al., cosFormer: Rethinking Softmax in Attention, ICLR 2022 (arXiv 2202.08791)"
 

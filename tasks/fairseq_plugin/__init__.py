@@ -1,0 +1,21 @@
+"""fairseq plug-in: zoo attention inside fairseq models (fairseq's ``--user-dir`` mechanism).
+
+Shared by the fairseq tasks (language modeling, summarization). ``import tasks.fairseq_plugin``
+or ``fairseq-train --user-dir tasks/fairseq_plugin`` applies the compatibility patches
+(:mod:`tasks.fairseq_plugin.compat`, first) and registers the models.
+
+fairseq imports a ``--user-dir`` folder under its bare name (``fairseq_plugin``); the imports
+below are absolute, so the models are registered once even when the folder is also imported as
+``tasks.fairseq_plugin``.
+"""
+
+from tasks.fairseq_plugin import compat  # noqa: F401  (must come before any fairseq data path)
+
+# isort: split
+from tasks.fairseq_plugin import transformer_lm  # noqa: F401  (registers zoo_transformer_lm)
+from tasks.fairseq_plugin.attention import ZooAttention, index_batch, state_bytes
+
+USER_DIR = __path__[0]
+"""The folder to pass as fairseq's ``--user-dir``."""
+
+__all__ = ["USER_DIR", "ZooAttention", "index_batch", "state_bytes"]
