@@ -6,14 +6,17 @@ Every function takes pandas frames from :mod:`analysis.data` and writes ``<stem>
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import matplotlib as mpl
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 
@@ -64,11 +67,25 @@ def save(figure: Figure, folder: Path, stem: str) -> Path:
     return folder / f"{stem}.png"
 
 
-def _styled(axes_method):  # applies STYLE while axes are drawn into
-    def wrapper(*args, **kwargs):
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _styled(draw: Callable[P, R]) -> Callable[P, R]:
+    """Run a plotting function under :data:`STYLE` (artists read rcParams when created)."""
+    @functools.wraps(draw)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         with mpl.rc_context(STYLE):
-            return axes_method(*args, **kwargs)
+            return draw(*args, **kwargs)
     return wrapper
+
+
+def _plain_ticks(ax: Axes) -> None:
+    """Tick labels as plain numbers (256, 0.5) on log axes, rather than powers."""
+    plain = mpl.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(mpl.ticker.NullFormatter())
 
 
 def _slope_label(label: str, x: Sequence[float], y: Sequence[float]) -> str:
@@ -102,6 +119,7 @@ def efficiency_plot(points: pd.DataFrame, folder: Path, stem: str, title: str) -
                            label=None if not ok.empty else f"{label} (out of memory)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        _plain_ticks(ax)
         ax.set_xlabel("sequence length")
         ax.set_ylabel(ylabel)
         ax.legend(loc="upper left")
@@ -183,6 +201,7 @@ def curve_plot(curves: pd.DataFrame, folder: Path, stem: str, title: str, xlabel
     if log_x:
         ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    _plain_ticks(ax)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("perplexity")
     ax.legend()
