@@ -63,6 +63,13 @@ def task_patterns(task: str) -> frozenset[Pattern] | None:
         return None
 
 
+def primary_metric(task: str, metrics: Sequence[str]) -> str | None:
+    """The metric a figure or table shows for ``task``: the first the task declares among
+    ``metrics``, else the first of ``metrics`` in sorted order (None if empty)."""
+    declared = [m for m in declared_metrics(task) or {} if m in metrics]
+    return declared[0] if declared else min(metrics, default=None)
+
+
 def hyperparameter_defaults(attention: str) -> dict[str, Any]:
     """A registered mechanism's hyperparameter defaults ({} for an unknown name)."""
     try:

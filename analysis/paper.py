@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.data import declared_metrics, task_patterns
+from analysis.data import declared_metrics, primary_metric, task_patterns
 from analysis.tables import MISSING, Table, arrow, compositional_index, number
 from attention_zoo import Pattern, list_attentions
 
@@ -115,7 +115,7 @@ def ablation_table(runs: pd.DataFrame) -> Table:
     w_values: list[str] = []
     grid: dict[tuple[str, str, str], list[float]] = {}
     for task, frame in lavo.groupby("task"):
-        metric = next(iter(declared_metrics(task) or {}), None) or sorted(frame["metric"].unique())[0]
+        metric = primary_metric(str(task), list(frame["metric"].unique()))
         chosen = frame[frame["metric"] == metric]
         for args, value in zip(chosen["args"], chosen["value"]):
             r, w = str(args.get("r")), str(args.get("w"))

@@ -100,7 +100,7 @@ def efficiency_plot(points: pd.DataFrame, folder: Path, stem: str, title: str) -
     with an ``x`` at the top of the panel, at their length."""
     if points.empty:
         return None
-    figure = new_figure(9.0, 3.8)
+    figure = new_figure(10.0, 5.2)
     axes = figure.subplots(1, 2)
     panels = (("forward_backward_ms", "forward + backward time (ms)"),
               ("forward_backward_peak_mib", "forward + backward peak memory (MiB)"))
@@ -122,7 +122,7 @@ def efficiency_plot(points: pd.DataFrame, folder: Path, stem: str, title: str) -
         _plain_ticks(ax)
         ax.set_xlabel("sequence length")
         ax.set_ylabel(ylabel)
-        ax.legend(loc="upper left")
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
     if (points["status"] == "oom").any():
         figure.text(0.99, 0.01, "x: out of memory", ha="right", fontsize=7)
     figure.suptitle(title)
@@ -239,6 +239,7 @@ def pareto_plot(points: pd.DataFrame, metric: str, higher_is_better: bool, cost_
     ax.step(front["cost"], front["quality"], where="post", color="0.4", linestyle="--", linewidth=1,
             label="Pareto front")
     ax.set_xscale("log")
+    _plain_ticks(ax)
     ax.set_xlabel(cost_name)
     ax.set_ylabel(f"{metric} ({'higher' if higher_is_better else 'lower'} is better)")
     ax.legend()

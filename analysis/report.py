@@ -25,6 +25,7 @@ from analysis.data import (
     efficiency_points,
     efficiency_records,
     extra_curves,
+    primary_metric,
     run_costs,
     run_metrics,
     run_records,
@@ -95,7 +96,7 @@ def _sensitivity_section(metrics: pd.DataFrame, costs: pd.DataFrame, out: Path, 
         directed = frame.dropna(subset=["direction"])
         if directed.empty:
             continue
-        metric = directed["metric"].iloc[0]
+        metric = primary_metric(str(task), list(directed["metric"].unique()))
         chosen = directed[directed["metric"] == metric]
         cost = costs[(costs["task"] == task) & (costs["settings"] == settings)
                      & (costs["attention"] == "lavo")]
@@ -131,7 +132,7 @@ def _pareto_section(summary: pd.DataFrame, costs: pd.DataFrame, out: Path, figur
     section = Section("Quality versus cost (Pareto)")
     spent = costs.groupby(["task", "settings", "label"])["train_seconds"].mean().rename("cost")
     for (task, settings), frame in summary.dropna(subset=["direction"]).groupby(["task", "settings"]):
-        metric = frame["metric"].iloc[0]
+        metric = primary_metric(str(task), list(frame["metric"].unique()))
         chosen = frame[frame["metric"] == metric].set_index(["task", "settings", "label"])
         points = chosen[["mean"]].rename(columns={"mean": "quality"}).join(spent).reset_index()
         stem = f"pareto_{task}{_suffix(settings)}"

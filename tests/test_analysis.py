@@ -244,3 +244,12 @@ def test_empty_results_report_says_so(tmp_path: Path) -> None:
     text = (tmp_path / "out" / "index.md").read_text()
     assert "No run records" in text and "No efficiency records" in text
     assert "n/a" in (tmp_path / "out" / "paper" / "lavo_extrapolation.md").read_text()
+
+
+def test_pareto_front_keeps_only_undominated_points() -> None:
+    import pandas as pd
+
+    points = pd.DataFrame({"label": ["a", "b", "c", "d"], "cost": [1.0, 2.0, 3.0, 4.0],
+                           "quality": [0.9, 0.5, 0.7, 0.4]})
+    assert list(plots.pareto_front(points, higher_is_better=False)["label"]) == ["a", "b", "d"]
+    assert list(plots.pareto_front(points, higher_is_better=True)["label"]) == ["a"]
