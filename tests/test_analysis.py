@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 
 from analysis import plots
@@ -247,8 +248,6 @@ def test_empty_results_report_says_so(tmp_path: Path) -> None:
 
 
 def test_pareto_front_keeps_only_undominated_points() -> None:
-    import pandas as pd
-
     points = pd.DataFrame({"label": ["a", "b", "c", "d"], "cost": [1.0, 2.0, 3.0, 4.0],
                            "quality": [0.9, 0.5, 0.7, 0.4]})
     assert list(plots.pareto_front(points, higher_is_better=False)["label"]) == ["a", "b", "d"]
