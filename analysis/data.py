@@ -70,6 +70,21 @@ def primary_metric(task: str, metrics: Sequence[str]) -> str | None:
     return declared[0] if declared else min(metrics, default=None)
 
 
+def setting_label(value: object) -> str:
+    """A hyperparameter value as a tick label: ``default`` where the mechanism's default (None)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "default"
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
+
+
+def setting_order(label: str) -> tuple[int, float, str]:
+    """Sort key of :func:`setting_label` labels: numbers in numeric order, then the rest."""
+    try:
+        return (0, float(label), label)
+    except ValueError:
+        return (1, 0.0, label)
+
+
 def hyperparameter_defaults(attention: str) -> dict[str, Any]:
     """A registered mechanism's hyperparameter defaults ({} for an unknown name)."""
     try:

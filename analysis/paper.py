@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from analysis.data import declared_metrics, primary_metric, task_patterns
+from analysis.data import declared_metrics, primary_metric, setting_label, setting_order, task_patterns
 from analysis.tables import MISSING, Table, arrow, compositional_index, number
 from attention_zoo import Pattern, list_attentions
 
@@ -118,14 +118,14 @@ def ablation_table(runs: pd.DataFrame) -> Table:
         metric = primary_metric(str(task), list(frame["metric"].unique()))
         chosen = frame[frame["metric"] == metric]
         for args, value in zip(chosen["args"], chosen["value"]):
-            r, w = str(args.get("r")), str(args.get("w"))
+            r, w = setting_label(args.get("r")), setting_label(args.get("w"))
             r_values += [r] if r not in r_values else []
             w_values += [w] if w not in w_values else []
             label = f"{task} {metric}{arrow(chosen['direction'].iloc[0])}"
             grid.setdefault((label, r, w), []).append(value)
     labels = sorted({label for label, _, _ in grid})
-    w_values.sort(key=_numeric_first)
-    r_values.sort(key=_numeric_first)
+    w_values.sort(key=setting_order)
+    r_values.sort(key=setting_order)
     for label in labels:
         for r in r_values:
             rows.append([label, r, *(number(sum(v) / len(v)) if (v := grid.get((label, r, w))) else MISSING
@@ -134,9 +134,3 @@ def ablation_table(runs: pd.DataFrame) -> Table:
                  header=["task metric", "r", *(f"w={w}" for w in w_values)],
                  rows=rows or [[MISSING, MISSING]])
 
-
-def _numeric_first(text: str) -> tuple[int, float, str]:
-    try:
-        return (0, float(text), text)
-    except ValueError:
-        return (1, 0.0, text)

@@ -20,6 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.transforms import blended_transform_factory
 
+from analysis.data import setting_label, setting_order
 from attention_zoo import list_attentions
 from runners.efficiency import scaling_exponent
 
@@ -129,24 +130,27 @@ def efficiency_plot(points: pd.DataFrame, folder: Path, stem: str, title: str) -
     return save(figure, folder, stem)
 
 
+def _with_r_and_w(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with string columns ``r`` and ``w`` from its ``args`` (every hyperparameter)."""
+    return frame.assign(r=[setting_label(a.get("r")) for a in frame["args"]],
+                        w=[setting_label(a.get("w")) for a in frame["args"]])
+
+
 @_styled
 def sensitivity_plot(runs: pd.DataFrame, costs: pd.DataFrame, metric: str, direction: str | None,
                      folder: Path, stem: str, title: str) -> Path | None:
     """LAVO's r and w: the metric versus r (one line per w) and versus w (one line per r),
     training time versus r, and a heat map of the metric over both. ``runs`` holds one task's
     LAVO rows of :func:`analysis.data.run_metrics` for ``metric``; needs two or more (r, w)."""
-    frame = runs.assign(r=runs["args"].map(lambda a: a.get("r")), w=runs["args"].map(lambda a: a.get("w")))
-    frame = frame.dropna(subset=["value"])
-    frame["r"] = frame["r"].map(lambda r: "default" if r is None else r)
+    frame = _with_r_and_w(runs).dropna(subset=["value"])
     grid = frame.groupby(["r", "w"])["value"].mean().reset_index()
     if len(grid) < 2:
         return None
-    cost = costs.assign(r=costs["args"].map(lambda a: a.get("r")), w=costs["args"].map(lambda a: a.get("w")))
-    cost["r"] = cost["r"].map(lambda r: "default" if r is None else r)
-    cost = cost.groupby(["r", "w"])["train_seconds"].mean().reset_index()
-    r_values = sorted(grid["r"].unique(), key=lambda r: (isinstance(r, str), 0 if isinstance(r, str) else r))
-    w_values = sorted(grid["w"].unique())
+    cost = _with_r_and_w(costs).groupby(["r", "w"])["train_seconds"].mean().reset_index()
+    r_values = sorted(grid["r"].unique(), key=setting_order)
+    w_values = sorted(grid["w"].unique(), key=setting_order)
     position = {r: i for i, r in enumerate(r_values)}
+    w_position = {w: i for i, w in enumerate(w_values)}
     figure = new_figure(10.0, 3.2)
     axes = figure.subplots(1, 4)
     better = {"higher": " (higher is better)", "lower": " (lower is better)"}.get(direction or "", "")
@@ -159,13 +163,14 @@ def sensitivity_plot(runs: pd.DataFrame, costs: pd.DataFrame, metric: str, direc
         axes[2].plot(spent["r"].map(position), spent["train_seconds"], marker="o", color=shades[i],
                      label=f"w={w}")
     for i, r in enumerate(r_values):
-        line = grid[grid["r"] == r].sort_values("w")
-        axes[1].plot(line["w"], line["value"], marker="o", color=shades[i], label=f"r={r}")
+        line = grid[grid["r"] == r].sort_values("w", key=lambda s: s.map(w_position))
+        axes[1].plot(line["w"].map(w_position), line["value"], marker="o", color=shades[i], label=f"r={r}")
     for ax in (axes[0], axes[2]):
         ax.set_xticks(range(len(r_values)), [str(r) for r in r_values])
         ax.set_xlabel("r (orthogonal memory slots)")
         ax.legend()
     axes[0].set_ylabel(ylabel)
+    axes[1].set_xticks(range(len(w_values)), w_values)
     axes[1].set_xlabel("w (local window)")
     axes[1].set_ylabel(ylabel)
     axes[1].legend()
