@@ -10,7 +10,7 @@ from __future__ import annotations
 import pandas as pd
 
 from analysis.data import declared_metrics, primary_metric, setting_label, setting_order, task_patterns
-from analysis.tables import MISSING, Table, arrow, compositional_index, number
+from analysis.tables import MISSING, Table, arrow, compositional_index, number, representatives
 from attention_zoo import Pattern, list_attentions
 
 CAB_TASKS = ("tts", "summarization", "time_series", "point_cloud", "lm")
@@ -49,6 +49,7 @@ def cab_tables(summary: pd.DataFrame) -> list[Table]:
     """CAB's four leaderboards: every registered attention supporting the pattern, the papers'
     task and metric columns, and the compositional index over the pattern's tasks at hand."""
     tables = []
+    summary = representatives(summary)
     for pattern in Pattern:
         columns = cab_columns(pattern)
         tasks = sorted({t for t, _ in columns})

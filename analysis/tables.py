@@ -112,6 +112,22 @@ def compositional_index(summary: pd.DataFrame, tasks: Sequence[str] | None = Non
     return index.sort_values(["index", "label"], ascending=[False, True]).reset_index(drop=True)
 
 
+def representatives(summary: pd.DataFrame) -> pd.DataFrame:
+    """One configuration per mechanism in each (task, settings), relabelled by the mechanism's
+    name, for the leaderboards and the index (so that a sweep over LAVO's r and w does not enter
+    them as separate attentions): the configuration with the most ok runs, then the defaults,
+    then the first label in sorted order."""
+    if summary.empty:
+        return summary
+    frame = summary.assign(attention=summary["label"].str.split("(", n=1).str[0])
+    runs = frame.groupby(["task", "settings", "attention", "label"])["n"].max().reset_index()
+    runs["default"] = runs["label"] == runs["attention"]
+    chosen = (runs.sort_values(["n", "default", "label"], ascending=[False, False, True])
+              .drop_duplicates(["task", "settings", "attention"])[["task", "settings", "label"]])
+    kept = frame.merge(chosen, on=["task", "settings", "label"])
+    return kept.assign(label=kept["attention"]).drop(columns="attention")
+
+
 def pattern_tasks(tasks: Sequence[str]) -> dict[Pattern, list[str]]:
     """For each pattern, the installed tasks among ``tasks`` whose roles exercise it."""
     return {pattern: [t for t in sorted(tasks) if pattern in (task_patterns(t) or ())] for pattern in Pattern}
@@ -151,6 +167,7 @@ def leaderboard(summary: pd.DataFrame, pattern: Pattern) -> pd.DataFrame:
     """CAB's leaderboard of one pattern: rows attentions, columns ``(task, metric)`` means (over
     settings too) of the tasks exercising the pattern, and the compositional ``index`` over those
     tasks. Empty when no task at hand exercises the pattern."""
+    summary = representatives(summary)
     tasks = pattern_tasks(summary["task"].unique()).get(pattern, [])
     frame = summary[summary["task"].isin(tasks)]
     if frame.empty:
@@ -179,6 +196,7 @@ def leaderboard_tables(summary: pd.DataFrame) -> list[Table]:
 
 def index_table(summary: pd.DataFrame) -> Table:
     """The compositional index over every task at hand, with each task's score."""
+    summary = representatives(summary)
     scores = task_scores(summary)
     index = compositional_index(summary)
     tasks = sorted(scores["task"].unique())
@@ -188,7 +206,8 @@ def index_table(summary: pd.DataFrame) -> Table:
             for row in index.itertuples()]
     return Table(name="compositional_index", title="CAB compositional index (all tasks)",
                  header=["attention", "CI", "tasks", *tasks], rows=rows,
-                 notes=["Per metric: z-score of each attention's mean across the attentions at hand, "
+                 notes=["Each mechanism at one configuration per task (the one with the most runs). "
+                        "Per metric: z-score of each attention's mean across the attentions at hand, "
                         "negated where lower is better; averaged within a task (its metrics and "
                         "settings), then across the tasks in which the attention has results."])
 

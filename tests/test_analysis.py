@@ -15,8 +15,10 @@ from analysis.data import efficiency_points, efficiency_records, run_metrics, ru
 from analysis.report import build_report
 from analysis.tables import (
     compositional_index,
+    index_table,
     leaderboard,
     metric_summary,
+    representatives,
     task_scores,
     task_tables,
 )
@@ -161,6 +163,18 @@ def test_compositional_index_matches_hand_computation(summary) -> None:
     assert index.loc["linear", "index"] == pytest.approx(SQRT_1_5 / 2)
     assert index.loc["linear", "tasks"] == 1
     assert list(compositional_index(summary, ["point_cloud"])["label"]) == ["softmax", "lavo"]
+
+
+def test_index_table_takes_one_configuration_per_mechanism(summary) -> None:
+    # toy has LAVO at three (r, w), one run each, none the defaults: the first label stands for
+    # lavo there, alone, so its z-score is 0; the sweep does not enter as three attentions.
+    chosen = representatives(summary)
+    toy = chosen[chosen.task == "toy"]
+    assert list(toy["label"]) == ["lavo"] and list(toy["mean"]) == [pytest.approx(0.7)]
+    rows = {row[0]: row[1:] for row in index_table(summary).rows}
+    assert set(rows) == {"softmax", "lavo", "linear"}
+    assert rows["lavo"][:2] == [f"{(-SQRT_1_5 - 1 / 3 - 1.0 + 0.0) / 4:.3f}", "4"]
+    assert rows["linear"] == [f"{SQRT_1_5 / 2:.3f}", "1", "n/a", "n/a", f"{SQRT_1_5 / 2:.3f}", "n/a"]
 
 
 def test_pattern_leaderboards_hold_the_tasks_of_each_pattern(summary) -> None:
