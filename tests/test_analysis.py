@@ -266,3 +266,8 @@ def test_pareto_front_keeps_only_undominated_points() -> None:
                            "quality": [0.9, 0.5, 0.7, 0.4]})
     assert list(plots.pareto_front(points, higher_is_better=False)["label"]) == ["a", "b", "d"]
     assert list(plots.pareto_front(points, higher_is_better=True)["label"]) == ["a"]
+
+
+def test_report_of_a_missing_folder_names_it(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match=r"no results folder .*nowhere"):
+        main(["report", str(tmp_path / "nowhere")])
