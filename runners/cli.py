@@ -367,6 +367,20 @@ def command_run(args: argparse.Namespace) -> int:
     return 1 if any(r.get("status") != "ok" for r in records) else 0
 
 
+def command_report(args: argparse.Namespace) -> int:
+    try:
+        from analysis.report import build_report
+    except ImportError as error:
+        raise SystemExit(f"attnbench report needs the analysis extra ({error.name} is missing): "
+                         "pip install -c constraints/cpu.txt -e '.[analysis]'") from None
+    if not args.results_dir.is_dir():
+        raise SystemExit(f"attnbench: no results folder {args.results_dir}")
+    out = args.out or args.results_dir / "report"
+    report = build_report(args.results_dir, out, paper_layouts=args.paper)
+    print(f"report: {out / 'index.html'} ({len(report.tables)} tables, {len(report.figures)} figures)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnbench",
@@ -436,6 +450,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resubmit", action="store_true",
                      help="run cells submitted earlier that never wrote a record (their jobs died)")
     run.set_defaults(handler=command_run)
+
+    report = commands.add_parser(
+        "report", help="tables and figures from the records in results/ (re-runs nothing)")
+    report.add_argument("results_dir", nargs="?", type=Path, default=DEFAULT_RESULTS,
+                        help="the results folder (default: results)")
+    report.add_argument("--out", type=Path, help="the report folder (default: RESULTS_DIR/report)")
+    report.add_argument("--paper", action="store_true",
+                        help="also the LAVO paper's and CAB's table and figure layouts, n/a where "
+                             "no result exists")
+    report.set_defaults(handler=command_report)
 
     data = commands.add_parser("data", help="list or download the full datasets")
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION")

@@ -34,18 +34,23 @@ class Row:
         return max(counts) if counts else None
 
 
-def _settings_label(record: dict[str, Any]) -> str:
+def settings_label(record: dict[str, Any]) -> str:
+    """The task settings a run record was given (``key=value ...``, sorted; "" for defaults)."""
     overrides = record["cell"].get("overrides") or {}
     return " ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
+
+
+def attention_label(cell: dict[str, Any]) -> str:
+    """``lavo(r=32,w=16)``: a cell's mechanism with its non-default hyperparameters, sorted."""
+    args = ",".join(f"{k}={v}" for k, v in sorted((cell.get("attention_args") or {}).items()))
+    return cell["attention"] + (f"({args})" if args else "")
 
 
 def group(records: Sequence[dict[str, Any]]) -> list[Row]:
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         cell = record["cell"]
-        args = ",".join(f"{k}={v}" for k, v in sorted(cell["attention_args"].items()))
-        label = cell["attention"] + (f"({args})" if args else "")
-        groups[(cell["task"], _settings_label(record), label)].append(record)
+        groups[(cell["task"], settings_label(record), attention_label(cell))].append(record)
     return [Row(task, settings, label, rs) for (task, settings, label), rs in sorted(groups.items())]
 
 

@@ -254,6 +254,10 @@ class LanguageModelingTask(Task):
                                      else "peak resident set size of the training process"),
                 "extrapolation": extrapolation,
                 "streaming": streaming,
+                "perplexity_by_position": [  # the report's form (analysis POSITION_KEY)
+                    {"position": bucket["end"], "perplexity": bucket["perplexity"]}
+                    for bucket in streaming.get("buckets", [])
+                ],
                 "tables": tables,
                 "data": {"folder": str(data_dir), "tokenizer": str(prepared.tokenizer),
                          "vocab_size": prepared.vocab_size, "tokens": prepared.tokens,
@@ -271,7 +275,8 @@ class LanguageModelingTask(Task):
         from tasks.lm import evaluate
 
         length = multiple * config.seq_len
-        row: dict[str, Any] = {"multiple": multiple, "context": length}
+        # "length" is the key the report reads (results/README.md, analysis EXTRAPOLATION_KEY).
+        row: dict[str, Any] = {"multiple": multiple, "context": length, "length": length}
         try:
             scores = evaluate.eval_lm(
                 prepared.data_bin, checkpoint, tokens_per_sample=length, device=device,
