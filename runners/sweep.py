@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import logging
 import math
 import multiprocessing
 import os
@@ -226,6 +227,9 @@ def _worker(connection: Connection, results_dir: str, device: str, preset: str, 
     torch.set_num_threads(threads)
     try:
         while (cell := connection.recv()) is not None:
+            # Libraries a task imports (fairseq, ESPnet) configure the root logger; the record
+            # holds what a cell did, so keep the sweep's own output to progress and warnings.
+            logging.getLogger().setLevel(logging.WARNING)
             connection.send(run_cell(cell, results_dir, device=device, preset=preset))
     except (KeyboardInterrupt, EOFError, BrokenPipeError):
         # Ctrl-C reaches the whole process group, and a coordinator that died closes the pipe:
@@ -275,7 +279,9 @@ def run_local(cells: Sequence[Cell], results_dir: Path, *, jobs: int = 1, device
                         slot.connection, child = context.Pipe()
                         slot.process = context.Process(
                             target=_worker, args=(child, str(results_dir), slot.device, preset, threads),
-                            name="attnbench-worker", daemon=True)
+                            # Not a daemon: tasks start processes of their own (fairseq-train,
+                            # data workers). A worker exits when its pipe closes.
+                            name="attnbench-worker", daemon=False)
                         slot.process.start()
                         child.close()
                     slot.cell, slot.started = pending.pop(0), time.time()
