@@ -106,15 +106,15 @@ def _chunk(
 
 @triton.jit
 def _lavo_forward(
-    Q, K, V, Bs, P, State, O,
+    Q, K, V, Bs, P, State, Out,
     L, H, D, R, NC, scale, stride_b, stride_l, stride_h,
     W: tl.constexpr, CT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, CAUSAL: tl.constexpr, JOINT: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    (offs, io_mask, q, k, v, basis, qc, key_mean, value_mean, count, alpha, probs, allowed,
-     offset) = _chunk(
+    (offs, io_mask, _q, _k, v, basis, _qc, _key_mean, value_mean, _count, alpha, probs, _allowed,
+     _offset) = _chunk(
         Q, K, V, Bs, P, State, pid_c, pid_bh, L, H, D, R, NC, scale,
         stride_b, stride_l, stride_h, W, CT, BLOCK_C, BLOCK_D, BLOCK_R, CAUSAL, JOINT, HAS_BIAS,
     )
@@ -123,7 +123,7 @@ def _lavo_forward(
     out = memory + local
     if not JOINT:
         out = out * 0.5
-    tl.store(O + offs, out.to(O.dtype.element_ty), mask=io_mask)
+    tl.store(Out + offs, out.to(Out.dtype.element_ty), mask=io_mask)
 
 
 @triton.jit
