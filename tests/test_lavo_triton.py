@@ -16,10 +16,9 @@ import torch
 os.environ["TRITON_INTERPRET"] = "1"
 pytest.importorskip("triton")
 
-from attention_zoo import AttentionConfigError, Pattern, build_attention  # noqa: E402
-from attention_zoo.mechanisms.lavo import lavo_naive  # noqa: E402
-from attention_zoo.mechanisms.lavo import triton_kernels  # noqa: E402
-from attention_zoo.mechanisms.lavo.attention import orthonormal_rows  # noqa: E402
+from attention_zoo import AttentionConfigError, Pattern, build_attention
+from attention_zoo.mechanisms.lavo import lavo_naive, triton_kernels
+from attention_zoo.mechanisms.lavo.attention import orthonormal_rows
 
 # (batch, length, heads, head_dim, r, w, block): lengths not multiples of the window or the
 # chunk, several chunks (so the scan crosses chunk boundaries), r < d, w not a power of two.
@@ -144,7 +143,7 @@ def test_triton_backend_rejects_what_it_cannot_run():
     attention = build_attention("lavo", pattern="causal_self", heads=2, head_dim=8,
                                 backend="triton")
     q = torch.randn(1, 9, 2, 8)
-    with pytest.raises(ValueError, match="key_padding_mask.*backend='auto'"):
+    with pytest.raises(ValueError, match=r"key_padding_mask.*backend='auto'"):
         attention(q, q, q, torch.zeros(1, 9, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"torch.float64 \(supported: float32"):
         attention(q.double(), q.double(), q.double(), None)

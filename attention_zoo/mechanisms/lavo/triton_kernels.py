@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -40,6 +39,7 @@ def _chunk(
     stride_b, stride_l, stride_h,
     W: tl.constexpr, CT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, CAUSAL: tl.constexpr, JOINT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Recompute one chunk: everything forward and backward share, all fp32."""
     b = pid_bh // H
@@ -58,13 +58,13 @@ def _chunk(
         Bs + h * R * D + jj[:, None] * D + dd[None, :],
         mask=(jj[:, None] < R) & (dd[None, :] < D), other=0.0,
     ).to(tl.float32)  # [R, D]
-    qc = tl.dot(q, tl.trans(basis), input_precision="ieee")  # [C, R]
+    qc = tl.dot(q, tl.trans(basis), input_precision=PRECISION)  # [C, R]
     state = State + (pid_bh * NC + pid_c) * 2 * R
     key_state = tl.load(state + jj, mask=jj < R, other=0.0)  # [R]
     value_state = tl.load(state + R + jj, mask=jj < R, other=0.0)
     if CAUSAL:
-        kc = tl.dot(k, tl.trans(basis), input_precision="ieee")  # [C, R]
-        vc = tl.dot(v, tl.trans(basis), input_precision="ieee")
+        kc = tl.dot(k, tl.trans(basis), input_precision=PRECISION)  # [C, R]
+        vc = tl.dot(v, tl.trans(basis), input_precision=PRECISION)
         key_sum = key_state[None, :] + tl.cumsum(kc, axis=0)  # running sums, [C, R]
         value_sum = value_state[None, :] + tl.cumsum(vc, axis=0)
         count = (t + 1).to(tl.float32)
@@ -76,7 +76,7 @@ def _chunk(
     value_mean = value_sum / count[:, None]
     memory_logits = tl.where(jj[None, :] < R, qc * key_mean * scale, _NEG)  # [C, R]
 
-    scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # [C, C]
+    scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [C, C]
     same_window = (rows[:, None] // W) == (rows[None, :] // W)
     allowed = same_window & (rows[None, :] < CT) & (t[None, :] < L)
     if CAUSAL:
@@ -110,6 +110,7 @@ def _lavo_forward(
     L, H, D, R, NC, scale, stride_b, stride_l, stride_h,
     W: tl.constexpr, CT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, CAUSAL: tl.constexpr, JOINT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -117,9 +118,10 @@ def _lavo_forward(
      _offset) = _chunk(
         Q, K, V, Bs, P, State, pid_c, pid_bh, L, H, D, R, NC, scale,
         stride_b, stride_l, stride_h, W, CT, BLOCK_C, BLOCK_D, BLOCK_R, CAUSAL, JOINT, HAS_BIAS,
+        PRECISION,
     )
-    memory = tl.dot(alpha * value_mean, basis, input_precision="ieee")  # [C, D]
-    local = tl.dot(probs, v, input_precision="ieee")
+    memory = tl.dot(alpha * value_mean, basis, input_precision=PRECISION)  # [C, D]
+    local = tl.dot(probs, v, input_precision=PRECISION)
     out = memory + local
     if not JOINT:
         out = out * 0.5
@@ -132,7 +134,7 @@ def _lavo_backward(
     L, H, D, R, NC, scale, stride_b, stride_l, stride_h,
     W: tl.constexpr, CT: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr, CAUSAL: tl.constexpr, JOINT: tl.constexpr, HAS_BIAS: tl.constexpr,
-    PASS: tl.constexpr,
+    PRECISION: tl.constexpr, PASS: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -140,15 +142,16 @@ def _lavo_backward(
      offset) = _chunk(
         Q, K, V, Bs, P, State, pid_c, pid_bh, L, H, D, R, NC, scale,
         stride_b, stride_l, stride_h, W, CT, BLOCK_C, BLOCK_D, BLOCK_R, CAUSAL, JOINT, HAS_BIAS,
+        PRECISION,
     )
     jj = tl.arange(0, BLOCK_R)
     grad_out = tl.load(DO + offs, mask=io_mask, other=0.0).to(tl.float32)  # [C, D]
     if not JOINT:
         grad_out = grad_out * 0.5
-    grad_read = tl.dot(grad_out, tl.trans(basis), input_precision="ieee")  # d(alpha*H^v), [C, R]
+    grad_read = tl.dot(grad_out, tl.trans(basis), input_precision=PRECISION)  # d(alpha*H^v), [C, R]
     grad_alpha = grad_read * value_mean
     grad_value_mean = grad_read * alpha
-    grad_probs = tl.dot(grad_out, tl.trans(v), input_precision="ieee")  # [C, C]
+    grad_probs = tl.dot(grad_out, tl.trans(v), input_precision=PRECISION)  # [C, C]
     memory_dot = tl.sum(alpha * grad_alpha, axis=1)
     local_dot = tl.sum(probs * grad_probs, axis=1)
     if JOINT:
@@ -172,12 +175,12 @@ def _lavo_backward(
             grad_kc = key_flow[None, :] + tl.zeros((BLOCK_C, BLOCK_R), tl.float32)
             grad_vc = value_flow[None, :] + tl.zeros((BLOCK_C, BLOCK_R), tl.float32)
         grad_qc = grad_logits * key_mean * scale
-        dq = tl.dot(grad_qc, basis, input_precision="ieee")
-        dq += tl.dot(grad_scores, k, input_precision="ieee") * scale
-        dk = tl.dot(grad_kc, basis, input_precision="ieee")
-        dk += tl.dot(tl.trans(grad_scores), q, input_precision="ieee") * scale
-        dv = tl.dot(grad_vc, basis, input_precision="ieee")
-        dv += tl.dot(tl.trans(probs), grad_out, input_precision="ieee")
+        dq = tl.dot(grad_qc, basis, input_precision=PRECISION)
+        dq += tl.dot(grad_scores, k, input_precision=PRECISION) * scale
+        dk = tl.dot(grad_kc, basis, input_precision=PRECISION)
+        dk += tl.dot(tl.trans(grad_scores), q, input_precision=PRECISION) * scale
+        dv = tl.dot(grad_vc, basis, input_precision=PRECISION)
+        dv += tl.dot(tl.trans(probs), grad_out, input_precision=PRECISION)
         tl.store(DQ + offs, dq.to(DQ.dtype.element_ty), mask=io_mask)
         tl.store(DK + offs, dk.to(DK.dtype.element_ty), mask=io_mask)
         tl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=io_mask)
@@ -198,19 +201,20 @@ def _blocks(w: int, dim: int, r: int, block: int) -> tuple[int, int, int, int]:
 def _chunk_states(k: Tensor, v: Tensor, bases: Tensor, ct: int, causal: bool) -> Tensor:
     """[B*H, NC, 2, r] fp32: sums of B k_s and B v_s over earlier chunks (causal) or all (not)."""
     batch, length, heads, dim = k.shape
-    chunks = -(-length // ct)
-    pad = chunks * ct - length
+    full = length // ct  # complete chunks; a partial last one is summed on its own (no copy)
     sums = []
     for x in (k, v):
-        x = F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x
-        chunk_sums = x.view(batch, chunks, ct, heads, dim).sum(2, dtype=torch.float32)
+        parts = [x[:, : full * ct].view(batch, full, ct, heads, dim).sum(2, dtype=torch.float32)]
+        if full * ct < length:
+            parts.append(x[:, full * ct :].sum(1, keepdim=True, dtype=torch.float32))
+        chunk_sums = torch.cat(parts, dim=1)  # [B, NC, H, D]
         sums.append(torch.einsum("bnhd,hrd->bhnr", chunk_sums, bases))  # [B, H, NC, r]
     sums_t = torch.stack(sums, dim=3)  # [B, H, NC, 2, r]
     if causal:
         sums_t = torch.cat([torch.zeros_like(sums_t[:, :, :1]), _exclusive(sums_t)], dim=2)
     else:
         sums_t = sums_t.sum(2, keepdim=True).expand_as(sums_t)
-    return sums_t.reshape(batch * heads, chunks, 2, -1).contiguous()
+    return sums_t.reshape(batch * heads, sums_t.shape[2], 2, -1).contiguous()
 
 
 def _exclusive(sums: Tensor) -> Tensor:
@@ -245,7 +249,8 @@ class _LAVOFunction(torch.autograd.Function):
         bias_arg = bias.detach().contiguous() if has_bias else bases32
         out = torch.empty_like(q)
         meta = dict(W=w, CT=ct, BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_R=block_r,
-                    CAUSAL=causal, JOINT=joint, HAS_BIAS=has_bias)
+                    CAUSAL=causal, JOINT=joint, HAS_BIAS=has_bias,
+                    PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
         grid = (chunks, batch * heads)
         scale = 1.0 / math.sqrt(dim)
         _lavo_forward[grid](q, k, v, bases32, bias_arg, states, out, length, heads, dim, r, chunks,
