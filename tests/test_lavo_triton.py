@@ -147,3 +147,22 @@ def test_triton_backend_rejects_what_it_cannot_run():
         attention(q, q, q, torch.zeros(1, 9, dtype=torch.bool))
     with pytest.raises(ValueError, match=r"torch.float64 \(supported: float32"):
         attention(q.double(), q.double(), q.double(), None)
+
+
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, 3e-2), (torch.float16, 4e-3)])
+def test_half_precision_inputs(dtype, tolerance):
+    """bf16 / fp16 in and out, fp32 inside: within the half type's rounding of the definition."""
+    q, k, v, bases, bias, grad_out = _inputs(2, 37, 2, 16, 8, 4, bias=True)
+    q, k, v, bias = (x.to(dtype) for x in (q, k, v, bias))  # the definition sees these values
+    leaves64 = [x.double().requires_grad_() for x in (q, k, v, bias)]
+    reference = lavo_naive(*leaves64[:3], bases=bases, position_bias=leaves64[3], w=4,
+                           causal=True, cross=False)
+    expected = _gradients(reference, grad_out, leaves64)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, bias)]
+    output = triton_kernels.lavo_triton(*leaves[:3], bases=bases.float(), position_bias=leaves[3],
+                                        w=4, causal=True, joint=False, block=16)
+    assert output.dtype == dtype
+    torch.testing.assert_close(output.double(), reference, rtol=tolerance, atol=tolerance)
+    for got, want in zip(_gradients(output, grad_out, leaves), expected, strict=True):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=tolerance)

@@ -42,10 +42,10 @@ def _chunk(
     PRECISION: tl.constexpr,
 ):
     """Recompute one chunk: everything forward and backward share, all fp32."""
-    b = pid_bh // H
+    b = (pid_bh // H).to(tl.int64)  # 64-bit offsets: B * L * H * D may pass 2**31
     h = pid_bh % H
     rows = tl.arange(0, BLOCK_C)  # position inside the chunk
-    t = pid_c * CT + rows  # [C] absolute position
+    t = pid_c.to(tl.int64) * CT + rows  # [C] absolute position
     row_ok = (rows < CT) & (t < L)
     dd = tl.arange(0, BLOCK_D)
     jj = tl.arange(0, BLOCK_R)
