@@ -212,6 +212,8 @@ class LAVOAttention(Attention):
             return "cross attention"
         if key_padding_mask is not None:
             return "a key_padding_mask"
+        if q.shape[1] == 0:
+            return "an empty sequence"
         if self.learned_bases is not None and torch.is_grad_enabled():
             return "bases='learned' with gradients enabled (the kernels give no gradient for B)"
         if q.dtype not in _TRITON_DTYPES:

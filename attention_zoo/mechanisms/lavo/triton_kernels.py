@@ -4,13 +4,17 @@ One program handles one chunk of ``CT`` tokens (a whole number of windows, ``CT 
 W)``) of one (batch, head). It reads q, k, v of its chunk once and computes, in fp32:
 
 - the key and value coefficients ``c = x B^T`` and their running sums by a chunked scan: the sum
-  over earlier chunks comes in as a per-chunk state (``[B*H, NC, r]``, an exclusive cumsum of the
-  chunk sums), the sum inside the chunk is ``tl.cumsum``; the non-causal pattern takes the total;
+  over earlier chunks comes in as a per-chunk state (``[B*H, NC, 2, r]``, an exclusive cumsum
+  of the chunk sums), the sum inside the chunk is ``tl.cumsum``; the non-causal pattern takes the total;
 - the r-slot global read ``(alpha * H^v) B`` with ``alpha = softmax(H^k * (q B^T) / sqrt(d))``;
 - the w-window local attention with its relative bias ``P[t - s + w - 1]``;
 - the combination: the average of both reads, or one joint softmax over both sets of logits.
 
-The backward pass recomputes the chunk (nothing but the [B*H, NC, r] states is saved). It runs
+The per-chunk sums of k and v that seed the scan are one PyTorch reduction (a second read of k
+and v); the output is written once.
+
+The backward pass recomputes the chunk (of the forward's work only the [B*H, NC, 2, r] chunk
+states are saved). It runs
 the same kernel twice: pass 0 stores, per chunk, the sums of the gradients reaching the running
 sums; a reverse exclusive cumsum over chunks (or the total, non-causal) turns them into the
 gradient flowing in from later queries; pass 1 writes dq, dk, dv and per-chunk partial sums of
