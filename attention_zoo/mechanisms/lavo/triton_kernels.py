@@ -1,7 +1,7 @@
 """LAVO self-attention in Triton: forward and backward kernels and their autograd Function.
 
 One program handles one chunk of ``CT`` tokens (a whole number of windows, ``CT = W * (BLOCK_C //
-W)``) of one (batch, head). It reads q, k, v of its chunk once and computes, in fp32:
+W)``, 32 by default) of one (batch, head). It reads q, k, v of its chunk once and computes, in fp32:
 
 - the key and value coefficients ``c = x B^T`` and their running sums by a chunked scan: the sum
   over earlier chunks comes in as a per-chunk state (``[B*H, NC, 2, r]``, an exclusive cumsum
@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+_NUM_WARPS = 8  # with 32-token chunks, no register spills on sm_90 in bf16 (ptxas, Triton 3.9)
 _NEG = tl.constexpr(-1.0e30)  # finite "minus infinity": fully masked rows (padding only) stay NaN-free
 
 
@@ -258,7 +259,8 @@ class _LAVOFunction(torch.autograd.Function):
         grid = (chunks, batch * heads)
         scale = 1.0 / math.sqrt(dim)
         _lavo_forward[grid](q, k, v, bases32, bias_arg, states, out, length, heads, dim, r, chunks,
-                            scale, q.stride(0), q.stride(1), q.stride(2), **meta)
+                            scale, q.stride(0), q.stride(1), q.stride(2), num_warps=_NUM_WARPS,
+                            **meta)
         ctx.save_for_backward(q, k, v, bases32, bias_arg, states)
         ctx.meta = meta
         ctx.has_bias = has_bias
@@ -284,7 +286,8 @@ class _LAVOFunction(torch.autograd.Function):
         grad_bias = torch.zeros(batch * heads, chunks, 2 * w - 1, dtype=torch.float32,
                                 device=q.device)
         _lavo_backward[grid](q, k, v, bases32, bias_arg, states, grad_out, chunk_flow,
-                             dq, dk, dv, grad_bias, *common, PASS=0, **meta)
+                             dq, dk, dv, grad_bias, *common, PASS=0, num_warps=_NUM_WARPS,
+                             **meta)
         if meta["CAUSAL"]:  # gradient from queries of later chunks: reverse exclusive cumsum
             later = chunk_flow.flip(1).cumsum(1).flip(1)
             flow = torch.cat([later[:, 1:], torch.zeros_like(later[:, :1])], dim=1)
@@ -292,7 +295,8 @@ class _LAVOFunction(torch.autograd.Function):
             flow = chunk_flow.sum(1, keepdim=True).expand_as(chunk_flow)
         flow = flow.contiguous()
         _lavo_backward[grid](q, k, v, bases32, bias_arg, states, grad_out, flow,
-                             dq, dk, dv, grad_bias, *common, PASS=1, **meta)
+                             dq, dk, dv, grad_bias, *common, PASS=1, num_warps=_NUM_WARPS,
+                             **meta)
         d_bias = None
         if ctx.has_bias:
             d_bias = grad_bias.view(batch, heads, chunks, -1).sum((0, 2)).to(ctx.bias_dtype)
@@ -309,7 +313,7 @@ def lavo_triton(
     w: int,
     causal: bool,
     joint: bool,
-    block: int = 64,
+    block: int = 32,
 ) -> Tensor:
     """LAVO self-attention by the Triton kernels (differentiable in q, k, v and the bias).
 
