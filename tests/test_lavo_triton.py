@@ -185,3 +185,54 @@ def test_half_precision_inputs(dtype, tolerance):
     for got, want in zip(_gradients(output, grad_out, leaves), expected, strict=True):
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), want, rtol=tolerance, atol=tolerance)
+
+
+_COMPILE_FOR_SM90 = """
+import json, os, sys
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from attention_zoo.mechanisms.lavo import triton_kernels as tk
+
+dtype, causal, joint = sys.argv[1], sys.argv[2] == "causal", sys.argv[3] == "joint"
+ct, block_c, block_d, block_r = tk._blocks(16, 64, 64, 32)
+meta = dict(W=16, CT=ct, BLOCK_C=block_c, BLOCK_D=block_d, BLOCK_R=block_r, CAUSAL=causal,
+            JOINT=joint, HAS_BIAS=True, PRECISION="ieee" if dtype == "fp32" else "tf32")
+pointers = {"Bs": "*fp32", "P": "*fp32", "State": "*fp32", "Flow": "*fp32", "DP": "*fp32"}
+shared = {}
+for name, fn, extra in [("forward", tk._lavo_forward, {}),
+                        ("backward0", tk._lavo_backward, {"PASS": 0}),
+                        ("backward1", tk._lavo_backward, {"PASS": 1})]:
+    constexprs = {**meta, **extra}
+    signature = {}
+    for arg in fn.arg_names:
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg == "scale":
+            signature[arg] = "fp32"
+        elif arg[0].isupper() and arg not in ("L", "H", "D", "R", "NC"):
+            signature[arg] = pointers.get(arg, "*" + dtype)
+        else:
+            signature[arg] = "i32"
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                            target=GPUTarget("cuda", 90, 32), options={"num_warps": tk._NUM_WARPS})
+    assert kernel.asm["cubin"], name
+    shared[name] = kernel.metadata.shared
+print(json.dumps(shared))
+"""
+
+
+def test_kernels_compile_for_the_h200():
+    """The interpreter cannot catch GPU-only compile errors: build sm_90 cubins (no GPU needed)."""
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, "bf16", "causal", "joint"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    shared = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(shared) == {"forward", "backward0", "backward1"}
+    assert max(shared.values()) <= 227 * 1024, shared  # H200: 227 KiB of shared memory per block
