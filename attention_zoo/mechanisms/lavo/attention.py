@@ -95,7 +95,7 @@ def triton_unavailable(device: torch.device) -> str | None:
     """Why the Triton kernels cannot run on ``device``, or None when they can.
 
     They run on CUDA, and on the CPU through Triton's interpreter when ``TRITON_INTERPRET=1``
-    was set before Triton was imported.
+    was set before ``triton_kernels`` was first imported (its kernels are decorated then).
     """
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed (pip install triton)"
