@@ -158,4 +158,5 @@ def test_global_read_never_builds_per_position_memories():
 def test_is_registered_with_spec():
     spec = LAVOAttention.spec
     assert spec.name == "lavo" and spec.decoding and spec.patterns == frozenset(Pattern)
-    assert [hp.name for hp in spec.hyperparameters] == ["r", "w", "bases", "position", "combine"]
+    assert [hp.name for hp in spec.hyperparameters] == ["r", "w", "bases", "position", "combine",
+                                                       "backend"]

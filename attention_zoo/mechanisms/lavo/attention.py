@@ -6,11 +6,16 @@ a relative position bias inside the windows, and the two reads combined.
 
 This is the plain PyTorch path. It keeps the causal global read factorised, so that it only
 ever builds [B, L, H, r] tensors, never the [B, L, H, r, D] tensor of per-position memories.
+Self-attention can instead run on the fused Triton kernels of ``triton_kernels.py``
+(``backend="triton"``; ``backend="auto"`` chooses it on CUDA when Triton is installed; the
+default is ``"torch"`` until the kernels are measured on a GPU).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -50,6 +55,14 @@ class LAVOConfig:
         default="average",
         metadata={"help": "average of global and local reads, or one joint softmax"},
     )
+    # The default stays "torch" until the Triton kernels have been run and measured on a GPU
+    # (they are verified only in Triton's CPU interpreter so far).
+    backend: Literal["auto", "torch", "triton"] = field(
+        default="torch",
+        metadata={"help": "torch; triton: the fused kernels (CUDA); auto: the Triton kernels on "
+                          "CUDA when importable (self-attention, no padding mask, fixed bases), "
+                          "else PyTorch"},
+    )
 
 
 @dataclass
@@ -77,6 +90,25 @@ def orthonormal_rows(heads: int, rows: int, dim: int) -> Tensor:
     q, r = torch.linalg.qr(gaussian)  # q: [heads, dim, rows]
     q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]  # unique, Haar-uniform
     return q.transpose(1, 2).contiguous()
+
+
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def triton_unavailable(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device``, or None when they can.
+
+    They run on CUDA, and on the CPU through Triton's interpreter when ``TRITON_INTERPRET=1``
+    was set before ``triton_kernels`` was first imported (its kernels are decorated then).
+    """
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return (f"the Triton kernels run on cuda (or on cpu with TRITON_INTERPRET=1), "
+            f"not on {device.type}")
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -124,6 +156,11 @@ class LAVOAttention(Attention):
                 f"lavo: r={r} exceeds head_dim={head_dim}: no {r} orthonormal rows exist in "
                 f"R^{head_dim}; choose r <= {head_dim}"
             )
+        if config.backend == "triton" and (pattern.cross or config.bases == "learned"):
+            raise AttentionConfigError(
+                f"lavo: backend='triton' supports self-attention with bases='fixed'; got pattern "
+                f"{pattern.value!r}, bases={config.bases!r}; use backend='auto' or 'torch'"
+            )
         self.r = r
         self.w = config.w
         initial = orthonormal_rows(heads, r, head_dim)  # [H, r, D]
@@ -154,6 +191,13 @@ class LAVOAttention(Attention):
         return self.fixed_bases
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+        if self._use_triton(q, key_padding_mask):
+            from attention_zoo.mechanisms.lavo.triton_kernels import lavo_triton
+
+            return lavo_triton(
+                q, k, v, bases=self.bases, position_bias=self.position_bias, w=self.w,
+                causal=self.pattern.causal, joint=self.config.combine == "joint",
+            )
         acc = _accumulation_dtype(q.dtype)
         bases = self.bases.to(acc)  # [H, r, D]
         memory_logits, has_memory, value_coeffs = self._memory(
@@ -165,6 +209,34 @@ class LAVOAttention(Attention):
         return self._with_local(
             q, k, v, key_padding_mask, memory_logits, has_memory, value_coeffs, bases
         )
+
+    def _triton_unsupported(self, q: Tensor, key_padding_mask: Tensor | None) -> str | None:
+        """Why this call cannot run on the Triton kernels, or None when it can."""
+        if self.pattern.cross:
+            return "cross attention"
+        if key_padding_mask is not None:
+            return "a key_padding_mask"
+        if q.shape[1] == 0:
+            return "an empty sequence"
+        if self.learned_bases is not None and torch.is_grad_enabled():
+            return "bases='learned' with gradients enabled (the kernels give no gradient for B)"
+        if q.dtype not in _TRITON_DTYPES:
+            return f"dtype {q.dtype} (supported: float32, float16, bfloat16)"
+        return triton_unavailable(q.device)
+
+    def _use_triton(self, q: Tensor, key_padding_mask: Tensor | None) -> bool:
+        backend = self.config.backend
+        if backend == "torch":
+            return False
+        reason = self._triton_unsupported(q, key_padding_mask)
+        if backend == "auto":
+            return q.is_cuda and reason is None
+        if reason is not None:
+            raise ValueError(
+                f"lavo: backend='triton' cannot run this call: {reason}; "
+                f"use backend='auto' (falls back to PyTorch) or backend='torch'"
+            )
+        return True
 
     def _memory(
         self, q: Tensor, k: Tensor, v: Tensor, bases: Tensor, key_padding_mask: Tensor | None
