@@ -23,10 +23,50 @@ import torch
 from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
 
-from attention_zoo import MultiHeadAttention, Pattern, attention_spec, list_attentions
+from attention_zoo import (
+    AttentionConfigError,
+    MultiHeadAttention,
+    Pattern,
+    attention_spec,
+    list_attentions,
+    parse_attention_args,
+)
 
 IncrementalState = dict[str, dict[str, Any]]
 _STATE_KEY = "zoo_state"
+
+
+def checked_attention(
+    name: str, args_text: str | None, pattern: Pattern, *, role: str, dropout: float = 0.0
+) -> tuple[str, dict[str, Any]]:
+    """A mechanism's name and typed hyperparameters, checked by the zoo registry for ``pattern``.
+
+    Args:
+        name: registry name (``--attention``, ``--encoder-attention``...).
+        args_text: its hyperparameters as ``key=value,...`` (empty or None: the defaults).
+        pattern: the pattern of the slot it fills.
+        role: what needs it, for the message (``"a language model"``, ``"the encoder"``).
+        dropout: fairseq's ``--attention-dropout``, which must be 0.
+
+    Raises:
+        AttentionConfigError: unknown mechanism, bad hyperparameter, a mechanism without
+            ``pattern``, or a nonzero attention dropout (zoo mechanisms expose no attention
+            weights to drop).
+    """
+    spec = attention_spec(name)
+    if pattern not in spec.patterns:
+        raise AttentionConfigError(
+            f"attention {name!r} does not support {pattern.value}, which {role} needs; "
+            f"those that do: {', '.join(list_attentions(pattern))}"
+        )
+    hyperparameters = parse_attention_args(name, args_text or "")
+    spec.make_config(hyperparameters)
+    if dropout:
+        raise AttentionConfigError(
+            f"--attention-dropout {dropout} is not supported with zoo attention (no attention "
+            "weights are materialised); use 0"
+        )
+    return name, hyperparameters
 
 
 def index_batch(state: Any, order: Tensor) -> Any:
@@ -127,10 +167,12 @@ class ZooAttention(nn.Module):
 
         ``attn_mask`` is the future mask fairseq builds for decoder self attention; a causal
         mechanism is causal by construction, so the mask is not needed (and any other mask is
-        refused). ``need_weights`` is accepted and ignored: there are no weights to return.
+        refused). ``need_weights`` and ``need_head_weights`` are accepted and ignored: there are no
+        weights to return (fairseq's decoder asks its last layer's cross attention for them, for
+        alignment, and copes with None).
         """
-        if before_softmax or need_head_weights:
-            raise ValueError(f"{self.spec.name}: zoo attention has no attention weights to return")
+        if before_softmax:
+            raise ValueError(f"{self.spec.name}: zoo attention has no attention scores to return")
         if attn_mask is not None and not self.pattern.causal:
             raise ValueError(
                 f"{self.spec.name}: an attn_mask was given to {self.pattern.value} attention; "
