@@ -182,13 +182,22 @@ def test_the_model_refuses_a_pattern_the_mechanism_lacks(tmp_path: Path) -> None
         ZooTransformerModel.build_model(args, task=None)
 
 
-def test_a_decoder_without_incremental_decoding_is_refused_before_training(tmp_path: Path) -> None:
-    task = get_task("summarization")
-    choice = {r: AttentionChoice("softmax") for r in task.roles} | {
-        "decoder_self": AttentionChoice("probsparse")}
-    with pytest.raises(AttentionConfigError, match=r"'probsparse' does not declare.*lavo"):
-        task().run(task.make_config(TINY), choice, seed=0, device="cpu", workdir=tmp_path)
-    assert not (tmp_path / "train.log").exists()
+def test_a_decoder_without_incremental_decoding_recomputes_its_prefix() -> None:
+    """probsparse declares no decoding state: the decoder recomputes its causal pass over the
+    tokens so far at each step, which equals the teacher-forced pass of those tokens."""
+    from tasks.fairseq_plugin import ZooAttention
+
+    torch.manual_seed(0)
+    attention = ZooAttention(32, 4, "probsparse", pattern=Pattern.CAUSAL_SELF,
+                             recompute_decoding=True).eval()
+    x = torch.randn(7, 2, 32)  # [T, B, C]
+    state: dict[str, Any] = {}
+    with torch.no_grad():
+        steps = [attention(x[t : t + 1], incremental_state=state)[0] for t in range(7)]
+        expected = [attention(x[: t + 1])[0][-1:] for t in range(7)]
+    torch.testing.assert_close(torch.cat(steps), torch.cat(expected))
+    with pytest.raises(NotImplementedError, match="'probsparse' does not declare incremental"):
+        ZooAttention(32, 4, "probsparse", pattern=Pattern.CAUSAL_SELF)(x[:1], incremental_state={})
 
 
 def test_train_and_decode(run: dict[str, Any]) -> None:

@@ -112,6 +112,11 @@ class ZooAttention(nn.Module):
         attention_args: its typed hyperparameters (``parse_attention_args`` reads them).
         pattern: the attention pattern of this slot (``causal_self`` for a language model).
         kdim, vdim: key and value widths for cross attention (default ``embed_dim``).
+        recompute_decoding: for a causal mechanism that does not declare incremental decoding,
+            decode by keeping the inputs seen so far and running the full causal pass over them
+            at each step (quadratic in the generated length) instead of refusing. Generation
+            (summarization) uses it so that every causal mechanism can decode; the LM's
+            unbounded-context streaming does not (it would not be a constant-state stream).
 
     Shapes (fairseq's time-major layout):
         query: [T, B, C]; key, value: [S, B, kdim/vdim] for cross attention (for self attention
@@ -130,8 +135,10 @@ class ZooAttention(nn.Module):
         pattern: str | Pattern = Pattern.CAUSAL_SELF,
         kdim: int | None = None,
         vdim: int | None = None,
+        recompute_decoding: bool = False,
     ) -> None:
         super().__init__()
+        self.recompute_decoding = recompute_decoding
         self.layer = MultiHeadAttention(
             embed_dim, num_heads, attention, pattern=pattern, attention_args=attention_args,
             kdim=kdim, vdim=vdim,
@@ -204,6 +211,8 @@ class ZooAttention(nn.Module):
                 f"not {self.pattern.value}"
             )
         if not self.spec.decoding:
+            if self.recompute_decoding:
+                return self._decode_by_recomputing(x, incremental_state)
             capable = ", ".join(n for n in list_attentions(Pattern.CAUSAL_SELF)
                                 if attention_spec(n).decoding)
             raise NotImplementedError(
@@ -219,6 +228,14 @@ class ZooAttention(nn.Module):
             outputs.append(out)
         self.set_incremental_state(incremental_state, _STATE_KEY, {"state": state})
         return torch.cat(outputs, dim=1)
+
+    def _decode_by_recomputing(self, x: Tensor, incremental_state: IncrementalState) -> Tensor:
+        """x [B, T, C] -> [B, T, C]: the full causal pass over every input so far (kept, as the
+        decoding state, in ``incremental_state``), of which the last T rows are returned."""
+        buffer = self.get_incremental_state(incremental_state, _STATE_KEY)
+        inputs = x if buffer is None else torch.cat([buffer["state"], x], dim=1)  # [B, t + T, C]
+        self.set_incremental_state(incremental_state, _STATE_KEY, {"state": inputs})
+        return self.layer(inputs)[:, -x.shape[1] :]
 
     def decoding_state(self, incremental_state: IncrementalState | None) -> Any:
         """The zoo decoding state held in ``incremental_state`` (None before the first step)."""

@@ -13,7 +13,8 @@ choose the attention::
         --cross-attention lavo --cross-attention-args r=64 ...
 
 Slots and their patterns: encoder self-attention ``noncausal_self``, decoder self-attention
-``causal_self`` (decoded token by token through ``incremental_state``), decoder
+``causal_self`` (decoded token by token through ``incremental_state``; a mechanism without
+incremental decoding recomputes its causal pass over the tokens so far at each step), decoder
 encoder-attention ``noncausal_cross`` (the source is fixed while decoding: ``static_kv``).
 Each name and its hyperparameters are checked by the zoo's registry before the model is built,
 and a mechanism without the slot's pattern is refused with the list of those that have it.
@@ -88,7 +89,7 @@ class ZooTransformerModel(TransformerModel):
         for layer in model.decoder.layers:
             layer.self_attn = ZooAttention(
                 decoder_dim, args.decoder_attention_heads, *choices["decoder"],
-                pattern=Pattern.CAUSAL_SELF,
+                pattern=Pattern.CAUSAL_SELF, recompute_decoding=True,
             )
             if layer.encoder_attn is not None:
                 layer.encoder_attn = ZooAttention(

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import torch
 
-from attention_zoo import AttentionConfigError, Pattern, attention_spec, list_attentions
+from attention_zoo import Pattern
 from tasks.base import AttentionChoice, Metric, Task, TaskResult, resolve_attention
 from tasks.fairseq_plugin.training import attention_args_text, run_fairseq_train
 from tasks.summarization import data as sum_data
@@ -159,14 +159,6 @@ class SummarizationTask(Task):
         from tasks.summarization import evaluate
 
         attention = resolve_attention(type(self), attention)
-        decoder = attention["decoder_self"].name
-        if not attention_spec(decoder).decoding:
-            capable = [n for n in list_attentions(Pattern.CAUSAL_SELF) if attention_spec(n).decoding]
-            raise AttentionConfigError(
-                f"task summarization: role 'decoder_self' generates token by token, which "
-                f"{decoder!r} does not declare (no incremental decoding); those that do: "
-                f"{', '.join(capable)}"
-            )
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)
