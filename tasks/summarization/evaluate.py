@@ -78,6 +78,8 @@ def generate(
     every hypothesis has between ``min_len`` and ``max_len`` tokens (end-of-sentence excluded:
     fairseq's ``--min-len`` / ``--max-len-a 0 --max-len-b``). ``max_examples`` > 0 keeps the
     first examples of the split."""
+    from fairseq import utils
+
     device = next(models[0].parameters()).device
     cfg.generation.beam = beam
     cfg.generation.min_len = min_len
@@ -95,7 +97,7 @@ def generate(
     with torch.no_grad():
         for start in range(0, len(indices), batch_size):
             sample = dataset.collater([dataset[i] for i in indices[start : start + batch_size]])
-            sample = _to(sample, device)
+            sample = utils.apply_to_sample(lambda tensor: tensor.to(device), sample)
             outputs = task.inference_step(generator, models, sample)
             for example_id, hypotheses_of_example in zip(sample["id"].tolist(), outputs):
                 best = hypotheses_of_example[0]["tokens"]  # [T] ids, ending with </s>
@@ -105,10 +107,3 @@ def generate(
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return Decoded([hypotheses[i] for i in indices], tokens, seconds, peak)
 
-
-def _to(sample: Any, device: torch.device) -> Any:
-    if isinstance(sample, torch.Tensor):
-        return sample.to(device)
-    if isinstance(sample, dict):
-        return {key: _to(value, device) for key, value in sample.items()}
-    return sample
