@@ -1,6 +1,7 @@
 """fairseq plug-in: zoo attention inside fairseq models (fairseq's ``--user-dir`` mechanism).
 
-Shared by the fairseq tasks (language modeling, summarization). ``import tasks.fairseq_plugin``
+Shared by the fairseq tasks (language modeling: ``zoo_transformer_lm``; summarization:
+``zoo_transformer``). ``import tasks.fairseq_plugin``
 or ``fairseq-train --user-dir tasks/fairseq_plugin`` applies the compatibility patches
 (:mod:`tasks.fairseq_plugin.compat`, first) and registers the models.
 
@@ -12,7 +13,10 @@ below are absolute, so the models are registered once even when the folder is al
 from tasks.fairseq_plugin import compat  # noqa: F401  (must come before any fairseq data path)
 
 # isort: split
-from tasks.fairseq_plugin import transformer_lm  # noqa: F401  (registers zoo_transformer_lm)
+from tasks.fairseq_plugin import (
+    transformer,  # noqa: F401  (registers zoo_transformer)
+    transformer_lm,  # noqa: F401  (registers zoo_transformer_lm)
+)
 from tasks.fairseq_plugin.attention import ZooAttention, index_batch, state_bytes
 
 USER_DIR = __path__[0]

@@ -23,10 +23,50 @@ import torch
 from fairseq.incremental_decoding_utils import with_incremental_state
 from torch import Tensor, nn
 
-from attention_zoo import MultiHeadAttention, Pattern, attention_spec, list_attentions
+from attention_zoo import (
+    AttentionConfigError,
+    MultiHeadAttention,
+    Pattern,
+    attention_spec,
+    list_attentions,
+    parse_attention_args,
+)
 
 IncrementalState = dict[str, dict[str, Any]]
 _STATE_KEY = "zoo_state"
+
+
+def checked_attention(
+    name: str, args_text: str | None, pattern: Pattern, *, role: str, dropout: float = 0.0
+) -> tuple[str, dict[str, Any]]:
+    """A mechanism's name and typed hyperparameters, checked by the zoo registry for ``pattern``.
+
+    Args:
+        name: registry name (``--attention``, ``--encoder-attention``...).
+        args_text: its hyperparameters as ``key=value,...`` (empty or None: the defaults).
+        pattern: the pattern of the slot it fills.
+        role: what needs it, for the message (``"a language model"``, ``"the encoder"``).
+        dropout: fairseq's ``--attention-dropout``, which must be 0.
+
+    Raises:
+        AttentionConfigError: unknown mechanism, bad hyperparameter, a mechanism without
+            ``pattern``, or a nonzero attention dropout (zoo mechanisms expose no attention
+            weights to drop).
+    """
+    spec = attention_spec(name)
+    if pattern not in spec.patterns:
+        raise AttentionConfigError(
+            f"attention {name!r} does not support {pattern.value}, which {role} needs; "
+            f"those that do: {', '.join(list_attentions(pattern))}"
+        )
+    hyperparameters = parse_attention_args(name, args_text or "")
+    spec.make_config(hyperparameters)
+    if dropout:
+        raise AttentionConfigError(
+            f"--attention-dropout {dropout} is not supported with zoo attention (no attention "
+            "weights are materialised); use 0"
+        )
+    return name, hyperparameters
 
 
 def index_batch(state: Any, order: Tensor) -> Any:
@@ -72,6 +112,11 @@ class ZooAttention(nn.Module):
         attention_args: its typed hyperparameters (``parse_attention_args`` reads them).
         pattern: the attention pattern of this slot (``causal_self`` for a language model).
         kdim, vdim: key and value widths for cross attention (default ``embed_dim``).
+        recompute_decoding: for a causal mechanism that does not declare incremental decoding,
+            decode by keeping the inputs seen so far and running the full causal pass over them
+            at each step (quadratic in the generated length) instead of refusing. Generation
+            (summarization) uses it so that every causal mechanism can decode; the LM's
+            unbounded-context streaming does not (it would not be a constant-state stream).
 
     Shapes (fairseq's time-major layout):
         query: [T, B, C]; key, value: [S, B, kdim/vdim] for cross attention (for self attention
@@ -90,8 +135,10 @@ class ZooAttention(nn.Module):
         pattern: str | Pattern = Pattern.CAUSAL_SELF,
         kdim: int | None = None,
         vdim: int | None = None,
+        recompute_decoding: bool = False,
     ) -> None:
         super().__init__()
+        self.recompute_decoding = recompute_decoding
         self.layer = MultiHeadAttention(
             embed_dim, num_heads, attention, pattern=pattern, attention_args=attention_args,
             kdim=kdim, vdim=vdim,
@@ -127,10 +174,12 @@ class ZooAttention(nn.Module):
 
         ``attn_mask`` is the future mask fairseq builds for decoder self attention; a causal
         mechanism is causal by construction, so the mask is not needed (and any other mask is
-        refused). ``need_weights`` is accepted and ignored: there are no weights to return.
+        refused). ``need_weights`` and ``need_head_weights`` are accepted and ignored: there are no
+        weights to return (fairseq's decoder asks its last layer's cross attention for them, for
+        alignment, and copes with None).
         """
-        if before_softmax or need_head_weights:
-            raise ValueError(f"{self.spec.name}: zoo attention has no attention weights to return")
+        if before_softmax:
+            raise ValueError(f"{self.spec.name}: zoo attention has no attention scores to return")
         if attn_mask is not None and not self.pattern.causal:
             raise ValueError(
                 f"{self.spec.name}: an attn_mask was given to {self.pattern.value} attention; "
@@ -162,6 +211,8 @@ class ZooAttention(nn.Module):
                 f"not {self.pattern.value}"
             )
         if not self.spec.decoding:
+            if self.recompute_decoding:
+                return self._decode_by_recomputing(x, incremental_state)
             capable = ", ".join(n for n in list_attentions(Pattern.CAUSAL_SELF)
                                 if attention_spec(n).decoding)
             raise NotImplementedError(
@@ -177,6 +228,14 @@ class ZooAttention(nn.Module):
             outputs.append(out)
         self.set_incremental_state(incremental_state, _STATE_KEY, {"state": state})
         return torch.cat(outputs, dim=1)
+
+    def _decode_by_recomputing(self, x: Tensor, incremental_state: IncrementalState) -> Tensor:
+        """x [B, T, C] -> [B, T, C]: the full causal pass over every input so far (kept, as the
+        decoding state, in ``incremental_state``), of which the last T rows are returned."""
+        buffer = self.get_incremental_state(incremental_state, _STATE_KEY)
+        inputs = x if buffer is None else torch.cat([buffer["state"], x], dim=1)  # [B, t + T, C]
+        self.set_incremental_state(incremental_state, _STATE_KEY, {"state": inputs})
+        return self.layer(inputs)[:, -x.shape[1] :]
 
     def decoding_state(self, incremental_state: IncrementalState | None) -> Any:
         """The zoo decoding state held in ``incremental_state`` (None before the first step)."""

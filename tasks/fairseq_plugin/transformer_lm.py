@@ -30,14 +30,8 @@ from fairseq.models.transformer_lm import (
 )
 from fairseq.utils import safe_getattr
 
-from attention_zoo import (
-    AttentionConfigError,
-    Pattern,
-    attention_spec,
-    list_attentions,
-    parse_attention_args,
-)
-from tasks.fairseq_plugin.attention import ZooAttention
+from attention_zoo import Pattern
+from tasks.fairseq_plugin.attention import ZooAttention, checked_attention
 
 
 @dataclass
@@ -56,26 +50,12 @@ def attention_choice(args: Any) -> tuple[str, dict[str, Any]]:
     """The checked (name, typed hyperparameters) of ``--attention`` / ``--attention-args``.
 
     Raises:
-        AttentionConfigError: unknown mechanism, bad hyperparameter, a mechanism without causal
-            self attention, or a nonzero ``--attention-dropout`` (zoo mechanisms expose no
-            attention weights to drop).
+        AttentionConfigError: see :func:`~tasks.fairseq_plugin.attention.checked_attention`.
     """
-    name = safe_getattr(args, "attention", "softmax")
-    spec = attention_spec(name)
-    if Pattern.CAUSAL_SELF not in spec.patterns:
-        raise AttentionConfigError(
-            f"attention {name!r} does not support causal_self, which a language model needs; "
-            f"those that do: {', '.join(list_attentions(Pattern.CAUSAL_SELF))}"
-        )
-    hyperparameters = parse_attention_args(name, safe_getattr(args, "attention_args", "") or "")
-    spec.make_config(hyperparameters)
-    dropout = safe_getattr(args, "attention_dropout", 0.0)
-    if dropout:
-        raise AttentionConfigError(
-            f"--attention-dropout {dropout} is not supported with zoo attention (no attention "
-            "weights are materialised); use 0"
-        )
-    return name, hyperparameters
+    return checked_attention(
+        safe_getattr(args, "attention", "softmax"), safe_getattr(args, "attention_args", ""),
+        Pattern.CAUSAL_SELF, role="a language model", dropout=safe_getattr(args, "attention_dropout", 0.0),
+    )
 
 
 @register_model("zoo_transformer_lm", dataclass=ZooTransformerLanguageModelConfig)

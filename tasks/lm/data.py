@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import tokenizers
+from filelock import FileLock
 from tokenizers import Tokenizer
 from tokenizers.implementations import ByteLevelBPETokenizer
 
@@ -145,6 +146,15 @@ class PreparedData:
 
 
 def prepare(data_dir: Path, *, tokenizer: str, vocab_size: int, cache: Path) -> PreparedData:
+    """:func:`_prepare_unlocked` under a lock on ``cache``: cells of a sweep that run at once
+    (processes or SLURM jobs on a shared file system) prepare the same data once, never
+    interleaved."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with FileLock(cache / ".prepare.lock"):
+        return _prepare_unlocked(data_dir, tokenizer=tokenizer, vocab_size=vocab_size, cache=cache)
+
+
+def _prepare_unlocked(data_dir: Path, *, tokenizer: str, vocab_size: int, cache: Path) -> PreparedData:
     """Tokenise and binarise a PG-19 folder with ``fairseq-preprocess`` (cached).
 
     Args:

@@ -8,14 +8,9 @@ through fairseq's ``incremental_state`` (unbounded context: perplexity against p
 
 from __future__ import annotations
 
-import json
-import os
-import re
 import shlex
-import subprocess
-import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,9 +19,8 @@ import torch
 
 from attention_zoo import Pattern, attention_spec
 from tasks.base import AttentionChoice, Metric, Task, TaskResult
+from tasks.fairseq_plugin.training import attention_args_text, run_fairseq_train
 from tasks.lm import data as lm_data
-
-_LOG_RECORD = re.compile(r"\| (train_inner|train|valid) \| (\{.*\})\s*$")
 
 
 @dataclass(frozen=True)
@@ -70,18 +64,6 @@ class LMConfig:
         "min": 0})
 
 
-def attention_args_text(args: Mapping[str, Any]) -> str:
-    """Typed hyperparameters back to the ``key=value,...`` text of ``--attention-args``."""
-    def text(value: Any) -> str:
-        if value is None:
-            return "none"
-        if isinstance(value, bool):
-            return "true" if value else "false"
-        return str(value)
-
-    return ",".join(f"{key}={text(value)}" for key, value in sorted(args.items()))
-
-
 def extrapolation_multiples(text: str) -> list[int]:
     """``"2,4,8"`` -> [1, 2, 4, 8] (L itself is always evaluated); bad text raises."""
     try:
@@ -93,22 +75,6 @@ def extrapolation_multiples(text: str) -> list[int]:
     return multiples
 
 
-def parse_training_log(lines: Sequence[str]) -> dict[str, list[dict[str, float]]]:
-    """fairseq's JSON log records (``--log-format json``) by tag: train_inner, train, valid."""
-    records: dict[str, list[dict[str, float]]] = {"train_inner": [], "train": [], "valid": []}
-    for line in lines:
-        match = _LOG_RECORD.search(line)
-        if match:
-            values = {}
-            for key, value in json.loads(match.group(2)).items():
-                try:
-                    values[key] = float(value)
-                except (TypeError, ValueError):
-                    continue
-            records[match.group(1)].append(values)
-    return records
-
-
 def train_command(
     config: LMConfig, prepared: lm_data.PreparedData, choice: AttentionChoice, *,
     seed: int, device: str, save_dir: Path,
@@ -117,7 +83,7 @@ def train_command(
     from tasks.fairseq_plugin import USER_DIR
 
     command = [
-        sys.executable, "-m", "tasks.lm.fairseq_train", str(prepared.data_bin),
+        str(prepared.data_bin),
         "--user-dir", USER_DIR, "--task", "language_modeling",
         "--arch", config.arch, "--attention", choice.name,
         "--attention-args", attention_args_text(choice.args),
@@ -324,28 +290,9 @@ class LanguageModelingTask(Task):
         seed: int, device: str, save_dir: Path, workdir: Path,
     ) -> tuple[dict[str, list[dict[str, float]]], dict[str, Any]]:
         """Run fairseq-train in a child process; its parsed log and peak memory."""
-        command = train_command(config, prepared, choice, seed=seed, device=device,
-                                save_dir=save_dir)
-        report = workdir / "train_memory.json"
-        environment = {**os.environ, "ATTNBENCH_TRAIN_REPORT": str(report)}
-        if config.threads:
-            environment["OMP_NUM_THREADS"] = str(config.threads)
-        if device.startswith("cuda:"):
-            environment["CUDA_VISIBLE_DEVICES"] = device.partition(":")[2]
-        root = Path(__file__).resolve().parents[2]
-        environment["PYTHONPATH"] = os.pathsep.join(
-            filter(None, [str(root), environment.get("PYTHONPATH", "")]))
-        (workdir / "train_command.txt").write_text(shlex.join(command) + "\n")
-        completed = subprocess.run(command, env=environment, capture_output=True, text=True,
-                                   check=False)
-        output = completed.stdout + completed.stderr
-        (workdir / "train.log").write_text(output)
-        if completed.returncode != 0:
-            tail = "\n".join(output.splitlines()[-25:])
-            raise RuntimeError(f"fairseq-train failed (exit {completed.returncode}); "
-                               f"log: {workdir / 'train.log'}\n{tail}")
-        memory = json.loads(report.read_text()) if report.exists() else {}
-        return parse_training_log(output.splitlines()), memory
+        arguments = train_command(config, prepared, choice, seed=seed, device=device,
+                                  save_dir=save_dir)
+        return run_fairseq_train(arguments, workdir=workdir, device=device, threads=config.threads)
 
 
 def extrapolation_table(rows: Mapping[str, list[dict[str, float]]], context: int) -> str:

@@ -1,9 +1,10 @@
 """``fairseq-train`` (fairseq's own ``cli_main``), then the peak memory of the process as JSON.
 
-The LM task trains in a child process, ``python -m tasks.lm.fairseq_train ARGS...``, with the
-arguments ``fairseq-train`` takes (the zoo arrives through ``--user-dir``). A separate process
-gives a clean peak-memory figure for each run. When ``$ATTNBENCH_TRAIN_REPORT`` names a file,
-it receives ``{"peak_rss_mib": ..., "cuda_peak_mib": ...}`` after training.
+The child process of :func:`tasks.fairseq_plugin.training.run_fairseq_train`:
+``python -m tasks.fairseq_train ARGS...`` with the arguments ``fairseq-train`` takes. It lives
+outside the plug-in package so that fairseq's CLI configures logging first (its JSON log lines
+are what the parent parses). When ``$ATTNBENCH_TRAIN_REPORT`` names a file, it receives
+``{"peak_rss_mib": ..., "cuda_peak_mib": ...}`` after training.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from fairseq_cli.train import cli_main
 
 
 def main() -> None:
+    """fairseq's own ``fairseq-train`` entry point, then the memory report."""
     cli_main()
     report = os.environ.get("ATTNBENCH_TRAIN_REPORT")
     if report:

@@ -1,0 +1,1 @@
+"""Long-document summarization on fairseq (encoder self, decoder causal self, cross attention)."""
