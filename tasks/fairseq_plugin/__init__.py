@@ -10,14 +10,22 @@ below are absolute, so the models are registered once even when the folder is al
 ``tasks.fairseq_plugin``.
 """
 
-from tasks.fairseq_plugin import compat  # noqa: F401  (must come before any fairseq data path)
+import logging
+
+# Importing fairseq lowers the root logger to DEBUG, which floods every later library's debug
+# output (matplotlib, numba) into a sweep's or a report's console: restore the level after.
+_root_level = logging.getLogger().level
+
+from tasks.fairseq_plugin import compat  # noqa: E402,F401  (must come before any fairseq data path)
 
 # isort: split
-from tasks.fairseq_plugin import (
+from tasks.fairseq_plugin import (  # noqa: E402
     transformer,  # noqa: F401  (registers zoo_transformer)
     transformer_lm,  # noqa: F401  (registers zoo_transformer_lm)
 )
-from tasks.fairseq_plugin.attention import ZooAttention, index_batch, state_bytes
+from tasks.fairseq_plugin.attention import ZooAttention, index_batch, state_bytes  # noqa: E402
+
+logging.getLogger().setLevel(_root_level)
 
 USER_DIR = __path__[0]
 """The folder to pass as fairseq's ``--user-dir``."""
