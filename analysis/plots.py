@@ -84,9 +84,12 @@ def _styled(draw: Callable[P, R]) -> Callable[P, R]:
 def _plain_ticks(ax: Axes) -> None:
     """Tick labels as plain numbers (256, 0.5) on log axes, rather than powers."""
     plain = mpl.ticker.FuncFormatter(lambda value, _: f"{value:g}")
-    for axis in (ax.xaxis, ax.yaxis):
+    for axis, limits in ((ax.xaxis, ax.get_xlim()), (ax.yaxis, ax.get_ylim())):
         axis.set_major_formatter(plain)
-        axis.set_minor_formatter(mpl.ticker.NullFormatter())
+        low, high = sorted(limits)
+        # A log axis spanning less than a decade may hold no major tick: label the minor ones.
+        narrow = axis.get_scale() == "log" and low > 0 and high / low < 10
+        axis.set_minor_formatter(plain if narrow else mpl.ticker.NullFormatter())
 
 
 def _slope_label(label: str, x: Sequence[float], y: Sequence[float]) -> str:
