@@ -10,14 +10,17 @@ imported when that task runs). Its datasets' download commands are callables in 
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import os
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any, ClassVar
+
+import torch
 
 from attention_zoo import AttentionConfigError, HyperParameter, Pattern, attention_spec
 
@@ -185,6 +188,19 @@ def get_task(name: str) -> type[Task]:
                 raise TypeError(f"entry point {name!r} ({ep.value}) is not a Task subclass")
             return task
     raise AttentionConfigError(f"unknown task {name!r}; installed: {', '.join(list_tasks()) or '-'}")
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run the block with ``threads`` intra-op CPU threads (0: leave the setting alone), and
+    restore the caller's setting afterwards, whatever the block did."""
+    previous = torch.get_num_threads()
+    try:
+        if threads:
+            torch.set_num_threads(threads)
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def data_root() -> Path:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 
 from attention_zoo import Pattern, attention_spec
-from tasks.base import AttentionChoice, Metric, Task, TaskResult
+from tasks.base import AttentionChoice, Metric, Task, TaskResult, torch_threads
 from tasks.fairseq_plugin.training import attention_args_text, run_fairseq_train
 from tasks.lm import data as lm_data
 
@@ -140,13 +140,8 @@ class LanguageModelingTask(Task):
         device: str,
         workdir: Path,
     ) -> TaskResult:
-        threads = torch.get_num_threads()
-        try:
-            if config.threads:
-                torch.set_num_threads(config.threads)
+        with torch_threads(config.threads):
             return self._run(config, attention, seed=seed, device=device, workdir=workdir)
-        finally:
-            torch.set_num_threads(threads)  # the caller's setting, whatever the run did
 
     def _run(
         self,

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 
 from attention_zoo import Pattern
-from tasks.base import AttentionChoice, Metric, Task, TaskResult, resolve_attention
+from tasks.base import AttentionChoice, Metric, Task, TaskResult, resolve_attention, torch_threads
 from tasks.fairseq_plugin.training import attention_args_text, run_fairseq_train
 from tasks.summarization import data as sum_data
 
@@ -138,13 +138,8 @@ class SummarizationTask(Task):
         device: str,
         workdir: Path,
     ) -> TaskResult:
-        threads = torch.get_num_threads()
-        try:
-            if config.threads:
-                torch.set_num_threads(config.threads)
+        with torch_threads(config.threads):
             return self._run(config, attention, seed=seed, device=device, workdir=workdir)
-        finally:
-            torch.set_num_threads(threads)
 
     def _run(
         self,
