@@ -1,0 +1,158 @@
+"""MQAR: the generator draws Zoology's distribution (disjoint vocabularies, every key queried
+once at a power-law slot, targets only there), settings that cannot be generated are refused
+naming the limit, the model is causal, and a tiny run trains and reports its metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attention_zoo import AttentionConfigError
+from tasks.base import AttentionChoice, get_task, resolve_attention
+from tasks.mqar.data import (
+    IGNORE,
+    RecallSlice,
+    generate,
+    parse_slices,
+    query_slot_weights,
+)
+from tasks.mqar.model import RecallModel, RecallModelShape
+from tasks.mqar.task import MQARConfig, MQARTask
+
+V = 64
+
+
+def _layout(recall_slice: RecallSlice, **kwargs):
+    data = generate(recall_slice, examples=200, vocab_size=V, seed=3, **kwargs)
+    n = recall_slice.kv_pairs
+    inputs, targets = data.inputs.numpy(), data.targets.numpy()
+    return inputs, targets, inputs[:, 0:2 * n:2], inputs[:, 1:2 * n:2]
+
+
+def test_keys_and_values_come_from_disjoint_vocabularies_without_repeats():
+    inputs, _, keys, values = _layout(RecallSlice(64, 8))
+    assert inputs.shape == (200, 64) and inputs.dtype == np.int64
+    assert keys.min() >= 1 and keys.max() < V // 2
+    assert values.min() >= V // 2 and values.max() < V
+    for row_keys, row_values in zip(keys, values):
+        assert len(set(row_keys)) == 8 and len(set(row_values)) == 8
+
+
+def test_every_key_is_queried_once_after_the_pairs_with_its_value_as_target():
+    inputs, targets, keys, values = _layout(RecallSlice(64, 8), random_filler=False)
+    for row in range(len(inputs)):
+        queried = np.flatnonzero(targets[row] != IGNORE)
+        assert len(queried) == 8
+        assert queried.min() >= 16 and np.all((queried - 16) % 2 == 0)  # slot starts after the pairs
+        bound = dict(zip(keys[row], values[row]))
+        assert sorted(inputs[row, queried]) == sorted(keys[row])
+        assert all(targets[row, q] == bound[inputs[row, q]] for q in queried)
+        filler = np.ones(64, dtype=bool)
+        filler[:16] = False
+        filler[queried] = False
+        assert np.all(inputs[row, filler] == 0)
+
+
+def test_random_filler_draws_the_whole_vocabulary_but_targets_stay_on_queries():
+    inputs, targets, _, _ = _layout(RecallSlice(64, 4), random_filler=True)
+    filler = inputs[:, 8:][targets[:, 8:] == IGNORE]
+    assert filler.min() >= 0 and filler.max() < V
+    assert len(np.unique(filler)) > V // 2  # not a constant pad
+    assert np.all((targets != IGNORE).sum(axis=1) == 4)
+
+
+@pytest.mark.parametrize("power_a", [0.01, 0.5, 1.0])
+def test_query_slots_follow_zoologys_power_law(power_a):
+    """With one pair the slot of the query is one draw from p_i ∝ a i^(a-1)."""
+    recall_slice = RecallSlice(24, 1)
+    data = generate(recall_slice, examples=20000, vocab_size=V, seed=0, power_a=power_a)
+    position = (data.targets != IGNORE).int().argmax(dim=1).numpy()
+    slots = (position - 2) // 2
+    expected = query_slot_weights(11, power_a)
+    observed = np.bincount(slots, minlength=11) / len(slots)
+    np.testing.assert_allclose(observed, expected, atol=0.012)
+    assert np.allclose(query_slot_weights(5, 1.0), 0.2)  # a = 1: uniform
+
+
+def test_the_seed_alone_fixes_the_examples():
+    draw = lambda seed: generate(RecallSlice(32, 4), examples=50, vocab_size=V, seed=seed)  # noqa: E731
+    first, again, other = draw(7), draw(7), draw(8)
+    assert torch.equal(first.inputs, again.inputs) and torch.equal(first.targets, again.targets)
+    assert not torch.equal(first.inputs, other.inputs)
+
+
+def test_splits_use_separate_streams_of_the_run_seed():
+    from tasks.mqar.task import RecallData
+
+    config = MQARConfig(vocab_size=V, seq_len=32, kv_pairs=4, heldout="32:4", train_examples=50,
+                        test_examples=50)
+    data = RecallData.generate(config, seed=1)
+    assert not torch.equal(data.test.inputs, data.train.inputs[:50])
+    assert not torch.equal(data.test.inputs, data.heldout[0].inputs)
+    assert torch.equal(RecallData.generate(config, seed=1).train.inputs, data.train.inputs)
+
+
+# Refusals ---------------------------------------------------------------------------------------
+
+
+def test_more_pairs_than_fit_are_refused_naming_the_limit():
+    with pytest.raises(AttentionConfigError, match=r"17 key-value pairs do not fit in seq_len=64.*"
+                                                   r"at most 16 pairs"):
+        generate(RecallSlice(64, 17), examples=1, vocab_size=8192, seed=0)
+    with pytest.raises(AttentionConfigError, match=r"L64-kv32.*at most 16 pairs"):
+        MQARTask.make_config({"heldout": "64:32"}).check()
+
+
+def test_a_vocabulary_too_small_for_disjoint_keys_and_values_is_refused():
+    with pytest.raises(AttentionConfigError, match=r"vocab_size=16 is too small for 8 distinct keys.*"
+                                                   r"7 key tokens \[1, 8\).*at least 18"):
+        generate(RecallSlice(64, 8), examples=1, vocab_size=16, seed=0)
+    MQARConfig(vocab_size=18, seq_len=32, kv_pairs=8, heldout="").check()  # the limit itself fits
+
+
+def test_unreadable_slices_and_bad_widths_are_refused():
+    with pytest.raises(AttentionConfigError, match=r"cannot read slice '128x8'.*seq_len:kv_pairs"):
+        parse_slices("128x8")
+    assert parse_slices(" 128:8, 256:16 ,") == (RecallSlice(128, 8), RecallSlice(256, 16))
+    with pytest.raises(AttentionConfigError, match=r"d_model=10 is not divisible by heads=4"):
+        MQARConfig(d_model=10, heads=4).check()
+
+
+def test_a_mechanism_without_causal_self_is_refused():
+    with pytest.raises(AttentionConfigError, match=r"needs causal_self attention, which 'lara'"):
+        resolve_attention(MQARTask, AttentionChoice("lara"))
+
+
+# Model and run ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("positions", ["none", "learned"])
+def test_the_model_is_causal(positions):
+    shape = RecallModelShape(vocab_size=V, max_len=16, d_model=16, heads=2, mlp_ratio=2,
+                             positions=positions)
+    model = RecallModel(shape, AttentionChoice("softmax")).eval()
+    tokens = torch.randint(V, (2, 16))
+    changed = tokens.clone()
+    changed[:, 9:] = (changed[:, 9:] + 1) % V
+    with torch.no_grad():
+        before, after = model(tokens), model(changed)
+    torch.testing.assert_close(before[:, :9], after[:, :9])
+    assert not torch.allclose(before[:, 9:], after[:, 9:])
+
+
+def test_a_tiny_run_trains_and_reports_every_slice(tmp_path):
+    assert get_task("mqar") is MQARTask
+    config = MQARTask.make_config({
+        "vocab_size": "32", "seq_len": "16", "kv_pairs": "2", "heldout": "32:4",
+        "train_examples": "64", "test_examples": "20", "d_model": "16", "steps": "30",
+        "batch_size": "16", "lr": "0.01"})
+    result = MQARTask().run(config, AttentionChoice("softmax"), seed=0, device="cpu",
+                            workdir=tmp_path)
+    assert set(result.metrics) == {"accuracy", "accuracy_L32-kv4"}
+    assert all(0.0 <= value <= 1.0 for value in result.metrics.values())
+    losses = result.extra["train_loss"]
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+    assert result.parameters > result.attention_parameters == 0
+    assert result.train_seconds > 0 and result.eval_seconds > 0
+    assert not any(tmp_path.iterdir())  # nothing written but what a run keeps
