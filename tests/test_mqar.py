@@ -75,6 +75,18 @@ def test_query_slots_follow_zoologys_power_law(power_a):
     assert np.allclose(query_slot_weights(5, 1.0), 0.2)  # a = 1: uniform
 
 
+def test_several_queries_are_drawn_in_succession_as_numpys_weighted_choice():
+    """The exponential-keys draw of ordered slot pairs matches ``choice(p=..., replace=False)``."""
+    from tasks.mqar.data import _successive_sample
+
+    weights = query_slot_weights(4, 0.3)
+    ours = _successive_sample(np.random.default_rng(0), weights, 40000, 2)
+    rng = np.random.default_rng(1)
+    numpys = np.stack([rng.choice(4, size=2, replace=False, p=weights) for _ in range(40000)])
+    count = lambda pairs: np.bincount(pairs[:, 0] * 4 + pairs[:, 1], minlength=16) / len(pairs)  # noqa: E731
+    np.testing.assert_allclose(count(ours), count(numpys), atol=0.01)
+
+
 def test_the_seed_alone_fixes_the_examples():
     draw = lambda seed: generate(RecallSlice(32, 4), examples=50, vocab_size=V, seed=seed)  # noqa: E731
     first, again, other = draw(7), draw(7), draw(8)
@@ -122,6 +134,22 @@ def test_unreadable_slices_and_bad_widths_are_refused():
 def test_a_mechanism_without_causal_self_is_refused():
     with pytest.raises(AttentionConfigError, match=r"needs causal_self attention, which 'lara'"):
         resolve_attention(MQARTask, AttentionChoice("lara"))
+
+
+def test_the_presets_are_valid_settings():
+    """smoke.yaml spells out the defaults; every combination of paper.yaml's sweeps is valid."""
+    import itertools
+    from pathlib import Path
+
+    import yaml
+
+    folder = Path(__file__).resolve().parents[1] / "tasks" / "mqar" / "presets"
+    smoke = yaml.safe_load((folder / "smoke.yaml").read_text())
+    assert MQARTask.make_config(smoke) == MQARConfig()
+    paper = yaml.safe_load((folder / "paper.yaml").read_text())
+    sweeps = {k: v if isinstance(v, list) else [v] for k, v in paper.items()}
+    for values in itertools.product(*sweeps.values()):
+        MQARTask.make_config(dict(zip(sweeps, values))).check()
 
 
 # Model and run ----------------------------------------------------------------------------------
