@@ -26,7 +26,7 @@ class MQARConfig:
     """Settings of one MQAR run. The defaults are the smoke size (a CPU trains it in about a
     minute a mechanism); ``presets/paper.yaml`` holds Zoology's sizes."""
 
-    vocab_size: int = field(default=256, metadata={
+    vocab_size: int = field(default=128, metadata={
         "help": "V: keys from [1, V/2), values from [V/2, V) (Zoology: 8192)", "min": 4})
     seq_len: int = field(default=64, metadata={"help": "training sequence length L", "min": 4})
     kv_pairs: int = field(default=8, metadata={"help": "key-value pairs per training example",
@@ -50,7 +50,7 @@ class MQARConfig:
     positions: Literal["none", "learned"] = field(default="none", metadata={
         "help": "position embeddings: none (Zoology's reference configs) or learned"})
     dropout: float = field(default=0.0, metadata={"help": "embedding dropout", "min": 0.0})
-    steps: int = field(default=600, metadata={"help": "optimiser steps", "min": 1})
+    steps: int = field(default=800, metadata={"help": "optimiser steps", "min": 1})
     batch_size: int = field(default=32, metadata={"help": "training batch size", "min": 1})
     lr: float = field(default=3e-3, metadata={"help": "AdamW peak learning rate, cosine to 0",
                                              "min": 0.0})
