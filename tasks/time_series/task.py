@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from tasks.base import AttentionChoice, Metric, Task, TaskResult, resolve_attention
+from tasks.base import AttentionChoice, Metric, Task, TaskResult, resolve_attention, split_heads
 from tasks.time_series.data import (
     ForecastWindows,
     PreparedData,
@@ -230,6 +230,11 @@ class TimeSeriesTask(Task):
         Metric("mae", higher_is_better=False, description="test MAE, standardised values"),
     )
     Config = TimeSeriesConfig
+
+    @classmethod
+    def attention_shapes(cls, config: TimeSeriesConfig) -> dict[str, tuple[int, int]]:
+        shape = split_heads(config.d_model, config.n_heads, f"task {cls.name}: d_model / n_heads")
+        return dict.fromkeys(cls.roles, shape)
 
     def run(
         self,

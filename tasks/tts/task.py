@@ -26,7 +26,7 @@ import soundfile as sf
 import torch
 from torch import Tensor, nn
 
-from tasks.base import AttentionChoice, Metric, Task, TaskResult
+from tasks.base import AttentionChoice, Metric, Task, TaskResult, split_heads
 from tasks.tts import metrics as tts_metrics
 from tasks.tts.adapter import EspnetAttentionAdapter
 from tasks.tts.align import attach_durations, read_durations, run_aligner, write_durations
@@ -131,6 +131,11 @@ class _TTSTask(Task):
     )
     Config = TTSConfig
     model_name: ClassVar[str]
+
+    @classmethod
+    def attention_shapes(cls, config: TTSConfig) -> dict[str, tuple[int, int]]:
+        shape = split_heads(config.adim, config.aheads, f"task {cls.name}: adim / aheads")
+        return dict.fromkeys(cls.roles, shape)
 
     def run(self, config: TTSConfig, attention: Mapping[str, AttentionChoice], *, seed: int,
             device: str, workdir: Path) -> TaskResult:
