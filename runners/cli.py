@@ -367,12 +367,14 @@ def _submitit_parameters(items: Sequence[str], cluster: str) -> dict[str, Any]:
 def _record_problems(console: Console, results_dir: Path) -> None:
     """Name every file in ``results_dir/runs`` that is not a valid record (it is ignored, and
     a cell it stood for runs again)."""
+    from rich.markup import escape
+
     from runners.records import scan_records
 
     folder = results_dir / "runs"
     if folder.is_dir():
         for problem in scan_records(folder, kind="run")[1]:
-            console.print(f"[yellow]ignored {problem.path}: {problem.reason} "
+            console.print(f"[yellow]ignored {escape(str(problem))} "
                           "(not a valid record; its cell, if in this sweep, runs again)[/]")
 
 
@@ -380,6 +382,8 @@ def _plan_run(args: argparse.Namespace, console: Console) -> tuple[Any, list[Any
     """Everything ``attnbench run`` checks before any cell: the preset, the overrides, every
     cell's hyperparameters at its task's shapes, the devices, the results folder. Returns the
     expansion, its cells, those still to run, and the devices."""
+    from rich.markup import escape
+
     from runners.matrix import plan
     from runners.sweep import is_finished, resolve_devices, submitted_job
 
@@ -395,7 +399,7 @@ def _plan_run(args: argparse.Namespace, console: Console) -> tuple[Any, list[Any
         cluster = "slurm" if args.executor == "slurm" else "local"
         args.slurm_parameters = _submitit_parameters(args.slurm, cluster)
     for notice in expansion.notices:
-        console.print(f"[yellow]{notice}[/]")
+        console.print(f"[yellow]{escape(notice)}[/]")
     cells = expansion.cells
     if not cells:
         raise InputError(f"nothing to run: preset {args.preset!r} with these overrides gives no cell "
@@ -630,7 +634,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # here, so that a closed pipe is met inside the try
+        return code
     except BrokenPipeError:
         # The reader went away (`attnbench zoo | head`): stop quietly, as other tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -26,6 +26,7 @@ A block whose task is not installed is skipped with a notice. Overrides, ``KEY=V
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import itertools
 import json
@@ -290,6 +291,15 @@ def _apply_setting(blocks: Sequence[Block], key: str, values: list[str], install
         )
 
 
+def _not_a_typo(name: str, installed: Sequence[str]) -> None:
+    """A task that is not installed is skipped, unless its name is a misspelling of one that
+    is (then the preset is wrong, and nothing of it should run)."""
+    close = difflib.get_close_matches(name, installed, n=1, cutoff=0.8)
+    if close:
+        raise MatrixConfigError(f"unknown task {name!r}: not installed, and close to the installed "
+                                f"{close[0]!r} (a misspelling?); installed: {', '.join(installed)}")
+
+
 def applicable_attentions(task: type[Task]) -> list[str]:
     """Registered mechanisms that support the pattern of every role of ``task``."""
     return [name for name in list_attentions()
@@ -307,6 +317,7 @@ def expand(blocks: Sequence[Block], *, description: str = "") -> Expansion:
     requested: dict[str, bool] = {}
     for block in blocks:
         if block.task not in installed:
+            _not_a_typo(block.task, installed)
             notices.append(f"skipped task {block.task!r}: not installed "
                            f"(installed: {', '.join(installed) or '-'})")
             continue
@@ -331,7 +342,10 @@ def expand(blocks: Sequence[Block], *, description: str = "") -> Expansion:
             settings = json.loads(json.dumps(dataclasses.asdict(config), default=str))
             overrides = {k: settings[k] for k in setting_values}  # typed, as the Config holds them
             where = f"task {block.task}" + "".join(f" {k}={v}" for k, v in sorted(overrides.items()))
-            shapes = role_shapes(task, config, where)
+            try:
+                shapes = role_shapes(task, config, where)
+            except AttentionConfigError as error:
+                raise MatrixConfigError(str(error)) from None
             for name in runnable:
                 spec = attention_spec(name)
                 declared = {hp.name for hp in spec.hyperparameters}
@@ -344,7 +358,10 @@ def expand(blocks: Sequence[Block], *, description: str = "") -> Expansion:
                     resolve_attention(task, AttentionChoice(name, args))
                     # Built at the task's shapes; a value the mechanism takes anyway (its default,
                     # or what an automatic default resolves to) is dropped: one model, one key.
-                    args = fit_attention(task, shapes, name, args, where)
+                    try:
+                        args = fit_attention(task, shapes, name, args, where)
+                    except AttentionConfigError as error:
+                        raise MatrixConfigError(str(error)) from None
                     for seed in block.seeds:
                         cell = Cell(task=block.task, attention=name, attention_args=args,
                                     overrides=overrides, settings=settings, seed=seed,
