@@ -32,6 +32,11 @@ class DatasetUnavailable(RuntimeError):
     """A dataset that cannot be fetched unattended; the message says how to get it by hand."""
 
 
+class DataError(ValueError):
+    """A malformed data file: the message names the file, the row or column where it applies,
+    and what was expected. Raised while a task reads its data, before any training."""
+
+
 @dataclass(frozen=True)
 class AttentionChoice:
     """A mechanism with its hyperparameters, for one attention role of a backbone."""

@@ -195,7 +195,8 @@ def test_the_report_counts_failed_cells_lists_them_and_names_bad_files(tmp_path,
     only_failed = tmp_path / "failed"
     write_record(only_failed / "runs" / "toy" / "x.json", records[2])
     assert main(["report", str(only_failed)]) == 0
-    assert "| lavo(r=4) | steps=3 | 0/1 (error) |" in (only_failed / "report" / "tables" / "task_toy.md").read_text()
+    table = (only_failed / "report" / "tables" / "task_toy.md").read_text()
+    assert "| lavo(r=4) | steps=3 | 0/1 (error) |" in table
 
 
 def test_failed_cells_are_named_by_what_they_ran():
@@ -272,7 +273,8 @@ def test_bad_numbers_are_refused_by_the_parser(argv, message, capsys):
 
 
 @pytest.mark.parametrize(("argv", "message"), [
-    (["efficiency", "--patterns", "causal"], r"unknown attention pattern 'causal'; valid: noncausal_self, causal_self"),
+    (["efficiency", "--patterns", "causal"],
+     r"unknown attention pattern 'causal'; valid: noncausal_self, causal_self"),
     (["efficiency", "--attention", "softmax", "--attention-args", "lavo:r=8"],
      r"--attention-args for lavo, which --attention does not select \(softmax\)"),
     (["efficiency", "--attention", "s4d", "--patterns", "noncausal_cross"],
@@ -391,3 +393,71 @@ def test_two_runs_on_one_folder_compute_each_cell_once(shaped):
     both = " ".join(" ".join(outputs).split())
     assert "is being computed by another run (pid" in both
     assert all("3 records in" in " ".join(out.split()) for out in outputs)  # both have the table
+
+
+# Data readers ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ("when,OT\n2016-07-01 00:00:00,1.0\n", r"no 'date' column \(columns: when, OT\)"),
+    ("date,HUFL,OT\n2016-07-01 00:00:00,1.0,2.0\n2016-07-01 01:00:00,abc,2.0\n",
+     r"line 3, column 'HUFL': 'abc' is not a finite number$"),
+    ('date,HUFL,OT\n2016-07-01 00:00:00,"1,5",2.0\n', r"line 2, column 'HUFL': '1,5' is not a finite "
+                                                      r"number \(a decimal comma\? numbers use '\.'\)"),
+    ("date,HUFL,OT\n2016-07-01 00:00:00,1.0,2.0\n2016-07-01 01:00:00,1.0,nan\n",
+     r"line 3, column 'OT': 'nan' is not a finite number"),
+    ("date,HUFL,OT\n2016-07-01 00:00:00,1.0,2.0\n2016-07-01 01:00:00,inf,2.0\n",
+     r"line 3, column 'HUFL': 'inf' is not a finite number"),
+    ("date,HUFL,OT\n2016-07-01 00:00:00,1.0,2.0\n2016-07-01 01:00:00,1.0,\n",
+     r"line 3, column 'OT': '' is not a finite number"),
+    ("date,OT\n2016-07-01 00:00:00,1.0\nyesterday,2.0\n",
+     r"line 3, column 'date': 'yesterday' is not a date"),
+])
+def test_time_series_files_are_checked_naming_file_line_and_column(tmp_path, body, message):
+    from tasks.base import DataError
+    from tasks.time_series.data import read_series
+
+    path = tmp_path / "ETTh1.csv"
+    path.write_text(body)
+    with pytest.raises(DataError, match=re.escape(str(path)) + ": .*" + message):
+        read_series(path)
+
+
+def test_lm_books_that_are_not_utf8_or_empty_are_named(tmp_path):
+    from tasks.base import DataError
+    from tasks.lm.data import book_lines, split_files
+
+    latin = tmp_path / "train" / "latin.txt"
+    latin.parent.mkdir()
+    latin.write_bytes("first line\ncaf\xe9 au lait\n".encode("latin-1"))
+    with pytest.raises(DataError, match=re.escape(str(latin)) + r": not UTF-8 text: byte 14 \(line 2\) is "
+                       r"b'\\xe9' \(invalid continuation byte\)"):
+        book_lines(latin)
+    blank = tmp_path / "train" / "blank.txt"
+    blank.write_text("\n \n")
+    with pytest.raises(DataError, match=re.escape(str(blank)) + ": a book without text"):
+        book_lines(blank)
+    (tmp_path / "train" / "zero.txt").write_text("")
+    with pytest.raises(DataError, match=r"zero.txt: an empty book \(1 of 3 in .*train are empty\)"):
+        split_files(tmp_path, "train")
+
+
+def test_point_clouds_without_finite_points_are_named(tmp_path):
+    import numpy as np
+
+    from tasks.base import DataError
+    from tasks.point_cloud.data import PCNDataset
+    from tasks.point_cloud.pcd import write_pcd
+
+    cloud = np.random.default_rng(0).normal(size=(8, 3))
+    holes = cloud.copy()
+    holes[[2, 5]] = np.nan
+    nothing = np.full((8, 3), np.nan)
+    for name, points in (("holes", holes), ("nothing", nothing)):
+        write_pcd(tmp_path / f"{name}.pcd", points)
+    assert len(PCNDataset._read(tmp_path / "holes.pcd")) == 6  # a partial cloud drops its holes
+    with pytest.raises(DataError, match=r"nothing.pcd: none of its 8 points is finite"):
+        PCNDataset._read(tmp_path / "nothing.pcd")
+    with pytest.raises(DataError, match=r"holes.pcd: point 2 of 8 has a NaN or infinite coordinate; "
+                       r"a complete \(ground-truth\) cloud must be finite"):
+        PCNDataset._read(tmp_path / "holes.pcd", complete=True)
