@@ -461,3 +461,26 @@ def test_point_clouds_without_finite_points_are_named(tmp_path):
     with pytest.raises(DataError, match=r"holes.pcd: point 2 of 8 has a NaN or infinite coordinate; "
                        r"a complete \(ground-truth\) cloud must be finite"):
         PCNDataset._read(tmp_path / "holes.pcd", complete=True)
+
+
+def test_a_failed_fairseq_train_names_its_exception_first(tmp_path, monkeypatch):
+    from tasks.fairseq_plugin import training
+
+    script = "import sys; print('| INFO | epoch 001'); sys.stdout.flush(); raise ValueError('lavo: r=64 > 32')"
+    monkeypatch.setattr(training, "train_command", lambda arguments: [sys.executable, "-c", script])
+    with pytest.raises(RuntimeError) as error:
+        training.run_fairseq_train([], workdir=tmp_path, device="cpu")
+    first = str(error.value).splitlines()[0]
+    assert first == f"fairseq-train failed (exit 1): ValueError: lavo: r=64 > 32; log: {tmp_path / 'train.log'}"
+
+
+def test_the_lm_sweep_of_the_readme_is_checked_at_the_fairseq_model_shape():
+    pytest.importorskip("fairseq")
+    # The smoke LM is 128 wide in 4 heads: r=64 cannot fit its head dimension of 32.
+    with pytest.raises(MatrixConfigError, match=r"task lm .*: lavo cannot run in role 'self' \(4 heads of "
+                       r"dimension 32\): lavo: r=64 exceeds head_dim=32"):
+        plan("smoke", ["task=lm", "attention=lavo", "attention.r=16,32,64"])
+    # Made wider through fairseq's own flags, it fits.
+    wide = plan("smoke", ["task=lm", "attention=lavo", "attention.r=64",
+                          "lm.fairseq_args=--decoder-embed-dim 256"]).cells
+    assert [c.attention_args for c in wide] == [{}]  # r=64 is LAVO's default at head dimension 64

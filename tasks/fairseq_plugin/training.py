@@ -20,6 +20,8 @@ from typing import Any
 
 _LOG_RECORD = re.compile(r"\| (train_inner|train|valid) \| (\{.*\})\s*$")
 _ROOT = Path(__file__).resolve().parents[2]
+_EXCEPTION = re.compile(r"^[\w.]*(Error|Exception)\b: ")
+"""A line of a Python traceback that names the exception (the last such line is the cause)."""
 
 TrainingLog = dict[str, list[dict[str, float]]]
 
@@ -124,8 +126,10 @@ def run_fairseq_train(
     output = completed.stdout + completed.stderr
     (workdir / "train.log").write_text(output)
     if completed.returncode != 0:
-        tail = "\n".join(output.splitlines()[-25:])
-        raise RuntimeError(f"fairseq-train failed (exit {completed.returncode}); "
-                           f"log: {workdir / 'train.log'}\n{tail}")
+        lines = output.splitlines()
+        causes = [line.strip() for line in lines if _EXCEPTION.match(line.strip())]
+        cause = f": {causes[-1]}" if causes else ""
+        raise RuntimeError(f"fairseq-train failed (exit {completed.returncode}){cause}; "
+                           f"log: {workdir / 'train.log'}\n" + "\n".join(lines[-25:]))
     memory = json.loads(report.read_text()) if report.exists() else {}
     return parse_training_log(output.splitlines()), memory
