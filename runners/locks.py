@@ -35,7 +35,7 @@ def describe_this_run() -> str:
 
 
 class CellLock:
-    """The lock of one cell: :meth:`acquire` without waiting, :meth:`release`, or ``with``."""
+    """The lock of one cell: :meth:`acquire` (without waiting) and :meth:`release`."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -44,14 +44,18 @@ class CellLock:
     def acquire(self, owner: str) -> bool:
         """Take the lock and write ``owner`` into it; False (at once) if another process holds it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fd, writable = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666), True
+        except PermissionError:  # another user's lock file: lockable, not writable
+            fd, writable = os.open(self.path, os.O_RDONLY), False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             os.close(fd)
             return False
-        os.ftruncate(fd, 0)
-        os.write(fd, (owner.strip() + "\n").encode())
+        if writable:
+            os.ftruncate(fd, 0)
+            os.write(fd, (owner.strip() + "\n").encode())
         self._fd = fd
         return True
 
@@ -65,7 +69,7 @@ class CellLock:
 def holder(path: Path) -> str | None:
     """Who holds the lock at ``path`` (the line it wrote), or None when nobody does."""
     try:
-        fd = os.open(path, os.O_RDWR)
+        fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
         return None
     try:
