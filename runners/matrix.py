@@ -343,6 +343,7 @@ def expand(blocks: Sequence[Block], *, description: str = "") -> Expansion:
             overrides = {k: settings[k] for k in setting_values}  # typed, as the Config holds them
             where = f"task {block.task}" + "".join(f" {k}={v}" for k, v in sorted(overrides.items()))
             try:
+                task.check_settings(config)
                 shapes = role_shapes(task, config, where)
             except AttentionConfigError as error:
                 raise MatrixConfigError(str(error)) from None

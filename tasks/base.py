@@ -130,6 +130,13 @@ class Task(abc.ABC):
         return {}
 
     @classmethod
+    def check_settings(cls, config: Any) -> None:
+        """Check ``config`` against what is known before a run (the size of the data, where it
+        is at hand) and raise :class:`AttentionConfigError` naming what does not fit. The
+        default checks nothing beyond the types of the fields."""
+        return None
+
+    @classmethod
     def config_fields(cls) -> tuple[HyperParameter, ...]:
         """The typed fields of ``Config`` (for validating overrides before anything runs)."""
         hints = typing.get_type_hints(cls.Config)

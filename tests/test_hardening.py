@@ -502,3 +502,14 @@ def test_a_cell_lock_names_its_holder_and_is_free_once_released(tmp_path):
     first.release()
     assert holder(path) is None and second.acquire("pid 2") and holder(path) == "pid 2"
     second.release()
+
+
+def test_time_series_settings_are_checked_against_the_file_size():
+    with pytest.raises(MatrixConfigError, match=r"task time_series: .*ETTh1.csv: seq_len=9000 is longer than "
+                       r"the training split \(8640 rows\)"):
+        plan("smoke", ["task=time_series", "seq_len=9000"])
+    with pytest.raises(MatrixConfigError, match=r"ETTh1.csv: the val split has 2976 rows, fewer than "
+                       r"seq_len \+ pred_len = 3096"):
+        plan("smoke", ["task=time_series", "pred_len=3000"])
+    with pytest.raises(MatrixConfigError, match=r"label_len=200 must not exceed seq_len=96"):
+        plan("smoke", ["task=time_series", "label_len=200"])
