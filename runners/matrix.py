@@ -255,14 +255,14 @@ def apply_overrides(blocks: Sequence[Block], overrides: Sequence[Override]) -> l
                 block.attention_args[key.removeprefix("attention.")] = values
                 block.required_args.add(key.removeprefix("attention."))
         elif key == "seed":
-            seeds = [_seed(v, "seed=") for v in values]
+            seeds = [_seed(v, f"override seed={v}") for v in values]
             for block in blocks:
                 block.seeds = seeds
         elif key == "timeout":
             if len(values) != 1:
                 raise MatrixConfigError(f"timeout takes one value, got {','.join(values)}")
             for block in blocks:
-                block.timeout = _timeout(values[0], "timeout=")
+                block.timeout = _timeout(values[0], f"override timeout={values[0]}")
         else:
             _apply_setting(blocks, key, values, installed)
     return blocks
