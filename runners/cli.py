@@ -424,6 +424,7 @@ def _terminate_as_interrupt(signum: int, frame: object) -> None:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    from rich.markup import escape
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from runners.summary import describe_cell
@@ -442,7 +443,7 @@ def command_run(args: argparse.Namespace) -> int:
                       "seeds, timeouts, devices")
         for cell in cells:
             state = "todo" if cell in todo else "done"
-            console.print(f"  {state}  {cell.key}  {describe_cell(cell.to_json())}")
+            console.print(f"  {state}  {cell.key}  {escape(describe_cell(cell.to_json()))}")
         return 0
 
     counts = {"ok": 0, "failed": 0}
@@ -460,10 +461,10 @@ def command_run(args: argparse.Namespace) -> int:
                             remaining=len(todo) - done)
             colour = "green" if status == "ok" else "red"
             progress.console.print(f"  [{colour}]{status:>7}[/] {seconds:7.1f} s  "
-                                   f"{describe_cell(cell.to_json())}  ({cell.key})")
+                                   f"{escape(describe_cell(cell.to_json()))}  ({cell.key})")
 
         def on_notice(text: str) -> None:
-            progress.console.print(f"  [yellow]{text}[/]")
+            progress.console.print(f"  [yellow]{escape(text)}[/]")
 
         if args.executor == "local":
             previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
@@ -493,6 +494,8 @@ def command_run(args: argparse.Namespace) -> int:
 
 def _run_summary(console: Console, results_dir: Path, cells: Sequence[Any]) -> int:
     """The tables, parameter flags and failures of this sweep's records; the exit status."""
+    from rich.markup import escape
+
     from runners.records import scan_records
     from runners.summary import failures, parameter_flags, summary_tables
     from runners.sweep import KIND
@@ -502,9 +505,9 @@ def _run_summary(console: Console, results_dir: Path, cells: Sequence[Any]) -> i
     for table in summary_tables(records):
         console.print(table)
     for line in parameter_flags(records):
-        console.print(f"[yellow]parameter flag[/]: {line}")
+        console.print(f"[yellow]parameter flag[/]: {escape(line)}")
     for line in failures(records):
-        console.print(f"[red]failed[/]: {line}")
+        console.print(f"[red]failed[/]: {escape(line)}")
     missing = len(wanted) - len(records)
     console.print(f"{len(records)} records in {results_dir / 'runs'}"
                   + (f"; {missing} cells of this sweep have none yet" if missing else ""))

@@ -111,6 +111,7 @@ def test_unreadable_records_are_named_and_their_cells_recomputed(shaped, capsys)
     out = " ".join(capsys.readouterr().out.split())
     assert f"ignored {record}: not valid JSON" in out and "0 already finished" in out and "1 to run" in out
     assert "empty.json: empty file" in out and "other.json: schema 'x/9'" in out
+    assert "shaped_value softmax [steps=3] seed 0" in out  # the cell, named by what it ran
     assert len(log_lines(shaped, "done ")) == 1  # computed, not counted as finished
     assert scan_records(results / "runs", kind="run")[0][0]["status"] == "ok"
 
