@@ -514,3 +514,10 @@ def test_time_series_settings_are_checked_against_the_file_size():
         plan("smoke", ["task=time_series", "pred_len=3000"])
     with pytest.raises(MatrixConfigError, match=r"label_len=200 must not exceed seq_len=96"):
         plan("smoke", ["task=time_series", "label_len=200"])
+
+
+def test_tts_settings_are_checked_against_the_clips_at_hand():
+    pytest.importorskip("espnet2")
+    with pytest.raises(MatrixConfigError, match=r"task tts_transformer: .*ljspeech_mini: 24 training and "
+                       r"4 test clips; eval_clips=9 asks for more"):
+        plan("smoke", ["task=tts_transformer", "eval_clips=9"])
