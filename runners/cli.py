@@ -442,8 +442,7 @@ def command_run(args: argparse.Namespace) -> int:
         console.print("every cell validated: settings, hyperparameters at each task's attention shapes, "
                       "seeds, timeouts, devices")
         for cell in cells:
-            state = "todo" if cell in todo else "done"
-            console.print(f"  {state}  {cell.key}  {escape(describe_cell(cell.to_json()))}")
+            console.print(f"  {'todo' if cell in todo else 'done'}  {cell.key}")
         return 0
 
     counts = {"ok": 0, "failed": 0}
