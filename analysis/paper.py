@@ -21,7 +21,7 @@ CAB_FALLBACK = {
     "tts_fastspeech2": ((Pattern.NONCAUSAL_SELF,), ("mcd", "msd")),
     "tts_transformer": ((Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF, Pattern.CAUSAL_CROSS),
                         ("mcd", "msd")),
-    "summarization": ((Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF, Pattern.NONCAUSAL_CROSS),
+    "summarization": ((Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF, Pattern.CAUSAL_CROSS),
                       ("rouge1", "rouge2", "rougeL")),
     "time_series": ((Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF, Pattern.NONCAUSAL_CROSS), ("mse", "mae")),
     "point_cloud": ((Pattern.NONCAUSAL_SELF, Pattern.NONCAUSAL_CROSS), ("cd_l1", "cd_l2", "f_score")),

@@ -26,7 +26,7 @@ def _fast_and_naive(pattern, length, *, padding=None, **config):
     fast = attention(q, k, v, mask)
     naive = lavo_naive(
         q, k, v, bases=attention.bases, position_bias=attention.position_bias,
-        w=attention.w, causal=pattern.causal, cross=pattern.cross,
+        w=attention.w, causal=pattern.triangular, cross=pattern.cross,
         combine=attention.config.combine, key_padding_mask=mask,
     )
     if mask is not None and not pattern.cross:  # padded query rows are meaningless

@@ -178,7 +178,7 @@ def test_streaming_equals_the_parallel_pass(lm_run: dict[str, Any]) -> None:
 
 
 ADAPTER_CASES = [(name, pattern) for pattern in (Pattern.CAUSAL_SELF, Pattern.NONCAUSAL_SELF,
-                                                  Pattern.NONCAUSAL_CROSS)
+                                                  Pattern.NONCAUSAL_CROSS, Pattern.CAUSAL_CROSS)
                  for name in list_attentions(pattern)]
 
 
@@ -204,7 +204,7 @@ def test_adapter_equals_zoo_layer(name: str, pattern: Pattern) -> None:
     expected = layer(x, source, source, padding) if pattern.cross else layer(
         x, key_padding_mask=padding)
     torch.testing.assert_close(out.transpose(0, 1), expected)
-    if pattern == Pattern.NONCAUSAL_CROSS and not attention_spec(name).mixes_queries:
+    if pattern == Pattern.CAUSAL_CROSS:
         # Encoder-decoder attention during generation: one new query, static keys and values.
         step, _ = adapter(x[:, 4:5].transpose(0, 1), source.transpose(0, 1),
                           source.transpose(0, 1), key_padding_mask=padding,

@@ -88,7 +88,8 @@ class NystromAttention(Attention):
 
     Config = NystromConfig
     patterns = frozenset({Pattern.NONCAUSAL_SELF, Pattern.NONCAUSAL_CROSS})
-    mixes_queries = True  # query landmarks are segment means over every query
+    # Query landmarks are segment means over every query: in cross attention a query alone does
+    # not give its row of the whole pass, so there is no causal_cross (nor any causal pattern).
     complexity = Complexity.LINEAR
     reference = (
         "Xiong et al., Nystromformer: A Nystrom-Based Algorithm for Approximating "

@@ -58,8 +58,9 @@ class ProbSparseAttention(Attention):
     """
 
     Config = ProbSparseConfig
-    patterns = frozenset(Pattern)
-    mixes_queries = True  # the top-u active queries are chosen among all queries
+    # The active queries are chosen among all queries, so in cross attention a query alone does
+    # not give its row of the whole pass: no causal_cross (a decoder's cross attention).
+    patterns = frozenset({Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF, Pattern.NONCAUSAL_CROSS})
     complexity = Complexity.LOGLINEAR
     reference = (
         "Zhou et al., Informer: Beyond Efficient Transformer for Long Sequence Time-Series "

@@ -139,7 +139,7 @@ class LAVOAttention(Attention):
     - out = (F_global + F_local) / 2 (``combine="average"``), or one softmax over both sets of
       logits (``combine="joint"``). Cross attention: out = F_global.
 
-    Causal cross attention uses the running mean over source positions s <= t. Time
+    Cross attention (causal or not) reads the memory of the whole source. Time
     O(n (r + w) d), activations O(n (r + w)). Decoding state O(r + w d) per head.
     """
 
@@ -263,15 +263,10 @@ class LAVOAttention(Attention):
             counts = (~key_padding_mask).to(k.dtype)[:, :, None, None]  # [B, Lk, 1, 1]
             key_coeffs = key_coeffs * counts
             value_coeffs = value_coeffs * counts
-        if self.pattern.causal:
+        if self.pattern.triangular:
             counts = counts.cumsum(dim=1)
             key_coeffs = key_coeffs.cumsum(dim=1)
             value_coeffs = value_coeffs.cumsum(dim=1)
-            if self.pattern.cross:  # index-aligned: query t reads the source prefix s <= t
-                aligned = torch.arange(q.shape[1], device=q.device).clamp(max=k.shape[1] - 1)
-                counts, key_coeffs, value_coeffs = (
-                    x[:, aligned] for x in (counts, key_coeffs, value_coeffs)
-                )
         else:
             counts = counts.sum(dim=1, keepdim=True)
             key_coeffs = key_coeffs.sum(dim=1, keepdim=True)

@@ -34,7 +34,8 @@ def lavo_naive(
         bases: [H, r, D] orthonormal rows.
         position_bias: [H, 2w-1] relative bias of the local scores, or None.
         w: window size.
-        causal: query t sees source positions s <= t.
+        causal: causal self attention (query t sees keys s <= t; cross attention sees the whole
+            source, causal or not).
         cross: cross attention (global read only, no window).
         combine: "average" (mean of global and local reads) or "joint" (one softmax).
         key_padding_mask: [B, Lk] bool, True at padding.
