@@ -366,7 +366,7 @@ class Attention(nn.Module):
             [B, Lq, H, D], same dtype as ``q``.
         """
         self._check_inputs(q, k, v, key_padding_mask)
-        if self.uses_layer_input:
+        if self.needs_layer_input:
             self.require_layer_input(layer_input, q, k)
         return self.attend(q, k, v, key_padding_mask, layer_input)
 
@@ -381,11 +381,17 @@ class Attention(nn.Module):
         """The mechanism itself, on checked inputs (see :meth:`forward` for shapes)."""
         raise NotImplementedError
 
+    @property
+    def needs_layer_input(self) -> bool:
+        """Whether this instance reads :class:`LayerInput`: ``uses_layer_input``, unless its
+        configuration does without (a subclass may override it, as LAVO's ``memory="kv"``)."""
+        return self.uses_layer_input
+
     def require_layer_input(self, layer_input: LayerInput | None, q: Tensor, k: Tensor) -> LayerInput:
         """``layer_input``, checked against q [B, Lq, H, D] and k [B, Lk, H, D]; raises if absent.
 
-        :meth:`forward` calls it for mechanisms that declare ``uses_layer_input``; their
-        :meth:`step` calls it too.
+        :meth:`forward` calls it when :attr:`needs_layer_input`; such a mechanism's :meth:`step`
+        calls it too.
         """
         if layer_input is None:
             raise ValueError(

@@ -116,7 +116,7 @@ def run(
     """``attention(q, k, v, key_padding_mask)``; for a mechanism that ``uses_layer_input``, q (and
     in cross attention k) [B, L, H, D] are read as the layer's input [B, L, H*D] and projected
     (v is then unused: values come from the same source as keys)."""
-    if not attention.uses_layer_input:
+    if not attention.needs_layer_input:
         return attention(q, k, v, key_padding_mask)
     q, k, v, layer_input = _through_layer(attention, q, k)
     return attention(q, k, v, key_padding_mask, layer_input=layer_input)
@@ -132,7 +132,7 @@ def _through_layer(attention: Attention, q: Tensor, k: Tensor) -> tuple[Tensor, 
 
 def _used_inputs(attention: Attention) -> tuple[str, ...]:
     """Which of the drawn q, k, v a check's call reads (see :func:`run`)."""
-    if not attention.uses_layer_input:
+    if not attention.needs_layer_input:
         return ("q", "k", "v")
     return ("q", "k") if attention.pattern.cross else ("q",)
 
@@ -323,7 +323,7 @@ def check_decoding(name: str, pattern: Pattern, **config: Any) -> None:
     steps = []
     for t in range(q.shape[1]):
         q_t, k_t, v_t = q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1]
-        if attention.uses_layer_input:
+        if attention.needs_layer_input:
             q_t, k_t, v_t, layer_input = _through_layer(attention, q_t, k_t)
             out, state = attention.step(q_t, k_t, v_t, state, layer_input=layer_input)
         else:

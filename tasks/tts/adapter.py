@@ -91,7 +91,7 @@ class EspnetAttentionAdapter(nn.Module):
         padding = key_padding_mask(mask, query.shape[1], key.shape[1],
                                    causal=self.pattern.triangular)
         layer_input = None
-        if self.attention.uses_layer_input:
+        if self.attention.needs_layer_input:
             if value is not key:
                 raise ValueError(f"{self.attention.name} reads the layer's key/value input, so "
                                  "keys and values must be one tensor")
