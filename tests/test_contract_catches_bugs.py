@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -43,13 +45,10 @@ def test_lavo_with_a_global_mean_in_causal_mode_leaks(scratch_registry):
     class LeakyLAVO(LAVOAttention):
         """LAVO whose causal memory is the mean over the whole sequence."""
 
-        def _memory(self, q, k, v, bases, key_padding_mask):
-            pattern = self.pattern
-            self.pattern = Pattern.NONCAUSAL_SELF
-            try:
-                return super()._memory(q, k, v, bases, key_padding_mask)
-            finally:
-                self.pattern = pattern
+        def _memory(self, k, v, layer_input, dtype):
+            memory = super()._memory(k, v, layer_input, dtype)
+            coeffs = memory.key_coeffs.mean(1, keepdim=True).expand_as(memory.key_coeffs)
+            return dataclasses.replace(memory, key_coeffs=coeffs)
 
     name = _register(scratch_registry, "leaky_lavo", LeakyLAVO)
     with pytest.raises(AssertionError, match="future leaks"):
@@ -60,9 +59,10 @@ def test_batch_mixing_is_caught(scratch_registry):
     class BatchMixer(LAVOAttention):
         """LAVO whose memory is shared across the batch (statistics over the batch)."""
 
-        def _memory(self, q, k, v, bases, key_padding_mask):
-            logits, has_memory, values = super()._memory(q, k, v, bases, key_padding_mask)
-            return logits.mean(0, keepdim=True).expand_as(logits), has_memory, values
+        def _memory(self, k, v, layer_input, dtype):
+            memory = super()._memory(k, v, layer_input, dtype)
+            coeffs = memory.key_coeffs.mean(0, keepdim=True).expand_as(memory.key_coeffs)
+            return dataclasses.replace(memory, key_coeffs=coeffs)
 
     name = _register(scratch_registry, "batch_mixer", BatchMixer)
     with pytest.raises(AssertionError, match=r"batched with others|other samples change"):
