@@ -159,7 +159,7 @@ def test_auto_states_why_the_input_memory_runs_on_pytorch():
     attention = build_attention("lavo", pattern="causal_self", heads=2, head_dim=8, backend="auto")
     q = torch.randn(1, 9, 2, 8)
     assert "memory='input'" in attention.triton_unsupported(q, None)
-    with pytest.raises(AttentionConfigError, match="memory='kv'; got .* memory='input'"):
+    with pytest.raises(AttentionConfigError, match=r"memory='kv'; got .* memory='input'"):
         build_attention("lavo", pattern="causal_self", heads=2, head_dim=8, backend="triton")
 
 

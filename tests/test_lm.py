@@ -25,7 +25,7 @@ from tasks.base import AttentionChoice, get_fetcher, get_task, resolve_attention
 from tasks.fairseq_plugin import USER_DIR, ZooAttention, state_bytes
 from tasks.lm import data as lm_data
 from tasks.lm import evaluate
-from tasks.lm.task import extrapolation_multiples
+from tasks.lm.task import evaluation_length, extrapolation_multiples
 
 CAUSAL = list_attentions(Pattern.CAUSAL_SELF)
 DECODING = [name for name in CAUSAL if attention_spec(name).decoding]
@@ -270,6 +270,11 @@ def test_bad_attention_gives_clear_errors(lm_run: dict[str, Any]) -> None:
         task.make_config({"tokenizer": "wordpiece"})
     with pytest.raises(ValueError, match=r"got '2,x'"):
         extrapolation_multiples("2,x")
+    assert extrapolation_multiples("2,1.5,4.0") == [1, 1.5, 2, 4]
+    with pytest.raises(ValueError, match=r"got '0,2'"):
+        extrapolation_multiples("0,2")
+    with pytest.raises(ValueError, match=r"1.5 x seq_len 33 = 49.5 is not a whole number"):
+        evaluation_length(1.5, 33)
 
 
 def test_compat_patches_stay_local() -> None:
