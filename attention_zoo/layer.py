@@ -94,7 +94,7 @@ class MultiHeadAttention(nn.Module):
         """The layer's input for mechanisms that declare ``uses_layer_input`` (None otherwise)."""
         if not self.attention.needs_layer_input:
             return None
-        if value is not key:
+        if not _same_tensor(value, key):
             raise ValueError(
                 f"{self.attention.name} reads the layer's key/value input, so keys and values "
                 "must come from one source tensor (pass value=None or the key tensor itself)"
@@ -116,3 +116,9 @@ class MultiHeadAttention(nn.Module):
         else:
             out, state = self.attention.step(q, k, v, state)
         return self.out_proj(out.reshape(*out.shape[:2], self.embed_dim)), state
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    """Whether a and b are the same tensor, or views of the same data with the same layout."""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape
+                      and a.stride() == b.stride() and a.dtype == b.dtype)

@@ -210,6 +210,10 @@ def test_adapter_equals_zoo_layer(name: str, pattern: Pattern) -> None:
                           source.transpose(0, 1), key_padding_mask=padding,
                           incremental_state={}, static_kv=True)
         torch.testing.assert_close(step.transpose(0, 1), expected[:, 4:5])
+    elif pattern == Pattern.NONCAUSAL_CROSS:
+        with pytest.raises(NotImplementedError, match="needs the causal_cross pattern"):
+            adapter(x[:, 4:5].transpose(0, 1), source.transpose(0, 1), source.transpose(0, 1),
+                    incremental_state={}, static_kv=True)
 
 
 @pytest.mark.parametrize("name", CAUSAL)

@@ -190,7 +190,8 @@ class ZooAttention(nn.Module):
             if key is None:
                 raise ValueError(f"{self.pattern.value} attention needs key and value inputs")
             source = key.transpose(0, 1)  # [B, S, kdim]
-            source_values = source if value is None else value.transpose(0, 1)  # [B, S, vdim]
+            # fairseq passes the encoder output as both key and value: keep it one tensor.
+            source_values = source if value is None or value is key else value.transpose(0, 1)
             if incremental_state is not None and not self.pattern.causal:
                 raise NotImplementedError(
                     f"{self.spec.name}: incremental decoding of cross attention feeds queries "
