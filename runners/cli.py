@@ -293,21 +293,29 @@ def command_run(args: argparse.Namespace) -> int:
     expansion = plan(args.preset, args.overrides)
     preset = Path(args.preset).stem
     try:
-        devices = resolve_devices(args.device, args.jobs)
+        # A SLURM job's device is decided against the partition (runners.cluster), not here.
+        devices = resolve_devices(args.device, args.jobs) if args.executor != "slurm" else []
     except ValueError as error:
         raise AttentionConfigError(str(error)) from None
     for notice in expansion.notices:
         console.print(f"[yellow]{notice}[/]")
     cells = expansion.cells
     todo = [c for c in cells if not is_finished(args.results_dir, c, retry_failed=args.retry_failed)]
+    following: dict[str, Any] = {}
     in_flight = {c.key: job for c in todo if (job := submitted_job(args.results_dir, c))}
-    if in_flight and not args.resubmit:
+    if args.executor == "slurm" and not args.dry_run:
+        from runners.cluster import earlier_submissions
+
+        todo, following = earlier_submissions(todo, args.results_dir, preset=preset,
+                                              resubmit=args.resubmit,
+                                              say=lambda line: console.print(f"[yellow]{escape(line)}[/]"))
+    elif in_flight and not args.resubmit:
         console.print(f"[yellow]{len(in_flight)} cells were submitted earlier and have no record yet "
                       f"(jobs {', '.join(sorted(set(in_flight.values()))[:10])}): not submitted again; "
                       "--resubmit submits them again (after those jobs died)[/]")
         todo = [c for c in todo if c.key not in in_flight]
     console.print(f"[bold]attnbench run {preset}[/]: {expansion.description}".rstrip(": "))
-    console.print(f"{len(cells)} cells, {len(cells) - len(todo)} already finished in "
+    console.print(f"{len(cells)} cells, {len(cells) - len(todo) - len(following)} already finished in "
                   f"{args.results_dir / 'runs'}, {len(todo)} to run "
                   f"({args.executor}" + (f", {args.jobs} at once on {', '.join(devices)})"
                                          if args.executor == "local" else ")"))
@@ -324,14 +332,15 @@ def command_run(args: argparse.Namespace) -> int:
                   TextColumn("{task.fields[ok]} ok, [red]{task.fields[failed]} failed[/], "
                              "{task.fields[remaining]} remaining"),
                   TextColumn("ETA"), TimeRemainingColumn(), console=console,
-                  disable=not todo) as progress:
-        bar = progress.add_task(preset, total=len(todo), ok=0, failed=0, remaining=len(todo))
+                  disable=not todo and not following) as progress:
+        total = len(todo) + len(following)
+        bar = progress.add_task(preset, total=total, ok=0, failed=0, remaining=total)
 
         def on_done(cell: Any, status: str, seconds: float) -> None:
             counts["ok" if status == "ok" else "failed"] += 1
             done = counts["ok"] + counts["failed"]
             progress.update(bar, advance=1, ok=counts["ok"], failed=counts["failed"],
-                            remaining=len(todo) - done)
+                            remaining=total - done)
             colour = "green" if status == "ok" else "red"
             progress.console.print(f"  [{colour}]{status:>7}[/] {seconds:7.1f} s  {cell.key}")
 
@@ -344,9 +353,14 @@ def command_run(args: argparse.Namespace) -> int:
                 console.print(f"interrupted: {counts['ok'] + counts['failed']} cells finished and kept; "
                               "run the same command again to resume")
                 return 130
+        elif args.executor == "slurm":
+            code = _run_on_slurm(args, todo, following, preset=preset, on_done=on_done,
+                                 say=progress.console.print)
+            if code is not None:
+                progress.stop()
+                return code
         else:
-            cluster = "slurm" if args.executor == "slurm" else "local"
-            jobs = run_submitit(todo, args.results_dir, cluster=cluster, preset=preset,
+            jobs = run_submitit(todo, args.results_dir, cluster="local", preset=preset,
                                 parameters=_submitit_parameters(args.slurm), wait=not args.no_wait,
                                 on_done=on_done)
             if args.no_wait:
@@ -364,7 +378,28 @@ def command_run(args: argparse.Namespace) -> int:
     for line in failures(records):
         console.print(f"[red]failed[/]: {line}")
     console.print(f"{len(records)} records in {args.results_dir / 'runs'}")
-    return 1 if any(r.get("status") != "ok" for r in records) else 0
+    if len(records) < len(wanted) and not args.no_wait:
+        console.print(f"[red]{len(wanted) - len(records)} cells have no record[/] (their jobs were "
+                      "cancelled or lost, or are not finished): run the same command again")
+    return 1 if len(records) < len(wanted) or any(r.get("status") != "ok" for r in records) else 0
+
+
+def _run_on_slurm(args: argparse.Namespace, todo: list[Any], following: dict[str, Any], *, preset: str,
+                  on_done: Any, say: Any) -> int | None:
+    """The SLURM executor (runners.cluster); an exit code where the command ends here."""
+    from runners.cluster import ClusterError, run_on_slurm
+
+    try:
+        run_on_slurm(todo, following, args.results_dir, device=args.device, preset=preset,
+                     overrides=_submitit_parameters(args.slurm), wait=not args.no_wait,
+                     say=lambda line: say(escape(line)), on_done=on_done)
+    except ClusterError as error:
+        print(f"attnbench: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        say("stopped following: the jobs go on; run the same command again to collect them")
+        return 130
+    return 0 if args.no_wait else None
 
 
 def command_report(args: argparse.Namespace) -> int:
