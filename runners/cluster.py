@@ -3,9 +3,9 @@ device, submission as one job array, and the bookkeeping that survives cancelled
 and lost nodes.
 
 Each job runs one cell and writes the cell's record itself (:func:`runners.sweep.run_cell`); a
-note beside the record (``<key>.submitted``) holds the job id until the record exists. SLURM's
-accounting (``sacct``; ``squeue`` where a cluster keeps none) says how a job without a record
-ended: a time-out, an out-of-memory kill or a crash is the cell's outcome and is recorded; a job
+note beside the record (``<key>.submitted``) holds the job id until the record exists. SLURM
+(``squeue``, then ``sacct`` for the jobs the scheduler has forgotten) says how a job without a
+record ended: a time-out, an out-of-memory kill or a crash is the cell's outcome and is recorded; a job
 cancelled, pre-empted or lost with its node is not, and the next run submits the cell again.
 """
 
@@ -32,6 +32,7 @@ from runners.sweep import (
     mark_submitted,
     read_record,
     record_failure,
+    record_path,
     run_cell,
     submitted_job,
     submitted_path,
@@ -49,7 +50,7 @@ TIME_MARGIN_MIN = 5
 # A job still in the queue or running; every other state is an end.
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED",
                  "REQUEUE_HOLD", "RESIZING", "SUSPENDED", "STOPPED", "SIGNALING", "STAGE_OUT",
-                 "RESV_DEL_HOLD", "SPECIAL_EXIT", "PREEMPTED_REQUEUE"}
+                 "RESV_DEL_HOLD", "SPECIAL_EXIT"}
 # Ends that say nothing about the cell (someone cancelled it, a node or the scheduler lost it):
 # no record, the cell is submitted again by the next run.
 UNRECORDED_STATES = {"CANCELLED", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE", "REVOKED"}
@@ -320,11 +321,15 @@ def follow(jobs: Mapping[str, Cell], results_dir: Path, *, preset: str, on_done:
     """Wait until every job has ended: a record that appears is the cell's end; SLURM's state is
     asked for the others, less often as the wait grows (every 2 s at first, at most every 60 s)."""
     waiting = dict(jobs)
+    # A cell run again (--retry-failed) has its earlier record until the job writes the new one.
+    earlier = {job_id: _modified(record_path(results_dir, cell)) for job_id, cell in waiting.items()}
     started = last_asked = time.time()
     while waiting:
         time.sleep(poll_seconds)
         elapsed = time.time() - started
         for job_id, cell in list(waiting.items()):
+            if _modified(record_path(results_dir, cell)) == earlier[job_id]:
+                continue
             record = read_record(results_dir, cell)
             if record is not None:
                 submitted_path(results_dir, cell).unlink(missing_ok=True)
@@ -340,6 +345,13 @@ def follow(jobs: Mapping[str, Cell], results_dir: Path, *, preset: str, on_done:
                 status = record_end(cell, job_id, state, results_dir, preset=preset)
                 if on_done:
                     on_done(cell, status, elapsed)
+
+
+def _modified(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
 
 
 Say = Callable[[str], None]
