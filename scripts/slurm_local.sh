@@ -96,6 +96,7 @@ AccountingStoragePass=$DIR/munge/munge.socket
 SlurmdParameters=config_overrides
 ReturnToService=2
 SlurmdTimeout=5
+MessageTimeout=3
 KillWait=5
 MinJobAge=300
 DefMemPerCPU=$((memory / cpus))
