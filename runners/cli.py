@@ -470,7 +470,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "local executor (the SLURM path on this machine)")
     run.add_argument("--jobs", type=int, default=1, help="cells at once (local executor)")
     run.add_argument("--device", default="auto",
-                     help="auto (every GPU round-robin, else CPU), cpu, or cuda:0,cuda:1")
+                     help="auto (every GPU round-robin, else CPU), cpu, or cuda:0,cuda:1; with "
+                          "--executor slurm: cpu (no GPU asked for) or cuda (one GPU per job), and "
+                          "auto is cuda where the partition has GPUs (see docs/cluster.md)")
     run.add_argument("--threads", type=int, default=0,
                      help="CPU threads per cell (default: cores / jobs)")
     run.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)

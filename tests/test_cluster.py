@@ -6,6 +6,7 @@ executor against a real SLURM."""
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 
@@ -20,7 +21,8 @@ from runners.cluster import (
     refusal_message,
 )
 from runners.matrix import Cell
-from runners.sweep import mark_submitted, read_record, submitted_path
+from runners.sweep import CellTimeout, mark_submitted, read_record, run_cell, submitted_path
+from tasks.base import get_task
 
 CPU_NODE = Partition(name="debug", cpus=2, memory_mib=21695, gpus=0)
 GPU_NODE = Partition(name="gpu", cpus=64, memory_mib=512000, gpus=8)
@@ -107,3 +109,34 @@ def test_a_record_written_meanwhile_wins_over_the_jobs_state(tmp_path):
     path.write_text(json.dumps({"status": "ok", "key": cell.key}))
     assert record_end(cell, "41_3", "CANCELLED", tmp_path, preset="smoke") == "ok"
     assert json.loads(path.read_text())["status"] == "ok" and not submitted_path(tmp_path, cell).exists()
+
+
+def test_slurms_time_limit_warning_stops_the_cell_as_a_timeout(monkeypatch):
+    """submitit's handler of SIGUSR2 raises on a time-out (and requeues on a pre-emption); the
+    job's handler turns the time-out into CellTimeout, which run_cell records as `timeout`."""
+    import submitit
+
+    def submitits_handler(signum, frame):
+        raise submitit.core.utils.UncompletedJobError("timed-out and not checkpointable")
+
+    previous = signal.signal(signal.SIGUSR2, submitits_handler)
+    try:
+        cluster._stop_at_time_limit_warning()
+        with pytest.raises(CellTimeout, match="SLURM's warning that the job's time limit is near"):
+            signal.raise_signal(signal.SIGUSR2)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+
+def test_a_cell_stopped_by_cell_timeout_is_recorded_as_timeout(tmp_path, monkeypatch):
+    task = get_task("time_series")
+
+    def run(*args, **kwargs):
+        raise CellTimeout("the job's time limit is near")
+
+    monkeypatch.setattr(task, "run", run)
+    cell = Cell(task="time_series", attention="softmax", attention_args={}, overrides={},
+                settings={}, seed=0)
+    assert run_cell(cell, tmp_path) == "timeout"
+    record = read_record(tmp_path, cell)
+    assert record["status"] == "timeout" and "time limit is near" in record["error"]
