@@ -327,7 +327,9 @@ def run_local(cells: Sequence[Cell], results_dir: Path, *, jobs: int = 1, device
 def _submitit_job(cell: dict[str, Any], results_dir: str, preset: str) -> str:
     """What a submitit job runs: the cell on the job's GPU if it has one."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return run_cell(cell, results_dir, device=device, preset=preset)
+    status = run_cell(cell, results_dir, device=device, preset=preset)
+    submitted_path(Path(results_dir), Cell.from_json(cell)).unlink(missing_ok=True)
+    return status
 
 
 def run_submitit(cells: Sequence[Cell], results_dir: Path, *, cluster: str = "slurm",

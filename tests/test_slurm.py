@@ -1,8 +1,8 @@
 """The SLURM executor against a real single-node SLURM (munged, slurmdbd, slurmctld and slurmd on
-this machine, started by scripts/slurm_local.sh): a sweep submitted as a job array with the
-default resources and collected; submitted without waiting and collected later, with a job that
-outlives its time limit; a job cancelled mid-run, after which a re-run submits only that cell; a
-node lost mid-run and brought back; a submission that SLURM refuses.
+this machine, started by scripts/slurm_local.sh): a submission that SLURM refuses; a sweep
+submitted as a job array with the default resources and collected; a sweep submitted without
+waiting and collected later, with a job that outlives its time limit; a job cancelled mid-run,
+after which a re-run submits only that cell; a node lost mid-run and brought back.
 
 The cells are the time-series task cut to 5 training steps and 16 evaluation windows; a "slow"
 cell (a million steps) runs until it is cancelled or its time limit stops it. Skipped where SLURM
@@ -10,6 +10,8 @@ cannot be started (not root, packages missing: `scripts/slurm_local.sh install`)
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -147,32 +149,28 @@ def test_a_sweep_runs_as_a_job_array_with_resources_that_fit_a_cpu_partition(slu
     assert len({r["provenance"]["slurm_job_id"] for r in found} - {None}) == 2
 
 
-def test_submitted_without_waiting_then_collected_with_a_time_limit_hit(slurm, tmp_path, capsys):
-    """--no-wait returns at once with the job ids; the same command later follows the jobs it
-    finds queued or running (submitting nothing), records the 5-step cell, and the cell that
-    outlived its one-minute time limit as `timeout`. No warning before the limit
+@pytest.fixture(scope="module")
+def over_time_limit(slurm, tmp_path_factory) -> dict:
+    """A 5-step cell and a slow one with a one-minute time limit, submitted with --no-wait when
+    first asked for; collected by a later test, so that the minute or more SLURM takes to stop
+    the slow job is spent running other tests. No warning before the limit
     (slurm_signal_delay_s=0: SLURM may send it up to a minute early, which would stop the 5-step
-    cell too): SLURM kills the job, and the command records what sacct says of it."""
-    results = tmp_path / "results"
+    cell too): SLURM kills the slow job at its limit."""
+    results = tmp_path_factory.mktemp("time_limit") / "results"
     command = ["run", *FAST_AND_SLOW, *ONE_CPU, "--slurm", "timeout_min=1",
-               "--slurm", "slurm_signal_delay_s=0",
-               "--results-dir", str(results)]
+               "--slurm", "slurm_signal_delay_s=0", "--results-dir", str(results)]
     started = time.time()
-    assert main([*command, "--no-wait"]) == 0
-    out = " ".join(capsys.readouterr().out.split())
-    assert time.time() - started < 30 and "submitted 2 jobs (job array" in out and "squeue --jobs" in out
-    submitted = notes(results)
-    assert len(submitted) == 2
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        code = main([*command, "--no-wait"])
+    return {"results": results, "command": command, "code": code, "out": " ".join(out.getvalue().split()),
+            "seconds": time.time() - started, "notes": notes(results)}
 
-    assert main(command) == 1
-    out = " ".join(capsys.readouterr().out.split())
-    assert "2 cells submitted earlier are still queued or running" in out
-    assert "0 to run" in out and "(job array" not in out
-    found = by_steps(records(results))
-    assert found[5]["status"] == "ok"
-    assert found[1000000]["status"] == "timeout", found[1000000]
-    assert "ended TIMEOUT without writing the cell's record" in found[1000000]["error"]
-    assert not notes(results)
+
+def test_submitted_without_waiting_the_command_returns_with_the_job_ids(over_time_limit):
+    assert over_time_limit["code"] == 0 and over_time_limit["seconds"] < 30
+    out = over_time_limit["out"]
+    assert "submitted 2 jobs (job array" in out and "squeue --jobs" in out and "logs in" in out
+    assert len(over_time_limit["notes"]) == 2
 
 
 def test_a_cancelled_job_is_submitted_again_and_nothing_else(slurm, tmp_path, capsys):
@@ -198,6 +196,21 @@ def test_a_cancelled_job_is_submitted_again_and_nothing_else(slurm, tmp_path, ca
     [job] = notes(results).values()
     subprocess.run(["scancel", job], check=True)
     assert {p: p.read_bytes() for p in (results / "runs").rglob("*.json")} == finished
+
+
+def test_collected_later_with_the_job_beyond_its_time_limit_recorded_as_timeout(over_time_limit, capsys):
+    """The same command again follows the jobs still queued or running (submitting nothing),
+    records the 5-step cell, and the cell whose job SLURM killed at its limit as `timeout`."""
+    results = over_time_limit["results"]
+    assert main(over_time_limit["command"]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "cells submitted earlier are still queued or running" in out
+    assert "0 to run" in out and "(job array" not in out
+    found = by_steps(records(results))
+    assert found[5]["status"] == "ok"
+    assert found[1000000]["status"] == "timeout", found[1000000]
+    assert "ended TIMEOUT without writing the cell's record" in found[1000000]["error"]
+    assert not notes(results)
 
 
 def test_a_node_lost_mid_run_comes_back_and_the_job_is_run_again(slurm, tmp_path, capsys):
