@@ -80,13 +80,14 @@ class Partition:
     cpus: int
     memory_mib: int
     gpus: int
+    max_minutes: int | None = None  # the partition's time limit (None: none)
 
 
 def partition_info(name: str | None) -> Partition:
     """The partition ``name`` (None: the cluster's default partition), from ``sinfo``."""
-    output = _slurm_command(["sinfo", "--noheader", "--format=%P|%c|%m|%G"]
+    output = _slurm_command(["sinfo", "--noheader", "--format=%P|%c|%m|%G|%l"]
                             + ([f"--partition={name}"] if name else []))
-    rows = [line.split("|") for line in output.splitlines() if line.count("|") == 3]
+    rows = [line.split("|") for line in output.splitlines() if line.count("|") == 4]
     if not name:
         rows = [row for row in rows if row[0].endswith("*")]
     if not rows:
@@ -99,7 +100,25 @@ def partition_info(name: str | None) -> Partition:
 
     gpus = [sum(int(n) for n in re.findall(r"gpu(?::[^:,(]+)?:(\d+)", row[3])) for row in rows]
     return Partition(name=rows[0][0].rstrip("*"), cpus=min(number(row[1]) for row in rows),
-                     memory_mib=min(number(row[2]) for row in rows), gpus=min(gpus))
+                     memory_mib=min(number(row[2]) for row in rows), gpus=min(gpus),
+                     max_minutes=_minutes(rows[0][4]))
+
+
+def _minutes(limit: str) -> int | None:
+    """SLURM's time limit in whole minutes: ``infinite`` -> None; ``45`` (minutes), ``30:00``
+    (minutes:seconds), ``12:00:00``, ``2-00:00:00`` (days-hours[:minutes[:seconds]])."""
+    days, dash, clock = limit.strip().rpartition("-")
+    fields = clock.split(":")
+    if (dash and not days.isdigit()) or len(fields) > 3 or not all(f.isdigit() for f in fields):
+        return None
+    numbers = [int(field) for field in fields]
+    if dash:
+        hours, minutes = [*numbers, 0, 0][:2]
+    elif len(numbers) == 3:
+        hours, minutes = numbers[:2]
+    else:
+        hours, minutes = 0, numbers[0]
+    return int(days or 0) * 1440 + hours * 60 + minutes
 
 
 def job_device(device: str, partition: Partition) -> str:
@@ -132,10 +151,11 @@ def submission_parameters(cells: Sequence[Cell], *, device: str, preset: str,
     partition = partition_info(overrides.get("slurm_partition"))
     kind = job_device(device, partition)
     longest = max((c.timeout for c in cells if c.timeout is not None), default=None)
+    minutes = math.ceil(longest / 60) + TIME_MARGIN_MIN if longest else 24 * 60
     parameters: dict[str, Any] = {
         "name": f"attnbench-{preset or 'run'}",
         "slurm_partition": partition.name,
-        "timeout_min": math.ceil(longest / 60) + TIME_MARGIN_MIN if longest else 24 * 60,
+        "timeout_min": min(minutes, partition.max_minutes or minutes),
         "tasks_per_node": 1,
         "nodes": 1,
         **job_resources(kind, partition),

@@ -5,6 +5,7 @@ executor against a real SLURM."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 
@@ -45,16 +46,34 @@ def test_a_cuda_run_asks_for_one_gpu_per_job():
 
 
 def test_partitions_are_read_from_sinfo_smallest_node_first(monkeypatch):
-    answer = "debug*|2|21695|(null)\ngpu|64|512000|gpu:a100:8(S:0-1)\ngpu|32+|256000|gpu:4,gpu:v100:2\n"
+    answer = ("debug*|2|21695|(null)|infinite\ngpu|64|512000|gpu:a100:8(S:0-1)|2-00:00:00\n"
+              "gpu|32+|256000|gpu:4,gpu:v100:2|2-00:00:00\n")
     monkeypatch.setattr(cluster, "_slurm_command", lambda command: answer)
     assert partition_info(None) == Partition(name="debug", cpus=2, memory_mib=21695, gpus=0)
     # (Filtering by name is sinfo's own; here the canned answer lists every partition.)
     assert partition_info("gpu").gpus == 0
     monkeypatch.setattr(cluster, "_slurm_command", lambda command: answer.split("\n", 1)[1])
-    assert partition_info("gpu") == Partition(name="gpu", cpus=32, memory_mib=256000, gpus=6)
+    assert partition_info("gpu") == Partition(name="gpu", cpus=32, memory_mib=256000, gpus=6,
+                                              max_minutes=2880)
     monkeypatch.setattr(cluster, "_slurm_command", lambda command: "")
     with pytest.raises(ClusterError, match="sinfo lists no partition 'nope'"):
         partition_info("nope")
+
+
+def test_time_limits_read_as_sinfo_prints_them():
+    assert [cluster._minutes(text) for text in ("infinite", "45", "30:00", "12:30:00", "2-00:00:00",
+                                                "1-06", "UNLIMITED")] == [None, 45, 30, 750, 2880, 1800, None]
+
+
+def test_the_default_time_limit_fits_the_partition(monkeypatch):
+    short = Partition("short", cpus=2, memory_mib=4096, gpus=0, max_minutes=60)
+    monkeypatch.setattr(cluster, "partition_info", lambda name: short)
+    week = [dataclasses.replace(CELL, timeout=7 * 86400)]
+    parameters, kind = cluster.submission_parameters(week, device="auto", preset="paper", overrides={})
+    assert kind == "cpu" and parameters["timeout_min"] == 60 and parameters["slurm_partition"] == "short"
+    parameters, _ = cluster.submission_parameters(week, device="cpu", preset="paper",
+                                                  overrides={"timeout_min": 30, "mem_gb": 1})
+    assert parameters["timeout_min"] == 30 and parameters["mem_gb"] == 1
 
 
 def test_an_sbatch_refusal_names_slurms_message_and_the_parameter():
