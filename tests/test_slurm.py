@@ -186,7 +186,7 @@ def test_a_cancelled_job_is_submitted_again_and_nothing_else(slurm, tmp_path, ca
     assert main(command) == 1
     joined(canceller)
     out = " ".join(capsys.readouterr().out.split())
-    assert "cancelled" in out and "1 cells have no record" in out
+    assert "cancelled" in out and "1 cells of this sweep have none yet" in out
     assert set(by_steps(records(results))) == {5} and not notes(results)
     finished = {p: p.read_bytes() for p in (results / "runs").rglob("*.json")}
 
