@@ -166,8 +166,8 @@ start() {
     stop > /dev/null 2>&1 || true
     rm -rf "$DIR"
     write_configuration
-    start_munge || { say "munged did not start; see $DIR/log/munged.log"; return 1; }
-    start_database || { say "MariaDB did not start; see $DIR/log/mariadb*.log"; return 1; }
+    start_munge || { say "munged did not start; see $DIR/log/munged.log"; stop; return 1; }
+    start_database || { say "MariaDB did not start; see $DIR/log/mariadb*.log"; stop; return 1; }
     start_slurm || { say "SLURM did not start; see $DIR/log/slurm*.log"; stop; return 1; }
     say "running: partition debug, node $NODE ($(nproc) CPUs, $(memory_mib) MiB), logs in $DIR/log"
     echo "export SLURM_CONF=$CONF"

@@ -6,7 +6,6 @@ executor against a real SLURM."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import signal
 
 import pytest
@@ -22,7 +21,14 @@ from runners.cluster import (
     refusal_message,
 )
 from runners.matrix import Cell
-from runners.sweep import CellTimeout, mark_submitted, read_record, run_cell, submitted_path
+from runners.sweep import (
+    CellTimeout,
+    mark_submitted,
+    read_record,
+    record_failure,
+    run_cell,
+    submitted_path,
+)
 from tasks.base import get_task
 
 CPU_NODE = Partition(name="debug", cpus=2, memory_mib=21695, gpus=0)
@@ -123,11 +129,11 @@ def test_a_job_cancelled_or_lost_leaves_no_record_and_no_note(tmp_path, state):
 def test_a_record_written_meanwhile_wins_over_the_jobs_state(tmp_path):
     cell = CELL
     mark_submitted(tmp_path, cell, "41_3")
-    path = tmp_path / "runs" / f"{cell.key}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"status": "ok", "key": cell.key}))
-    assert record_end(cell, "41_3", "CANCELLED", tmp_path, preset="smoke") == "ok"
-    assert json.loads(path.read_text())["status"] == "ok" and not submitted_path(tmp_path, cell).exists()
+    record_failure(tmp_path, cell, status="error", error="ValueError: raised by the task", preset="smoke",
+                   device="cpu", seconds=1.0)
+    assert record_end(cell, "41_3", "CANCELLED", tmp_path, preset="smoke") == "error"
+    assert read_record(tmp_path, cell)["error"] == "ValueError: raised by the task"
+    assert not submitted_path(tmp_path, cell).exists()
 
 
 def test_slurms_time_limit_warning_stops_the_cell_as_a_timeout(monkeypatch):
