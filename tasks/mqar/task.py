@@ -35,8 +35,9 @@ class MQARConfig:
         "help": "held-out test slices 'seq_len:kv_pairs,...' beyond training (empty: none)"})
     power_a: float = field(default=0.01, metadata={
         "help": "Zoology's power_a: query slot i drawn with p ∝ i^(a-1) (1: uniform)", "min": 1e-6})
-    random_filler: bool = field(default=True, metadata={
-        "help": "non-query positions hold random tokens (Zoology's random_non_queries), else 0"})
+    random_filler: bool = field(default=False, metadata={
+        "help": "non-query positions hold random tokens (Zoology's random_non_queries), else 0 "
+                "(its Figure 2)"})
     train_examples: int = field(default=20000, metadata={"help": "training examples", "min": 1})
     test_examples: int = field(default=1000, metadata={"help": "test examples per slice", "min": 1})
     d_model: int = field(default=64, metadata={"help": "model width", "min": 1})
@@ -50,7 +51,7 @@ class MQARConfig:
     positions: Literal["none", "learned"] = field(default="none", metadata={
         "help": "position embeddings: none (Zoology's reference configs) or learned"})
     dropout: float = field(default=0.0, metadata={"help": "embedding dropout", "min": 0.0})
-    steps: int = field(default=800, metadata={"help": "optimiser steps", "min": 1})
+    steps: int = field(default=1200, metadata={"help": "optimiser steps", "min": 1})
     batch_size: int = field(default=32, metadata={"help": "training batch size", "min": 1})
     lr: float = field(default=3e-3, metadata={"help": "AdamW peak learning rate, cosine to 0",
                                              "min": 0.0})
