@@ -23,8 +23,8 @@ from tasks.mqar.model import ROLE, ROLES, RecallModel, RecallModelShape
 
 @dataclass(frozen=True)
 class MQARConfig:
-    """Settings of one MQAR run. The defaults are the smoke size (a CPU trains it in about a
-    minute a mechanism); ``presets/paper.yaml`` holds Zoology's sizes."""
+    """Settings of one MQAR run. The defaults are the smoke size (``presets/smoke.yaml`` says
+    which are Zoology's); ``presets/paper.yaml`` holds Zoology's sizes."""
 
     vocab_size: int = field(default=128, metadata={
         "help": "V: keys from [1, V/2), values from [V/2, V) (Zoology: 8192)", "min": 4})
