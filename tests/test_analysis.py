@@ -7,8 +7,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pytest
+
+pytest.importorskip("pandas")
+pytest.importorskip("matplotlib")
+
+import pandas as pd
 
 from analysis import plots
 from analysis.data import efficiency_points, efficiency_records, run_metrics, run_records
@@ -26,6 +30,8 @@ from attention_zoo import Pattern, list_attentions
 from runners import efficiency, sweep
 from runners.cli import main
 from runners.records import write_record
+
+pytestmark = pytest.mark.analysis
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SQRT_1_5 = math.sqrt(1.5)  # |z| of the outer of three equally spaced values (population std)

@@ -17,6 +17,8 @@ from attention_zoo.testing import (
     check_query_independence,
 )
 
+pytestmark = pytest.mark.zoo
+
 SELF = Pattern.CAUSAL_SELF
 
 

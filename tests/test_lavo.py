@@ -11,6 +11,8 @@ from attention_zoo import AttentionConfigError, Pattern, build_attention
 from attention_zoo.mechanisms.lavo import LAVOAttention, lavo_naive
 from attention_zoo.testing import build_for_test, random_inputs
 
+pytestmark = pytest.mark.zoo
+
 HEADS, DIM = 2, 8
 
 

@@ -11,6 +11,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+pytest.importorskip("fairseq")
+pytest.importorskip("tokenizers")
+
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +30,8 @@ from tasks.fairseq_plugin import USER_DIR, ZooAttention, state_bytes
 from tasks.lm import data as lm_data
 from tasks.lm import evaluate
 from tasks.lm.task import extrapolation_multiples
+
+pytestmark = pytest.mark.task
 
 CAUSAL = list_attentions(Pattern.CAUSAL_SELF)
 DECODING = [name for name in CAUSAL if attention_spec(name).decoding]

@@ -30,6 +30,8 @@ from tasks.point_cloud.model import PoinTr, PoinTrSettings
 from tasks.point_cloud.pcd import PCDError, read_pcd, read_pcd_header, write_pcd
 from tasks.point_cloud.task import PointCloudCompletion
 
+pytestmark = pytest.mark.task
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -345,6 +347,7 @@ def test_every_applicable_mechanism_fits_every_role(mechanism):
 
 
 def test_the_task_runs_end_to_end(tmp_path):
+    pytest.importorskip("matplotlib")  # the completion figure
     task = get_task("point_cloud")
     assert task is PointCloudCompletion
     assert task.roles == {"encoder_self": Pattern.NONCAUSAL_SELF, "decoder_self": Pattern.NONCAUSAL_SELF,

@@ -23,6 +23,8 @@ from attention_zoo import (
 from attention_zoo.testing import check_contract
 from runners.cli import capability_markdown
 
+pytestmark = pytest.mark.zoo
+
 README = Path(__file__).resolve().parent.parent / "README.md"
 
 

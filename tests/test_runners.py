@@ -27,6 +27,8 @@ from runners.records import read_records
 from runners.summary import parameter_flags
 from runners.sweep import record_path, run_local
 
+pytestmark = pytest.mark.runner
+
 TASK_SOURCE = '''
 """Next-value regression: predict x[t+1] from x[<=t] for sine waves of random phase and frequency."""
 

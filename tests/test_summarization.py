@@ -11,12 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+pytest.importorskip("fairseq")
+pytest.importorskip("rouge_score")
+
 import torch
 
 from attention_zoo import AttentionConfigError, Pattern
 from tasks.base import AttentionChoice, get_fetcher, get_task, resolve_attention
 from tasks.summarization import data as sum_data
 from tasks.summarization import evaluate
+
+pytestmark = pytest.mark.task
 
 # WikiText-2 as shipped: every line starts and ends with a space.
 WIKITEXT = "\n".join(f"{line} " for line in [

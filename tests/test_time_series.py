@@ -8,8 +8,11 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
+
+pytest.importorskip("pandas")
+
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
@@ -20,6 +23,8 @@ from tasks.time_series import data as ts_data
 from tasks.time_series.data import ForecastWindows, prepare, split_borders, time_features
 from tasks.time_series.model import ROLES, Informer, InformerShape
 from tasks.time_series.task import evaluate, mae, mse, persistence, train_step
+
+pytestmark = pytest.mark.task
 
 ETTH1 = Path(ts_data.__file__).parent / "samples" / "ETTh1.csv"
 # ETT-hour: 12 / 4 / 4 months of 30 days.

@@ -7,6 +7,11 @@ import math
 
 import numpy as np
 import pytest
+
+pytest.importorskip("espnet")
+pytest.importorskip("librosa")
+pytest.importorskip("soundfile")
+
 import soundfile as sf
 import torch
 from espnet.nets.pytorch_backend.nets_utils import make_non_pad_mask
@@ -42,6 +47,8 @@ from tasks.tts.models import (
     build_transformer,
 )
 from tasks.tts.task import FastSpeech2Task, TransformerTTSTask, TTSConfig, load_corpus
+
+pytestmark = pytest.mark.task
 
 TINY = ModelSize(adim=16, aheads=2, elayers=2, eunits=32, dlayers=3, dunits=32,
                  postnet_layers=1, postnet_chans=16, dropout=0.0)
