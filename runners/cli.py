@@ -52,9 +52,14 @@ Overrides (KEY=V1,V2,... sweeps the values):
 """
 
 
+TERMINAL_WIDTH = 100
+"""Tables and progress lines fit this many columns (fewer on a narrower terminal)."""
+
+
 def _console() -> Console:
-    # Rich wraps tables at 80 columns when output is not a terminal (logs, CI): widen it.
-    return Console(width=None if sys.stdout.isatty() else 200)
+    # Rich wraps at 80 columns when output is not a terminal (logs, CI): give it the full width.
+    width = shutil.get_terminal_size((TERMINAL_WIDTH, 24)).columns if sys.stdout.isatty() else TERMINAL_WIDTH
+    return Console(width=min(width, TERMINAL_WIDTH))
 
 
 def _csv(text: str) -> list[str]:
@@ -282,6 +287,7 @@ def command_run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from runners.matrix import plan
+    from runners.quiet import captured_prints
     from runners.records import read_records
     from runners.summary import failures, parameter_flags, summary_tables
     from runners.sweep import KIND, is_finished, resolve_devices, run_local, run_submitit, submitted_job
@@ -290,7 +296,8 @@ def command_run(args: argparse.Namespace) -> int:
     if args.executor == "slurm" and shutil.which("sbatch") is None:
         raise SystemExit("attnbench: --executor slurm needs SLURM's sbatch on PATH, and this machine "
                          "has none; --executor submitit-local runs the same jobs here")
-    expansion = plan(args.preset, args.overrides)
+    with captured_prints(args.verbose):  # importing the tasks prints fairseq's and ESPnet's banners
+        expansion = plan(args.preset, args.overrides)
     preset = Path(args.preset).stem
     try:
         devices = resolve_devices(args.device, args.jobs)
@@ -338,7 +345,7 @@ def command_run(args: argparse.Namespace) -> int:
         if args.executor == "local":
             try:
                 run_local(todo, args.results_dir, jobs=args.jobs, devices=devices, preset=preset,
-                          threads=args.threads, on_done=on_done)
+                          threads=args.threads, verbose=args.verbose, on_done=on_done)
             except KeyboardInterrupt:
                 progress.stop()
                 console.print(f"interrupted: {counts['ok'] + counts['failed']} cells finished and kept; "
@@ -357,7 +364,8 @@ def command_run(args: argparse.Namespace) -> int:
 
     wanted = {c.key for c in cells}
     records = [r for r in read_records(args.results_dir / "runs", kind=KIND) if r.get("key") in wanted]
-    for table in summary_tables(records):
+    pipeline_check = _pipeline_check_tasks(preset, {r["cell"]["task"] for r in records})
+    for table in summary_tables(records, pipeline_check=pipeline_check):
         console.print(table)
     for line in parameter_flags(records):
         console.print(f"[yellow]parameter flag[/]: {line}")
@@ -365,6 +373,15 @@ def command_run(args: argparse.Namespace) -> int:
         console.print(f"[red]failed[/]: {line}")
     console.print(f"{len(records)} records in {args.results_dir / 'runs'}")
     return 1 if any(r.get("status") != "ok" for r in records) else 0
+
+
+def _pipeline_check_tasks(preset: str, tasks: set[str]) -> list[str]:
+    """The tasks whose smoke-preset numbers check the pipeline rather than rank mechanisms."""
+    from tasks.base import get_task
+
+    if preset != "smoke":
+        return []
+    return sorted(task for task in tasks if not get_task(task).smoke_ranks)
 
 
 def command_report(args: argparse.Namespace) -> int:
@@ -442,6 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retry-failed", action="store_true",
                      help="re-run cells whose record says error, oom, timeout or crashed")
     run.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
+    run.add_argument("--verbose", action="store_true",
+                     help="show the libraries' warnings and log lines (fairseq, ESPnet, hydra, "
+                          "torch), which the workers otherwise keep quiet")
     run.add_argument("--slurm", action="append", default=[], metavar="KEY=VALUE",
                      help="a submitit parameter, e.g. slurm_partition=gpu, gpus_per_node=1, "
                           "cpus_per_task=8, mem_gb=64, timeout_min=600, slurm_array_parallelism=16")
@@ -484,8 +504,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    from runners.quiet import quiet_libraries
     from tasks.base import DatasetUnavailable
 
+    if not getattr(args, "verbose", False):
+        quiet_libraries()
     try:
         return args.handler(args)
     except (AttentionConfigError, DatasetUnavailable) as error:

@@ -30,6 +30,7 @@ import torch
 
 from runners.matrix import Cell
 from runners.provenance import provenance
+from runners.quiet import redirect_process_output
 from runners.records import write_record
 from tasks.base import AttentionChoice, get_task, resolve_attention
 
@@ -155,6 +156,9 @@ def run_cell(cell: Cell | Mapping[str, Any], results_dir: str | Path, *, device:
             metrics={k: float(v) for k, v in result.metrics.items()},
             metric_directions={m.name: "higher" if m.higher_is_better else "lower"
                                for m in task_class.metrics},
+            declared_metrics=[{"name": m.name, "kind": m.kind,
+                               "direction": "higher" if m.higher_is_better else "lower"}
+                              for m in task_class.metrics],
             parameters=int(result.parameters),
             attention_parameters=int(result.attention_parameters),
             peak_memory_mib=result.peak_memory_mib,
@@ -222,8 +226,13 @@ def default_threads(jobs: int) -> int:
     return min(threads, int(limit)) if limit.isdigit() and int(limit) > 0 else threads
 
 
-def _worker(connection: Connection, results_dir: str, device: str, preset: str, threads: int) -> None:
-    """A local worker process: runs the cells it is sent, one at a time, until it gets None."""
+def _worker(connection: Connection, results_dir: str, device: str, preset: str, threads: int,
+            verbose: bool = False) -> None:
+    """A local worker process: runs the cells it is sent, one at a time, until it gets None.
+    Unless ``verbose``, what the libraries print goes to the worker's log file, not the terminal
+    (:mod:`runners.quiet`)."""
+    if not verbose:
+        redirect_process_output(Path(results_dir), f"worker-{os.getpid()}")
     torch.set_num_threads(threads)
     try:
         while (cell := connection.recv()) is not None:
@@ -261,7 +270,8 @@ class _Slot:
 
 
 def run_local(cells: Sequence[Cell], results_dir: Path, *, jobs: int = 1, devices: Sequence[str] = ("cpu",),
-              preset: str = "", threads: int = 0, on_done: Callback | None = None) -> None:
+              preset: str = "", threads: int = 0, verbose: bool = False,
+              on_done: Callback | None = None) -> None:
     """Run ``cells`` on ``jobs`` worker processes at once; worker i uses ``devices[i % n]`` (GPUs
     round-robin). Workers are spawned once and reused (PyTorch is imported once per worker, not
     per cell). A worker that dies, or whose cell runs past its timeout, is killed, its cell
@@ -278,7 +288,8 @@ def run_local(cells: Sequence[Cell], results_dir: Path, *, jobs: int = 1, device
                     if slot.process is None:
                         slot.connection, child = context.Pipe()
                         slot.process = context.Process(
-                            target=_worker, args=(child, str(results_dir), slot.device, preset, threads),
+                            target=_worker,
+                            args=(child, str(results_dir), slot.device, preset, threads, verbose),
                             # Not a daemon: tasks start processes of their own (fairseq-train,
                             # data workers). A worker exits when its pipe closes.
                             name="attnbench-worker", daemon=False)

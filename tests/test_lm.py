@@ -328,3 +328,19 @@ def test_fetch_pg19_follows_the_bucket_listing_and_resumes(
     fetch(tmp_path)
     assert downloads == []  # everything already there: nothing downloaded again
 
+
+
+def test_fairseq_cli_modules_leave_the_root_logger_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # fairseq_cli.preprocess calls logging.basicConfig(stream=sys.stdout) on import; a handler on
+    # a test's captured stdout breaks every later log line once pytest closes that stream.
+    import logging
+    import sys
+
+    from tasks.fairseq_plugin.compat import import_fairseq_cli
+
+    monkeypatch.delitem(sys.modules, "fairseq_cli.preprocess", raising=False)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    module = import_fairseq_cli("preprocess")
+    assert callable(module.main)
+    assert root.handlers == handlers and root.level == level

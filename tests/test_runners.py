@@ -297,7 +297,7 @@ def test_failed_cells_are_recorded_and_the_sweep_goes_on(task_installed, capsys)
             assert record["parameters"] > record["attention_parameters"] >= 0
             assert record["timings"]["train_seconds"] > 0 and record["process_peak_rss_mib"] > 0
     out = capsys.readouterr().out
-    assert "next_value: mean ± std over seeds" in out and "failed" in out
+    assert "next_value [" in out and "mean ± std over seeds" in out and "failed" in out
     assert "skipped task 'not_installed_task'" in out
 
 
@@ -350,7 +350,7 @@ def test_submitit_local_executor_writes_the_same_records(task_installed, capsys)
             "--slurm", "timeout_min=5"]
     # Followed to the end: the table comes back.
     assert main([*base, "attention=softmax"]) == 0
-    assert "next_value: mean ± std over seeds" in capsys.readouterr().out
+    assert "next_value [steps=5]: mean ± std over seeds" in capsys.readouterr().out
     # Submitted without waiting, then asked for again at once: not submitted twice.
     assert main([*base, "attention=lavo", "--no-wait"]) == 0
     assert main([*base, "attention=lavo", "--no-wait"]) == 0
