@@ -95,7 +95,7 @@ def capability_rows() -> list[dict[str, Any]]:
 
 
 def capability_markdown() -> str:
-    """The zoo's capability table in Markdown (the README embeds this, generated)."""
+    """The zoo's capability table in Markdown (docs/zoo.md embeds it, generated)."""
     header = ["attention", *(p.value for p in Pattern), "decoding", "cross mixes queries",
               "complexity", "hyperparameters (default)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -136,9 +136,9 @@ def summary_tables(records: Sequence[dict[str, Any]], *, pipeline_check: Sequenc
     for task, settings in sorted({(r.task, r.settings) for r in rows}):
         task_rows = [r for r in rows if (r.task, r.settings) == (task, settings)]
         metrics = shown_metrics([record for row in task_rows for record in row.records])
-        table = Table(title=f"{task}" + (f" [{settings}]" if settings else "") + ": mean ± std over seeds",
-                      caption=PIPELINE_CHECK if task in pipeline_check else None,
-                      width=None, title_justify="left", caption_justify="left")
+        title = f"{task}" + (f" [{settings}]" if settings else "") + ": mean ± std over seeds"
+        table = Table(title=title, caption=PIPELINE_CHECK if task in pipeline_check else None,
+                      min_width=min(len(title), TABLE_WIDTH), title_justify="left", caption_justify="left")
         for column in ("attention", "ok/runs", *(f"{m} {arrow}".strip() for m, arrow in metrics),
                        "params", "train s"):
             table.add_column(column, justify="left" if column == "attention" else "right",
