@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 PARAMETER_TOLERANCE = 0.10
@@ -137,18 +138,20 @@ def summary_tables(records: Sequence[dict[str, Any]], *, pipeline_check: Sequenc
         task_rows = [r for r in rows if (r.task, r.settings) == (task, settings)]
         metrics = shown_metrics([record for row in task_rows for record in row.records])
         title = f"{task}" + (f" [{settings}]" if settings else "") + ": mean ± std over seeds"
-        table = Table(title=title, caption=PIPELINE_CHECK if task in pipeline_check else None,
+        table = Table(title=escape(title), caption=PIPELINE_CHECK if task in pipeline_check else None,
                       min_width=min(len(title), TABLE_WIDTH), title_justify="left", caption_justify="left")
         for column in ("attention", "ok/runs", *(f"{m} {arrow}".strip() for m, arrow in metrics),
                        "params", "train s"):
+            # Long mechanism labels fold; numbers and headers stay whole.
             table.add_column(column, justify="left" if column == "attention" else "right",
-                             overflow="fold")
+                             overflow="fold", no_wrap=column != "attention",
+                             min_width=14 if column == "attention" else None)
         for row in task_rows:
             ok = row.ok
             share = overhead.get((row.task, row.settings, row.attention))
             failed = sorted({r["status"] for r in row.records if r.get("status") != "ok"})
             table.add_row(
-                row.attention,
+                escape(row.attention),
                 f"{len(ok)}/{len(row.records)}" + (f" {','.join(failed)}" if failed else ""),
                 *(_mean_std([r["metrics"][m] for r in ok if m in r["metrics"]]) for m, _ in metrics),
                 _count(row.parameters()) + ("" if share is None or abs(share) < 0.0005 else f" {share:+.1%}")

@@ -379,6 +379,37 @@ def test_parameter_overhead_beyond_ten_percent_is_flagged():
     assert len(flags) == 1 and flags[0].startswith("t [defaults]: big has +10.1% parameters")
 
 
+def test_summary_tables_fit_100_columns_and_show_quality_metrics_only():
+    from rich.console import Console
+
+    from runners.summary import summary_tables
+
+    declared = [{"name": f"rouge{n}", "kind": "quality", "direction": "higher"} for n in (1, "L")]
+    declared += [{"name": "decode_tokens_per_second", "kind": "cost", "direction": "higher"},
+                 {"name": "length_ratio", "kind": "diagnostic", "direction": "lower"}]
+    records = []
+    for attention in ("softmax", "performer", "longshort"):
+        for seed in (0, 1):
+            records.append({
+                "key": f"{attention}{seed}", "status": "ok", "parameters": 1_234_567 + seed,
+                "cell": {"task": "summarization", "attention": attention, "overrides": {"beam": 4},
+                         "attention_args": {"window": 16, "rank": 16} if attention == "longshort" else {}},
+                "metrics": {**{m["name"]: 10.0 + seed for m in declared}, "greedy_rouge1": 9.9,
+                            "source_tokens": 412.0},
+                "declared_metrics": declared, "timings": {"train_seconds": 44.0 + seed}})
+    records.append({**records[0], "key": "failed", "status": "timeout"})
+    console = Console(width=100, record=True)
+    for table in summary_tables(records, pipeline_check=["summarization"]):
+        console.print(table)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "summarization [beam=4]: mean ± std over seeds" in text and "pipeline check" in text
+    header = next(line for line in text.splitlines() if "attention" in line)
+    assert [h in header for h in ("rouge1 ↑", "rougeL ↑", "length_ratio", "params", "train s")] == [True] * 5
+    assert "tokens_per_second" not in text and "greedy" not in text and "source_tokens" not in text
+    assert "2/3" in text and "timeout" in text and "10.5 ± 0.71" in text  # the failed run counts
+
+
 def test_dry_run_of_the_smoke_preset_covers_every_task_or_says_why_not(capsys):
     assert main(["run", "smoke", "--dry-run", "--results-dir", "unused"]) == 0
     out = capsys.readouterr().out
