@@ -100,6 +100,9 @@ def test_an_early_stop_shows_in_the_length_ratio_not_in_the_mcd(speech):
     full_cab, early_cab = metrics.cab_mcd(speech + noise, speech), metrics.cab_mcd(early, speech)
     assert early_cab > 2.5 * full_cab
     assert metrics.mcd(early, speech) < 2.0 * metrics.mcd(speech + noise, speech)
+    # An output of 4 mel frames (768 samples, under one 1024-sample analysis frame) still scores.
+    short = speech[:768]
+    assert math.isfinite(metrics.mcd(short, speech)) and math.isfinite(metrics.msd(short, speech))
 
 
 def _brute_force_dtw(x: np.ndarray, y: np.ndarray) -> float:

@@ -76,8 +76,12 @@ def log_mel_spectrum(audio: np.ndarray, settings: FeatureSettings = FEATURES) ->
 
 
 def frames(audio: np.ndarray, frame_length: int, hop_length: int) -> np.ndarray:
-    """[T, frame_length] Hamming-windowed frames, no padding (as ESPnet's MCD analysis)."""
-    count = max(0, (len(audio) - frame_length) // hop_length + 1)
+    """[T, frame_length] Hamming-windowed frames, without padding as ESPnet's MCD analysis, except
+    that audio shorter than one frame (an output that stopped after a few frames) is padded with
+    zeros to one frame rather than giving none."""
+    if len(audio) < frame_length:
+        audio = np.pad(audio, (0, frame_length - len(audio)))
+    count = (len(audio) - frame_length) // hop_length + 1
     index = np.arange(frame_length)[None, :] + hop_length * np.arange(count)[:, None]
     return audio[index] * np.hamming(frame_length)[None, :]
 
