@@ -168,8 +168,10 @@ def build_report(results_dir: Path, out: Path, *, paper_layouts: bool = False) -
         boards.tables = [(t, _write_table(t, tables)) for t in [*leaderboard_tables(summary),
                                                                  index_table(summary)]]
         boards.notes.append("A leaderboard holds the tasks whose roles exercise its pattern, each by its "
-                            "primary quality metric; CI is the compositional index over those tasks. "
-                            "Time, memory and throughput are in the cost tables.")
+                            "primary quality metric (mean ± std over seeds, ok runs in brackets; over "
+                            "settings too where a task ran several); CI is CAB's compositional index "
+                            "over those tasks' quality metrics. Time, memory and throughput are in the "
+                            "cost tables.")
         sections.append(boards)
     per_task = Section("Per task: quality")
     per_task.tables = [(t, _write_table(t, tables)) for t in task_tables(summary)]
@@ -227,12 +229,13 @@ h1{font-size:26px;margin:0 0 4px}h2{font-size:20px;margin:40px 0 8px;padding-top
  border-top:2px solid var(--line)}h3{font-size:15px;margin:22px 0 6px}
 nav{columns:2 260px;font-size:14px;margin:12px 0 0;padding:10px 16px;background:#fff;
  border:1px solid var(--line);border-radius:8px}
-nav a{color:var(--accent);text-decoration:none;display:block;padding:1px 0}
+nav a{color:var(--accent);text-decoration:none;display:block;padding:1px 0;break-inside:avoid}
 .meta,.note{color:var(--muted);font-size:13px;margin:4px 0}
 .scroll{overflow-x:auto;max-width:100%;background:#fff;border:1px solid var(--line);border-radius:8px}
 table{border-collapse:collapse;font-size:13px;width:max-content;min-width:100%}
 th,td{padding:5px 10px;text-align:right;white-space:nowrap;border-bottom:1px solid var(--line)}
 th:first-child,td:first-child{text-align:left;position:sticky;left:0;background:inherit}
+thead th:first-child{background:var(--head);z-index:1}
 thead th{background:var(--head);cursor:pointer;user-select:none;position:sticky;top:0}
 thead th:after{content:" \\2195";color:#aab}thead th.asc:after{content:" \\25B2"}
 thead th.desc:after{content:" \\25BC"}

@@ -67,8 +67,13 @@ def latex_escape(text: str) -> str:
 
 
 def number(value: float) -> str:
-    """Four significant digits; :data:`MISSING` for NaN."""
-    return MISSING if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4g}"
+    """Four significant digits (whole numbers from 10,000, with separators); :data:`MISSING` for
+    NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return MISSING
+    if abs(value) >= 1e4:
+        return f"{value:,.0f}"
+    return f"{value + 0.0:.4g}"  # + 0.0: no "-0" for a negative zero
 
 
 def arrow(direction: str | None) -> str:
@@ -164,7 +169,8 @@ def pattern_tasks(tasks: Sequence[str]) -> dict[Pattern, list[str]]:
 def _mean_spread(row: pd.Series) -> str:
     if math.isnan(row["std"]):
         return number(row["mean"])
-    return f"{row['mean']:.4g} ± {row['std']:.2g}"
+    spread = number(row["std"]) if abs(row["std"]) >= 1e4 else f"{row['std']:.2g}"
+    return f"{number(row['mean'])} ± {spread}"
 
 
 def _cell(by_metric: pd.DataFrame, metric: str) -> tuple[str, float | None]:
@@ -286,10 +292,7 @@ def leaderboard_tables(summary: pd.DataFrame) -> list[Table]:
         marked = {j + 1: ("higher" if t == "CI" else directions.get((t, m)))
                   for j, (t, m) in enumerate(board.columns)}
         tables.append(Table(name=f"leaderboard_{pattern.value}", title=f"{pattern.value} leaderboard",
-                            header=header, rows=rows, values=values, best=best_cells(values, marked),
-                            notes=["Each task's primary quality metric, mean ± std over seeds (ok runs; "
-                                   "over settings too where a task ran several); CI: CAB's "
-                                   "compositional index over these tasks' quality metrics."]))
+                            header=header, rows=rows, values=values, best=best_cells(values, marked)))
     return tables
 
 
