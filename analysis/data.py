@@ -26,6 +26,7 @@ import pandas as pd
 from attention_zoo import AttentionConfigError, Pattern, attention_spec
 from runners.records import read_records
 from runners.summary import attention_label, settings_label
+from runners.summary import declared_metrics as declared_metrics_of
 
 RUN_KIND = "run"
 EFFICIENCY_KIND = "efficiency"
@@ -68,13 +69,11 @@ def declared_metrics(task: str) -> dict[str, str] | None:
 def record_metric_declarations(record: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """``[(metric, direction, kind)]`` of a run record, in declared order (see the module's
     docstring for where they come from)."""
-    if record.get("declared_metrics"):
-        return [(m["name"], m["direction"], m["kind"]) for m in record["declared_metrics"]]
-    installed = _declared(record["cell"]["task"])
-    if installed is not None:
-        return list(installed)
-    directions = record.get("metric_directions") or {}
-    return [(name, direction, "quality") for name, direction in directions.items()]
+    if not record.get("declared_metrics"):
+        installed = _declared(record["cell"]["task"])
+        if installed is not None:
+            return list(installed)
+    return [(m["name"], m["direction"], m["kind"]) for m in declared_metrics_of(dict(record))]
 
 
 @cache
