@@ -331,8 +331,8 @@ def test_fetch_pg19_follows_the_bucket_listing_and_resumes(
 
 
 def test_fairseq_cli_modules_leave_the_root_logger_alone(monkeypatch: pytest.MonkeyPatch) -> None:
-    # fairseq_cli.preprocess calls logging.basicConfig(stream=sys.stdout) on import; a handler on
-    # a test's captured stdout breaks every later log line once pytest closes that stream.
+    # fairseq_cli.preprocess calls logging.basicConfig(stream=sys.stdout) on import, which would
+    # leave a root handler on the stdout of that moment for the rest of the process.
     import logging
     import sys
 

@@ -89,6 +89,23 @@ def test_rouge_of_reference_against_itself_is_100() -> None:
         {"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0})
 
 
+def test_rouge_leaves_absl_holding_the_process_stderr(tmp_path: Path) -> None:
+    # absl (imported by rouge-score) closes the stream its handler holds when logging's handlers
+    # are reset (logging.config.dictConfig, as submitit does); holding a test's captured stderr,
+    # it closed pytest's capture file and broke every later test.
+    from absl import logging as absl_logging
+
+    handler = absl_logging.get_absl_handler().python_handler
+    captured = (tmp_path / "captured").open("w")  # sys.stderr as the importing test saw it
+    handler.stream = captured
+    evaluate.rouge(["the cat sat"], ["the cat sat"])
+    try:
+        handler.close()  # what logging.config.dictConfig does to every existing handler
+        assert not captured.closed
+    finally:
+        captured.close()
+
+
 def test_rouge_against_hand_computed_values() -> None:
     # ROUGE-1: precision 2/2, recall 2/6 -> F1 = 0.5; ROUGE-2: 1 of 1 bigram, of 5 -> F1 = 1/3.
     scores = evaluate.rouge(["the cat"], ["the cat sat on the mat"])

@@ -20,10 +20,9 @@ edited. Each patch is idempotent and only fills in what is missing.
    that ``import torchaudio`` raises ``ImportError`` and fairseq's audio paths report it cleanly.
    A working torchaudio is left alone. (Language modeling never uses torchaudio.)
 4. fairseq's command-line modules (``fairseq_cli.preprocess``, ``eval_lm``...) call
-   ``logging.basicConfig(stream=sys.stdout)`` when imported. In a process that runs them in
-   place (a sweep's worker, a test session) that handler outlives the stream it was given (pytest
-   closes each test's captured stdout, and every later log line then fails) and prints fairseq's
-   INFO lines among the sweep's output. :func:`import_fairseq_cli` imports them with the root
+   ``logging.basicConfig(stream=sys.stdout)`` when imported: in a process that runs them in place
+   (a sweep's worker) the root logger then prints fairseq's INFO lines, to whatever stdout was at
+   import time, for the rest of the process. :func:`import_fairseq_cli` imports them with the root
    logger's handlers and level left as they were.
 """
 
