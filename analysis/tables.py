@@ -187,46 +187,74 @@ def primary_metrics(summary: pd.DataFrame) -> dict[str, str]:
     return quality.drop_duplicates("task").set_index("task")["metric"].to_dict()
 
 
-def _metric_table(name: str, title: str, frame: pd.DataFrame, metrics: list[str]) -> Table:
-    """Attentions (and settings, where several) x ``metrics``, ``mean ± std (n)`` with ok/runs."""
+def run_counts(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, settings, label): ``ok`` and ``runs`` (records, failed ones included) and
+    ``failed`` (the statuses of the failed ones, e.g. ``timeout, error``)."""
+    columns = ["task", "settings", "label", "ok", "runs", "failed"]
+    if metrics.empty:
+        return pd.DataFrame(columns=columns)
+    records = metrics.drop_duplicates("key")
+    rows = []
+    for (task, settings, label), group in records.groupby(["task", "settings", "label"], sort=True):
+        failed = sorted(set(group.loc[group["status"] != "ok", "status"].astype(str)))
+        rows.append([task, settings, label, int((group["status"] == "ok").sum()), len(group),
+                     ", ".join(failed)])
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _counts_from(summary: pd.DataFrame) -> pd.DataFrame:
+    """:func:`run_counts` as far as a summary tells it (ok runs only: no failed configuration)."""
+    return summary.groupby(["task", "settings", "label"]).agg(
+        ok=("n", "max"), runs=("runs", "first")).reset_index().assign(failed="")
+
+
+def _metric_table(name: str, title: str, frame: pd.DataFrame, metrics: list[str],
+                  counts: pd.DataFrame) -> Table:
+    """One row per configuration in ``counts`` (failed ones too) x ``metrics`` of ``frame``:
+    ``mean ± std (n)`` with ok/runs (and the failures' statuses), the best per column marked."""
     directions = frame.groupby("metric")["direction"].first()
     kinds = frame.groupby("metric")["kind"].first()
-    with_settings = (frame["settings"] != "").any()
+    with_settings = (counts["settings"] != "").any()
     offset = 3 if with_settings else 2
     header = ["attention", *(["settings"] if with_settings else []), "ok/runs",
               *(f"{m}{arrow(directions[m] if kinds[m] != 'diagnostic' else None)}" for m in metrics)]
     rows, values = [], []
-    for (settings, label), group in frame.groupby(["settings", "label"], sort=True):
-        by_metric = group.set_index("metric")
+    for row in counts.sort_values(["settings", "label"]).itertuples():
+        mine = (frame["settings"] == row.settings) & (frame["label"] == row.label)
+        by_metric = frame[mine].set_index("metric")
         cells = [_cell(by_metric, m) for m in metrics]
-        ok, runs = int(by_metric["n"].max()), int(group["runs"].iloc[0])
-        rows.append([label, *([settings or "defaults"] if with_settings else []), f"{ok}/{runs}",
+        runs = f"{int(row.ok)}/{int(row.runs)}" + (f" ({row.failed})" if row.failed else "")
+        rows.append([row.label, *([row.settings or "defaults"] if with_settings else []), runs,
                      *(text for text, _ in cells)])
-        values.append([None] * (offset - 1) + [ok / runs, *(value for _, value in cells)])
+        values.append([None] * (offset - 1) + [row.ok / row.runs, *(value for _, value in cells)])
     marked = {offset + i: directions[m] for i, m in enumerate(metrics) if kinds[m] != "diagnostic"}
     return Table(name=name, title=title, header=header, rows=rows, values=values,
                  best=best_cells(values, marked))
 
 
-def task_tables(summary: pd.DataFrame) -> list[Table]:
+def task_tables(summary: pd.DataFrame, counts: pd.DataFrame | None = None) -> list[Table]:
     """One table per task: attentions x its quality metrics and diagnostics, ``mean ± std (n)``
-    and the ok runs per row, the best mean per metric marked; then, where the task measured more
-    (undeclared extras), a second table of those."""
+    and ok/runs, the best mean per metric marked; then, where the task measured more (undeclared
+    extras), a second table of those. With ``counts`` (:func:`run_counts`), every configuration
+    that ran appears, failed ones too, ``n/a`` where no run gave the metric."""
+    counts = _counts_from(summary) if counts is None else counts
     tables = []
-    for task, frame in summary.groupby("task", sort=True):
+    for task, task_counts in counts.groupby("task", sort=True):
+        frame = summary[summary["task"] == task]
         ordered = frame.sort_values(["order", "metric"])["metric"].drop_duplicates().tolist()
         kinds = frame.groupby("metric")["kind"].first()
         shown = [m for m in ordered if kinds[m] in ("quality", "diagnostic")]
         extras = [m for m in ordered if kinds[m] == "extra"]
         tables.append(_metric_table(f"task_{task}", f"{task}: mean ± std over seeds (ok runs)",
-                                    frame, shown))
+                                    frame, shown, task_counts))
         if extras:
             tables.append(_metric_table(f"task_{task}_extra", f"{task}: further measurements",
-                                        frame, extras))
+                                        frame, extras, task_counts))
     return tables
 
 
-def cost_tables(summary: pd.DataFrame, costs: pd.DataFrame) -> list[Table]:
+def cost_tables(summary: pd.DataFrame, costs: pd.DataFrame,
+                counts: pd.DataFrame | None = None) -> list[Table]:
     """One table per task: training and total time, peak memory, parameters and the task's cost
     metrics (throughput), ``mean ± std (n)`` over the ok runs, the best (least time and memory,
     most throughput) marked."""
@@ -241,15 +269,13 @@ def cost_tables(summary: pd.DataFrame, costs: pd.DataFrame) -> list[Table]:
     frame["kind"], frame["order"] = "cost", frame["metric"].map(list(measured).index) - len(measured)
     throughput = summary[summary["kind"] == "cost"]
     frame = pd.concat([frame, throughput[frame.columns.intersection(throughput.columns)]], ignore_index=True)
-    runs = summary.groupby(["task", "settings", "label"])["runs"].first()
-    frame = frame.join(runs, on=["task", "settings", "label"])
-    frame["runs"] = frame["runs"].fillna(frame["n"])
     frame["metric"] = frame["metric"].map(lambda m: measured[m][0] if m in measured else m)
+    counts = _counts_from(summary) if counts is None else counts
     tables = []
     for task, group in frame.groupby("task", sort=True):
         metrics = group.sort_values(["order", "metric"])["metric"].drop_duplicates().tolist()
         tables.append(_metric_table(f"cost_{task}", f"{task}: cost, mean ± std over seeds (ok runs)",
-                                    group, metrics))
+                                    group, metrics, counts[counts["task"] == task]))
     return tables
 
 
