@@ -25,6 +25,8 @@ from runners.records import check_record, scan_records, write_record
 from runners.summary import error_line, failures
 from runners.sweep import check_metrics, is_finished, record_path
 
+pytestmark = pytest.mark.runner
+
 SHAPED_SOURCE = '''
 import os
 import time
@@ -171,6 +173,7 @@ def _record(task: str, attention: str, seed: int, status: str, **fields) -> dict
 
 
 def test_the_report_counts_failed_cells_lists_them_and_names_bad_files(tmp_path, capsys):
+    pytest.importorskip("pandas")
     results = tmp_path / "results"
     records = [_record("toy", "softmax", 0, "ok"), _record("toy", "softmax", 1, "timeout",
                                                             error="stopped after the cell's timeout of 5 s"),
@@ -292,6 +295,7 @@ def test_bad_efficiency_and_zoo_inputs_are_sentences(argv, message, tmp_path, ca
 
 
 def test_results_and_report_folders_that_are_files(shaped, capsys):
+    pytest.importorskip("pandas")
     preset, file = preset_file(shaped), shaped / "a_file"
     file.write_text("x")
     assert main(["run", str(preset), "--results-dir", str(file)]) == 2
@@ -417,6 +421,7 @@ def test_two_runs_on_one_folder_compute_each_cell_once(shaped):
      r"line 3, column 'date': 'yesterday' is not a date"),
 ])
 def test_time_series_files_are_checked_naming_file_line_and_column(tmp_path, body, message):
+    pytest.importorskip("pandas")
     from tasks.base import DataError
     from tasks.time_series.data import read_series
 
@@ -427,6 +432,7 @@ def test_time_series_files_are_checked_naming_file_line_and_column(tmp_path, bod
 
 
 def test_lm_books_that_are_not_utf8_or_empty_are_named(tmp_path):
+    pytest.importorskip("fairseq")
     from tasks.base import DataError
     from tasks.lm.data import book_lines, split_files
 
