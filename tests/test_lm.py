@@ -92,6 +92,7 @@ def args_text(name: str) -> str:
     return ",".join(f"{k}={v}" for k, v in SMALL_ARGS.get(name, {}).items())
 
 
+@pytest.mark.slow
 def test_training_loss_falls(lm_run: dict[str, Any]) -> None:
     curve = lm_run["result"].extra["train_curve"]
     assert len(curve) >= 10
@@ -99,6 +100,7 @@ def test_training_loss_falls(lm_run: dict[str, Any]) -> None:
     assert math.isfinite(last) and last < first - 1.0, curve
 
 
+@pytest.mark.slow
 def test_eval_perplexity_equals_exp_mean_nll(lm_run: dict[str, Any]) -> None:
     """fairseq-eval-lm's perplexity, recomputed here from the model's logits: the test stream
     in blocks of L (input shifted right by one, starting from </s>), every token scored once."""
@@ -128,6 +130,7 @@ def test_eval_perplexity_equals_exp_mean_nll(lm_run: dict[str, Any]) -> None:
         "perplexity"]
 
 
+@pytest.mark.slow
 def test_bits_per_byte_is_total_bits_over_utf8_bytes(lm_run: dict[str, Any]) -> None:
     prepared = lm_run["prepared"]
     raw = b"".join(p.read_bytes() for p in sorted((lm_run["data"] / "test").glob("*.txt")))
@@ -155,6 +158,7 @@ def test_bits_per_byte_is_total_bits_over_utf8_bytes(lm_run: dict[str, Any]) -> 
     assert lm_run["result"].metrics["bits_per_byte"] == row["bits_per_byte"]
 
 
+@pytest.mark.slow
 def test_task_result_reports_speed_memory_and_tables(lm_run: dict[str, Any]) -> None:
     result = lm_run["result"]
     assert result.metrics["train_tokens_per_second"] > 0
@@ -166,6 +170,7 @@ def test_task_result_reports_speed_memory_and_tables(lm_run: dict[str, Any]) -> 
     assert [(b["start"], b["end"]) for b in buckets] == [(0, 32), (32, 64), (64, 80)]
 
 
+@pytest.mark.slow
 def test_streaming_equals_the_parallel_pass(lm_run: dict[str, Any]) -> None:
     """Token-by-token perplexity through incremental_state equals one parallel pass over the
     same tokens; LAVO's state stays the same size as the stream grows."""
@@ -219,6 +224,7 @@ def test_adapter_equals_zoo_layer(name: str, pattern: Pattern) -> None:
 
 
 @pytest.mark.parametrize("name", CAUSAL)
+@pytest.mark.slow
 def test_model_does_not_leak_the_future(lm_run: dict[str, Any], name: str) -> None:
     model = build_model(lm_run["prepared"].data_bin, name, args_text(name))
     assert all(isinstance(layer.self_attn, ZooAttention) for layer in model.decoder.layers)
@@ -233,6 +239,7 @@ def test_model_does_not_leak_the_future(lm_run: dict[str, Any], name: str) -> No
 
 
 @pytest.mark.parametrize("name", DECODING)
+@pytest.mark.slow
 def test_incremental_decoding_equals_parallel_pass(lm_run: dict[str, Any], name: str) -> None:
     """fairseq's incremental_state (as SequenceGenerator drives it), including a beam-search
     reorder half way, gives the parallel pass's logits."""
@@ -259,6 +266,7 @@ def test_incremental_decoding_equals_parallel_pass(lm_run: dict[str, Any], name:
                for layer in model.decoder.layers)
 
 
+@pytest.mark.slow
 def test_bad_attention_gives_clear_errors(lm_run: dict[str, Any]) -> None:
     data_bin = lm_run["prepared"].data_bin
     with pytest.raises(AttentionConfigError, match=r"unknown attention 'lavoo'; known: .*lavo"):

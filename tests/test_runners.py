@@ -281,6 +281,7 @@ def test_errors_stop_the_run_before_any_cell(task_installed, capsys):
 # Running ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_failed_cells_are_recorded_and_the_sweep_goes_on(task_installed, capsys):
     preset = write_preset(task_installed / "p.yaml")
     results = task_installed / "results"
@@ -306,6 +307,7 @@ def test_failed_cells_are_recorded_and_the_sweep_goes_on(task_installed, capsys)
     assert "skipped task 'not_installed_task'" in out
 
 
+@pytest.mark.slow
 def test_a_cell_past_its_timeout_is_stopped_and_recorded(task_installed):
     cell = plan(write_preset(task_installed / "p.yaml"), ["attention=softmax", "steps=1000000",
                                                            "timeout=1"]).cells[0]
@@ -316,6 +318,7 @@ def test_a_cell_past_its_timeout_is_stopped_and_recorded(task_installed):
     assert "timeout of 1 s" in record["error"]
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_without_recomputing_or_losing(task_installed):
     preset = write_preset(task_installed / "p.yaml")
     results = task_installed / "results"
@@ -348,6 +351,7 @@ def test_a_killed_sweep_resumes_without_recomputing_or_losing(task_installed):
     assert len(log.read_text().splitlines()) == len(finished)
 
 
+@pytest.mark.slow
 def test_submitit_local_executor_writes_the_same_records(task_installed, capsys):
     preset = write_preset(task_installed / "p.yaml")
     results = task_installed / "results"

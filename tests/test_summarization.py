@@ -223,6 +223,7 @@ def test_a_decoder_without_incremental_decoding_recomputes_its_prefix() -> None:
         ZooAttention(32, 4, "probsparse", pattern=Pattern.CAUSAL_SELF)(x[:1], incremental_state={})
 
 
+@pytest.mark.slow
 def test_train_and_decode(run: dict[str, Any]) -> None:
     result = run["result"]
     curve = result.extra["train_curve"]
@@ -242,6 +243,7 @@ def test_train_and_decode(run: dict[str, Any]) -> None:
     assert result.extra["rouge_package"] == "rouge-score (Google)"
 
 
+@pytest.mark.slow
 def test_reported_rouge_is_recomputed_from_the_hypotheses(run: dict[str, Any]) -> None:
     result = run["result"]
     references = Path(result.extra["data"]["data_bin"]).parent.joinpath("test.references")
@@ -259,6 +261,7 @@ def _model(run: dict[str, Any]) -> tuple[Any, Any]:
     return models[0], task
 
 
+@pytest.mark.slow
 def test_every_slot_holds_the_chosen_mechanism(run: dict[str, Any]) -> None:
     from tasks.fairseq_plugin import ZooAttention
 
@@ -272,6 +275,7 @@ def test_every_slot_holds_the_chosen_mechanism(run: dict[str, Any]) -> None:
         assert module.pattern.value == pattern
 
 
+@pytest.mark.slow
 def test_incremental_decoding_matches_the_full_pass(run: dict[str, Any]) -> None:
     """Token by token through fairseq's incremental_state equals teacher forcing."""
     model, task = _model(run)
@@ -288,6 +292,7 @@ def test_incremental_decoding_matches_the_full_pass(run: dict[str, Any]) -> None
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_lavo_cross_attention_reads_its_memory_of_the_source(run: dict[str, Any]) -> None:
     """LAVO's noncausal cross attention reads only its orthogonal memory, a mean over the valid
     source positions: the output ignores the source's order and its padding, but not its content."""

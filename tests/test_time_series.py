@@ -190,6 +190,7 @@ def test_the_forecast_never_reads_the_truth(name):
 
 
 @pytest.mark.parametrize("name", ["softmax", "lavo"])
+@pytest.mark.slow
 def test_informer_trains(name):
     data = prepare("ETTh1", features="M", seq_len=48)
     windows = ForecastWindows(data, "train", seq_len=48, label_len=24, pred_len=12)
@@ -214,6 +215,7 @@ def test_informer_trains(name):
 
 
 @pytest.mark.parametrize("name", ["softmax", "sdpa", "lavo"])
+@pytest.mark.slow
 def test_run_trains_and_evaluates(name, tmp_path):
     task = TimeSeriesTask()
     config = task.make_config({"seq_len": 48, "label_len": 24, "pred_len": 12, "d_model": 16,

@@ -153,6 +153,7 @@ def test_monotonic_alignment_search_finds_the_best_path(frames, tokens):
     assert found == pytest.approx(best)
 
 
+@pytest.mark.slow
 def test_aligner_learns_and_aligns_every_frame(corpus):
     def loss_after(steps: int) -> float:
         model = train_aligner(corpus.train, VOCABULARY, steps=steps, seed=0, batch_size=2, lr=3e-3)
@@ -288,6 +289,7 @@ def corpus():
 
 @pytest.mark.parametrize("mechanism", ["softmax", "lavo"])
 @pytest.mark.parametrize("task_class", [FastSpeech2Task, TransformerTTSTask])
+@pytest.mark.slow
 def test_both_models_train(task_class, mechanism, corpus):
     torch.manual_seed(0)
     task = task_class()
@@ -307,6 +309,7 @@ def test_both_models_train(task_class, mechanism, corpus):
 
 
 @pytest.mark.parametrize("task_class", [FastSpeech2Task, TransformerTTSTask])
+@pytest.mark.slow
 def test_run_writes_valid_audio_and_a_figure(task_class, tmp_path):
     task = task_class()
     config = task.make_config({"train_clips": 1, "steps": 2, "eval_clips": 1, "adim": 16, "eunits": 32,
