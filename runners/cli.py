@@ -531,6 +531,8 @@ def _pipeline_check_tasks(preset: str, tasks: set[str]) -> list[str]:
 
 
 def command_report(args: argparse.Namespace) -> int:
+    from runners.quiet import captured_prints
+
     try:
         from analysis.report import build_report
     except ImportError as error:
@@ -539,7 +541,8 @@ def command_report(args: argparse.Namespace) -> int:
     if not args.results_dir.is_dir():
         raise InputError(f"no results folder {args.results_dir}")
     out = writable_folder(args.out or args.results_dir / "report", "--out")
-    report = build_report(args.results_dir, out, paper_layouts=args.paper)
+    with captured_prints(verbose=False):  # the tasks' libraries print banners when imported
+        report = build_report(args.results_dir, out, paper_layouts=args.paper)
     print(f"report: {out / 'index.html'} ({len(report.tables)} tables, {len(report.figures)} figures)")
     for problem in report.problems:
         print(f"attnbench: ignored {problem} (listed under problems in the report)", file=sys.stderr)
