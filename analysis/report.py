@@ -16,6 +16,7 @@ import base64
 import hashlib
 import html
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -270,7 +271,7 @@ thead th{background:var(--head);cursor:pointer;user-select:none;position:sticky;
 thead th:after{content:" \\2195";color:#aab}thead th.asc:after{content:" \\25B2"}
 thead th.desc:after{content:" \\25BC"}
 tbody tr{background:#fff}tbody tr:nth-child(even){background:#f8f9fb}
-td.best{background:var(--best);font-weight:600}
+td.best{background:var(--best);font-weight:600}td.text{text-align:left}
 figure{margin:14px 0;background:#fff;border:1px solid var(--line);border-radius:8px;padding:8px}
 figure img{display:block;max-width:100%;height:auto;margin:0 auto}
 figcaption{color:var(--muted);font-size:12px;text-align:center}
@@ -302,6 +303,10 @@ document.querySelectorAll('table.sortable').forEach(function (table) {
 """
 
 
+_NUMBER = re.compile(r"^(n/a|[-+]?[\d.,/]+(e[-+]?\d+)?%?)( |$)")
+"""A cell that reads as a number (right-aligned); anything else is text (left-aligned)."""
+
+
 def _anchor(title: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in title.lower()).strip("-")
 
@@ -316,8 +321,9 @@ def _html_table(table: Table) -> str:
         for j, text in enumerate(row):
             value = values[j] if j < len(values) else None
             data = "" if value is None else f" data-value='{json.dumps(value)}'"
-            best = " class='best'" if (i, j) in table.best else ""
-            cells.append(f"<td{data}{best}>{html.escape(text)}</td>")
+            classes = " ".join(c for c, on in (("best", (i, j) in table.best),
+                                               ("text", not _NUMBER.match(text))) if on)
+            cells.append(f"<td{data}{f' class={classes!r}' if classes else ''}>{html.escape(text)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in table.notes)
     return (f"<h3 id='{_anchor(table.name)}'>{html.escape(table.title)}</h3><div class='scroll'>"

@@ -338,8 +338,8 @@ def index_table(summary: pd.DataFrame) -> Table:
     index = compositional_index(summary)
     tasks = sorted(scores["task"].unique())
     by = scores.set_index(["label", "task"])["score"]
-    rows = [[row.label, f"{row.index:.3f}", str(int(row.tasks)),
-             *(f"{by[(row.label, t)]:.3f}" if (row.label, t) in by.index else MISSING for t in tasks)]
+    rows = [[row.label, f"{row.index + 0.0:.3f}", str(int(row.tasks)),
+             *(f"{by[(row.label, t)] + 0.0:.3f}" if (row.label, t) in by.index else MISSING for t in tasks)]
             for row in index.itertuples()]
     return Table(name="compositional_index", title="CAB compositional index (all tasks)",
                  header=["attention", "CI", "tasks", *tasks], rows=rows,
