@@ -21,7 +21,7 @@ from attention_zoo import (
     registry,
 )
 from attention_zoo.testing import check_contract
-from runners.cli import capability_markdown
+from runners.commands.zoo import capability_markdown
 
 pytestmark = pytest.mark.zoo
 
