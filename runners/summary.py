@@ -78,8 +78,8 @@ def parameter_flags(records: Sequence[dict[str, Any]]) -> list[str]:
 TABLE_WIDTH = 100
 """The terminal tables fit this many columns; everything else is in the records and the report."""
 
-PIPELINE_CHECK = ("a pipeline check at smoke size: these numbers show that every cell trains and "
-                  "evaluates, they do not rank mechanisms")
+PIPELINE_CHECK = "a pipeline check at smoke size: every cell trains and evaluates; this is no ranking"
+"""The caption of a task whose smoke size does not rank mechanisms (one line, under 100 columns)."""
 
 
 def _mean_std(values: list[float]) -> str:

@@ -17,15 +17,17 @@ DEFAULT_RESULTS = Path("results")
 
 
 TERMINAL_WIDTH = 100
-"""Tables and progress lines fit this many columns (fewer on a narrower terminal)."""
+"""Tables fit this many columns (fewer on a narrower terminal)."""
 
 
 def make_console() -> Console:
+    """A console whose tables fit :data:`TERMINAL_WIDTH` columns. Lines of text are not broken
+    (a path or an error stays one line to copy and to search for; the terminal wraps it)."""
     from rich.console import Console
 
-    # Rich wraps at 80 columns when output is not a terminal (logs, CI): give it the full width.
+    # Rich assumes 80 columns when output is not a terminal (logs, CI).
     width = shutil.get_terminal_size((TERMINAL_WIDTH, 24)).columns if sys.stdout.isatty() else TERMINAL_WIDTH
-    return Console(width=min(width, TERMINAL_WIDTH))
+    return Console(width=min(width, TERMINAL_WIDTH), soft_wrap=True)
 
 
 def comma_list(text: str) -> list[str]:
