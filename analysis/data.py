@@ -8,9 +8,11 @@ Two frames feed every table and plot:
 Metric directions and kinds come from the record (``declared_metrics``: name, kind, direction in
 the task's declared order), else from the installed task's declaration (``Task.metrics``), else
 from the record's ``metric_directions`` (older records: every directed metric counts as quality).
-A scalar with none of these (an extra measurement of the task) has kind ``extra`` and no
-direction. Only ``quality`` metrics enter the leaderboards and the compositional index; ``cost``
-metrics (throughput) go to the cost tables, ``diagnostic`` ones beside the quality metrics.
+A scalar the declarations do not name (an extra measurement of the task) has kind ``extra`` and
+no direction; the metrics of a record with no declarations at all are shown as quality metrics
+without a direction (never ranked). Only ``quality`` metrics enter the leaderboards and the
+compositional index; ``cost`` metrics (throughput) go to the cost tables, ``diagnostic`` ones
+beside the quality metrics.
 """
 
 from __future__ import annotations
@@ -176,8 +178,10 @@ def run_metrics(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
             continue
         declared = {name: (direction, kind, order) for order, (name, direction, kind)
                     in enumerate(record_metric_declarations(record))}
+        # A record that declares nothing: its metrics are shown as the task's, with no direction.
+        undeclared = (None, "extra" if declared else "quality", EXTRA_ORDER)
         for metric, value in record["metrics"].items():
-            direction, kind, order = declared.get(metric, (None, "extra", EXTRA_ORDER))
+            direction, kind, order = declared.get(metric, undeclared)
             rows.append({**base, "metric": metric, "value": float(value), "direction": direction,
                          "kind": kind, "order": order})
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
