@@ -37,8 +37,8 @@ def test_unknown_pattern_lists_valid():
 
 
 def test_unknown_hyperparameter_lists_valid():
-    with pytest.raises(AttentionConfigError,
-                       match=r"lavo: unknown hyperparameter 'rank'; valid: r, w, bases, position, combine"):
+    with pytest.raises(AttentionConfigError, match=r"lavo: unknown hyperparameter 'rank'; "
+                       r"valid: r, w, memory, bases, position, combine"):
         build_attention("lavo", pattern="causal_self", heads=2, head_dim=8, rank=4)
 
 
