@@ -229,7 +229,7 @@ def test_equal_models_get_equal_keys_however_spelled(shaped):
     preset = preset_file(shaped, attention="lavo")
     default, explicit, other = (plan(preset, extra).cells[0] for extra in
                                 ([], ["attention.r=16"], ["attention.r=4"]))
-    # r defaults to min(64, layer width) = 16 at 2 heads x 8: r=16 is the default model.
+    # r defaults to min(64, input width) = 16 at 2 heads x 8 (memory="input"): r=16 is the default.
     assert explicit.key == default.key and explicit.attention_args == {}
     assert other.key != default.key and other.attention_args == {"r": 4}
 
