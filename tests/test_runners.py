@@ -207,7 +207,7 @@ def test_key_is_derived_from_the_resolved_config(task_installed):
     (["steps=0"], r"'steps' must be >= 1"),
     (["attention=lavoo"], r"unknown attention 'lavoo'; known: .*lavo.*softmax"),
     (["attention.q=1"], r"attention hyperparameter\(s\) q declared by none of the selected mechanisms "
-                        r"\(lavo, softmax\); valid: backend, bases, combine, position, r, w"),
+                        r"\(lavo, softmax\); valid: backend, bases, combine, memory, position, r, w"),
     (["attention.w=wide"], r"cannot read 'wide' as 'w' \(int\)"),
     (["task=nope"], r"task=nope: not installed; installed: .*next_value"),
     (["nope.steps=1"], r"unknown task 'nope'; installed: .*next_value"),
