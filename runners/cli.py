@@ -71,7 +71,7 @@ def capability_rows() -> list[dict[str, Any]]:
             "name": name,
             **{p.value: p in spec.patterns for p in Pattern},
             "decoding": spec.decoding,
-            "mixes_queries": spec.mixes_queries,
+            "uses_layer_input": spec.uses_layer_input,
             "complexity": spec.complexity.value,
             "hyperparameters": {hp.name: {"type": hp.type_name, "default": hp.default}
                                 for hp in spec.hyperparameters},
@@ -84,7 +84,7 @@ def capability_markdown() -> str:
     """The zoo's capability table in Markdown (the README embeds this, generated)."""
     from attention_zoo import Pattern
 
-    header = ["attention", *(p.value for p in Pattern), "decoding", "cross mixes queries",
+    header = ["attention", *(p.value for p in Pattern), "decoding", "layer input",
               "complexity", "hyperparameters (default)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in capability_rows():
@@ -92,7 +92,7 @@ def capability_markdown() -> str:
         hps = ", ".join(f"`{k}`={v['default']!r}" for k, v in row["hyperparameters"].items())
         lines.append("| " + " | ".join([
             f"`{row['name']}`", *marks, "yes" if row["decoding"] else "-",
-            "yes" if row["mixes_queries"] else "-", row["complexity"],
+            "yes" if row["uses_layer_input"] else "-", row["complexity"],
             hps or "-",
         ]) + " |")
     return "\n".join(lines) + "\n"
