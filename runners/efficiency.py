@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from attention_zoo import MultiHeadAttention, Pattern, attention_spec, build_attention
+from attention_zoo import LayerInput, MultiHeadAttention, Pattern, attention_spec, build_attention
 from runners.provenance import provenance
 from runners.records import write_record
 
@@ -232,6 +232,22 @@ def _module_under_test(cell: EfficiencyCell) -> tuple[Callable[..., torch.Tensor
     return module, list(module.parameters())
 
 
+def _core_layer_input(cell: EfficiencyCell, function: Callable[..., torch.Tensor], *,
+                      device: torch.device, dtype: torch.dtype) -> LayerInput | None:
+    """For a mechanism that reads the layer input (gates computed from it), the input
+    [B, L, E] it gets in core scope (E = H * D) with the layer's projections; None otherwise.
+    Its own gate projections are timed with it; the q, k, v projections are not."""
+    if cell.scope != "core" or not getattr(function, "uses_layer_input", False):
+        return None
+    width = cell.heads * cell.head_dim
+    query = torch.randn(cell.batch, cell.length, width, device=device, dtype=dtype)
+    source = (torch.randn(cell.batch, cell.length, width, device=device, dtype=dtype)
+              if Pattern.parse(cell.pattern).cross else query)
+    q_proj, k_proj, v_proj = (torch.nn.Linear(width, width, device=device, dtype=dtype)
+                              for _ in range(3))
+    return LayerInput(query=query, source=source, q_proj=q_proj, k_proj=k_proj, v_proj=v_proj)
+
+
 def measure(cell: EfficiencyCell, *, warmup: int, repeats: int, timer: str = "auto") -> dict[str, Any]:
     """Measure one cell and return its metrics."""
     device = torch.device(cell.device)
@@ -246,10 +262,14 @@ def measure(cell: EfficiencyCell, *, warmup: int, repeats: int, timer: str = "au
     q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
     grad_out = torch.randn(shape, device=device, dtype=dtype)
 
+    layer_input = _core_layer_input(cell, function, device=device, dtype=dtype)
+
     def call(*inputs: torch.Tensor) -> torch.Tensor:
         if cell.scope == "layer":
             # Self attention projects one input; cross attention reads a second sequence.
             return function(inputs[0], inputs[1], inputs[1]) if cross else function(inputs[0])
+        if layer_input is not None:
+            return function(*inputs, layer_input=layer_input)
         return function(*inputs)
 
     def forward() -> None:
