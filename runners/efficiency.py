@@ -30,7 +30,14 @@ from typing import Any
 
 import torch
 
-from attention_zoo import LayerInput, MultiHeadAttention, Pattern, attention_spec, build_attention
+from attention_zoo import (
+    Attention,
+    LayerInput,
+    MultiHeadAttention,
+    Pattern,
+    attention_spec,
+    build_attention,
+)
 from runners.provenance import provenance
 from runners.records import write_record
 
@@ -224,28 +231,33 @@ def _module_under_test(cell: EfficiencyCell) -> tuple[Callable[..., torch.Tensor
             cell.heads * cell.head_dim, cell.heads, cell.attention, pattern=cell.pattern,
             attention_args=cell.attention_args)
     elif cell.scope == "core":
-        module = build_attention(cell.attention, pattern=cell.pattern, heads=cell.heads,
-                                 head_dim=cell.head_dim, **cell.attention_args)
+        attention = build_attention(cell.attention, pattern=cell.pattern, heads=cell.heads,
+                                    head_dim=cell.head_dim, **cell.attention_args)
+        module = _CoreWithLayerInput(attention) if attention.needs_layer_input else attention
     else:
         raise ValueError(f"unknown scope {cell.scope!r}; valid: {', '.join(SCOPES)}")
     module.to(device=torch.device(cell.device), dtype=getattr(torch, cell.dtype))
-    return module, list(module.parameters())
+    parameters = (module.attention if isinstance(module, _CoreWithLayerInput) else module).parameters()
+    return module, list(parameters)
 
 
-def _core_layer_input(cell: EfficiencyCell, function: Callable[..., torch.Tensor], *,
-                      device: torch.device, dtype: torch.dtype) -> LayerInput | None:
-    """For a mechanism that reads the layer input (gates computed from it), the input
-    [B, L, E] it gets in core scope (E = H * D) with the layer's projections; None otherwise.
-    Its own gate projections are timed with it; the q, k, v projections are not."""
-    if cell.scope != "core" or not getattr(function, "uses_layer_input", False):
-        return None
-    width = cell.heads * cell.head_dim
-    query = torch.randn(cell.batch, cell.length, width, device=device, dtype=dtype)
-    source = (torch.randn(cell.batch, cell.length, width, device=device, dtype=dtype)
-              if Pattern.parse(cell.pattern).cross else query)
-    q_proj, k_proj, v_proj = (torch.nn.Linear(width, width, device=device, dtype=dtype)
-                              for _ in range(3))
-    return LayerInput(query=query, source=source, q_proj=q_proj, k_proj=k_proj, v_proj=v_proj)
+class _CoreWithLayerInput(torch.nn.Module):
+    """A mechanism that reads the layer's input, timed alone: the core inputs q and k
+    [B, L, H, D] double as the layer's input [B, L, H*D] (query side, and source in cross
+    attention), and the projections it reads are never run on them (their weights still get
+    gradients). ``parameters`` of the cell count the mechanism's own only."""
+
+    def __init__(self, attention: Attention) -> None:
+        super().__init__()
+        self.attention = attention
+        width = attention.heads * attention.head_dim
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(width, width) for _ in range(3))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        query = q.flatten(2)  # [B, L, H*D]
+        source = k.flatten(2) if self.attention.pattern.cross else query
+        layer_input = LayerInput(query, source, self.q_proj, self.k_proj, self.v_proj)
+        return self.attention(q, k, v, layer_input=layer_input)
 
 
 def measure(cell: EfficiencyCell, *, warmup: int, repeats: int, timer: str = "auto") -> dict[str, Any]:
@@ -262,14 +274,10 @@ def measure(cell: EfficiencyCell, *, warmup: int, repeats: int, timer: str = "au
     q, k, v = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
     grad_out = torch.randn(shape, device=device, dtype=dtype)
 
-    layer_input = _core_layer_input(cell, function, device=device, dtype=dtype)
-
     def call(*inputs: torch.Tensor) -> torch.Tensor:
         if cell.scope == "layer":
             # Self attention projects one input; cross attention reads a second sequence.
             return function(inputs[0], inputs[1], inputs[1]) if cross else function(inputs[0])
-        if layer_input is not None:
-            return function(*inputs, layer_input=layer_input)
         return function(*inputs)
 
     def forward() -> None:

@@ -31,12 +31,18 @@ import torch
 from runners.locks import CellLock, describe_this_run, die_with_parent, holder, kill_group, lock_path
 from runners.matrix import Cell
 from runners.provenance import provenance
+from runners.quiet import redirect_process_output
 from runners.records import RUN_SCHEMA, RecordError, load_record, write_record
 from tasks.base import AttentionChoice, get_task, resolve_attention
 
 SCHEMA = RUN_SCHEMA
 KIND = "run"
 FAILED = ("error", "oom", "timeout", "crashed")
+
+
+class CellTimeout(Exception):
+    """Raised inside a running cell whose time is up (a cluster job's time limit is near): the
+    cell is recorded as ``timeout``, not ``error``."""
 
 
 def record_path(results_dir: Path, cell: Cell) -> Path:
@@ -187,6 +193,9 @@ def _compute_cell(cell: Cell, results_dir: Path, *, device: str, preset: str, th
             metrics={k: float(v) for k, v in result.metrics.items()},
             metric_directions={m.name: "higher" if m.higher_is_better else "lower"
                                for m in task_class.metrics},
+            declared_metrics=[{"name": m.name, "kind": m.kind,
+                               "direction": "higher" if m.higher_is_better else "lower"}
+                              for m in task_class.metrics],
             parameters=int(result.parameters),
             attention_parameters=int(result.attention_parameters),
             peak_memory_mib=result.peak_memory_mib,
@@ -196,7 +205,8 @@ def _compute_cell(cell: Cell, results_dir: Path, *, device: str, preset: str, th
                              "eval_seconds": result.eval_seconds}
     except Exception as error:
         out_of_memory = isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-        record.update(status="oom" if out_of_memory else "error",
+        status = "timeout" if isinstance(error, CellTimeout) else "oom" if out_of_memory else "error"
+        record.update(status=status,
                       error=f"{type(error).__name__}: {error}"[:4000],
                       traceback=traceback.format_exc()[-8000:])
     record.setdefault("timings", {})["total_seconds"] = time.time() - started
@@ -276,10 +286,14 @@ def default_threads(jobs: int) -> int:
 
 
 def _worker(connection: Connection, results_dir: str, device: str, preset: str, threads: int,
-            owner: str, retry_failed: bool) -> None:
+            owner: str, retry_failed: bool, verbose: bool = False) -> None:
     """A local worker process: runs the cells it is sent, one at a time, until it gets None.
-    It dies with its coordinator (see :func:`runners.locks.die_with_parent`)."""
+    It dies with its coordinator (see :func:`runners.locks.die_with_parent`). Unless ``verbose``,
+    what the libraries print goes to the worker's log file, not the terminal
+    (:mod:`runners.quiet`)."""
     die_with_parent()
+    if not verbose:
+        redirect_process_output(Path(results_dir), f"worker-{os.getpid()}")
     torch.set_num_threads(threads)
     try:
         while (cell := connection.recv()) is not None:
@@ -329,7 +343,8 @@ class _Slot:
 
 def run_local(cells: Sequence[Cell], results_dir: Path, *, jobs: int = 1, devices: Sequence[str] = ("cpu",),
               preset: str = "", threads: int = 0, on_done: Callback | None = None,
-              retry_failed: bool = False, on_notice: Callable[[str], None] | None = None) -> None:
+              retry_failed: bool = False, on_notice: Callable[[str], None] | None = None,
+              verbose: bool = False) -> None:
     """Run ``cells`` on ``jobs`` worker processes at once; worker i uses ``devices[i % n]`` (GPUs
     round-robin). Workers are spawned once and reused (PyTorch is imported once per worker, not
     per cell). A worker that dies, or whose cell runs past its timeout, is killed, its cell
@@ -340,7 +355,7 @@ def run_local(cells: Sequence[Cell], results_dir: Path, *, jobs: int = 1, device
     gets the record's status) or computes the cell if the other run left none."""
     context = multiprocessing.get_context("spawn")
     arguments = (str(results_dir), preset, threads or default_threads(jobs), describe_this_run(),
-                 retry_failed)
+                 retry_failed, verbose)
     queue = _Queue(list(cells), results_dir, on_notice, retry_failed)
     slots = [_Slot(device=devices[i % len(devices)]) for i in range(max(1, jobs))]
     try:
@@ -442,14 +457,17 @@ class _Queue:
 def _submitit_job(cell: dict[str, Any], results_dir: str, preset: str) -> str:
     """What a submitit job runs: the cell on the job's GPU if it has one."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return run_cell(cell, results_dir, device=device, preset=preset)
+    status = run_cell(cell, results_dir, device=device, preset=preset)
+    submitted_path(Path(results_dir), Cell.from_json(cell)).unlink(missing_ok=True)
+    return status
 
 
 def run_submitit(cells: Sequence[Cell], results_dir: Path, *, cluster: str = "slurm",
                  parameters: Mapping[str, Any] | None = None, preset: str = "", wait: bool = True,
                  on_done: Callback | None = None) -> list[Any]:
     """Submit one job per cell (a job array) through submitit; ``cluster="local"`` runs the same
-    jobs as local subprocesses (submitit's LocalExecutor), ``"slurm"`` on a SLURM cluster.
+    jobs as local subprocesses (submitit's LocalExecutor). SLURM runs go through
+    :mod:`runners.cluster`, which sizes the jobs to the partition and follows them through sacct.
 
     ``parameters`` go to ``AutoExecutor.update_parameters`` (``slurm_partition``,
     ``gpus_per_node``, ``cpus_per_task``, ``mem_gb``, ``timeout_min``, ``slurm_array_parallelism``
@@ -464,8 +482,6 @@ def run_submitit(cells: Sequence[Cell], results_dir: Path, *, cluster: str = "sl
     longest = max((c.timeout for c in cells if c.timeout is not None), default=None)
     defaults: dict[str, Any] = {"name": f"attnbench-{preset or 'run'}",
                                 "timeout_min": math.ceil(longest / 60) + 5 if longest else 24 * 60}
-    if cluster == "slurm":
-        defaults.update(gpus_per_node=1, cpus_per_task=8, tasks_per_node=1, nodes=1)
     executor.update_parameters(**{**defaults, **(parameters or {})})
     jobs = executor.map_array(_submitit_job, [c.to_json() for c in cells],
                               [str(results_dir)] * len(cells), [preset] * len(cells))

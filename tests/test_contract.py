@@ -10,12 +10,16 @@ import pytest
 from attention_zoo import attention_spec, list_attentions
 from attention_zoo.testing import CHECKS
 
+pytestmark = pytest.mark.zoo
+
 VARIANTS = [(name, {}) for name in list_attentions()] + [
     ("lavo", {"combine": "joint"}),
     ("lavo", {"bases": "learned"}),
     ("lavo", {"position": "none", "w": 5, "r": 3}),
     ("lavo", {"w": 1}),
     ("lavo", {"w": 64}),  # one window longer than every test sequence
+    ("lavo", {"memory": "kv"}),
+    ("lavo", {"memory": "kv", "combine": "joint", "bases": "learned"}),
     # Chunked forms with several chunks inside the test sequences (the defaults cover one).
     ("based", {"window": 4, "feature_dim": 3}),
     ("deltanet", {"chunk_size": 4}),

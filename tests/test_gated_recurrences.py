@@ -31,6 +31,8 @@ from attention_zoo.mechanisms.gated_recurrence import (
 )
 from attention_zoo.testing import random_layer_input
 
+pytestmark = pytest.mark.zoo
+
 needs_fla = pytest.mark.skipif(importlib.util.find_spec("fla") is None,
                                reason="fla-core is not installed (pip install fla-core)")
 
