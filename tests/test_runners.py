@@ -366,7 +366,9 @@ def test_submitit_local_executor_writes_the_same_records(task_installed, capsys)
     again = " ".join(capsys.readouterr().out.split())
     assert "1 cells were submitted earlier and have no record yet" in again or "1 already finished" in again
     deadline = time.time() + 90
-    while len(records_of(results)) < 2 and time.time() < deadline:
+    # The job drops its note once its record is written: wait for both.
+    while ((len(records_of(results)) < 2 or list((results / "runs").rglob("*.submitted")))
+           and time.time() < deadline):
         time.sleep(0.2)
     records = records_of(results)
     assert sorted(r["cell"]["attention"] for r in records.values()) == ["lavo", "softmax"]
@@ -375,7 +377,7 @@ def test_submitit_local_executor_writes_the_same_records(task_installed, capsys)
         # Each ran in a submitit job process of its own, not in this one.
         assert "submitit" in " ".join(record["provenance"]["argv"])
     assert list((results / "logs" / "submitit").rglob("*_log.out"))
-    assert not list((results / "runs").rglob("*.submitted"))  # each job's note goes with its record
+    assert not list((results / "runs").rglob("*.submitted"))
     log = (task_installed / "executions.log").read_text().splitlines()
     assert sorted(line.split()[1] for line in log) == ["lavo(r=4,w=4)", "softmax"]
 
@@ -452,6 +454,22 @@ def test_efficiency_cab_preset_and_whole_layer(tmp_path, capsys):
         # The layer's four projections with biases (softmax itself has no parameters).
         assert record["metrics"]["parameters"] == 4 * (width * width + width)
     assert "softmax [layer]" in capsys.readouterr().out
+
+
+def test_efficiency_measures_mechanisms_that_read_the_layer_input(tmp_path):
+    """gla computes its gates from the layer input: core scope gives it one (its gate
+    parameters are timed and counted), layer scope gets it from MultiHeadAttention."""
+    for scope in ([], ["--layer"]):
+        code = main(["efficiency", "--attention", "gla", "--lengths", "16", "--patterns",
+                     "causal_self", "--heads", "2", "--head-dim", "8", "--repeats", "1",
+                     "--warmup", "1", "--device", "cpu", "--results-dir", str(tmp_path), *scope])
+        assert code == 0
+    records = {r["cell"]["scope"]: r for r in efficiency_records(tmp_path)}
+    assert all(r["status"] == "ok" for r in records.values()), records
+    width, rank = 2 * 8, 16
+    gates = width * rank + rank * width + width  # E -> 16 -> H*D, with the bias
+    assert records["core"]["metrics"]["parameters"] == gates
+    assert records["layer"]["metrics"]["parameters"] == gates + 4 * (width * width + width)
 
 
 def test_efficiency_fla_comparison_is_skipped_with_a_reason_on_cpu(tmp_path, capsys):
