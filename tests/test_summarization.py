@@ -313,8 +313,9 @@ def test_lavo_cross_attention_reads_its_memory_of_the_source(run: dict[str, Any]
     mask[:, 11:] = True
     changed = source.clone()
     changed[3] += 1.0
+    shuffled = source[order]  # one tensor for key and value: LAVO reads the layer's source input
     with torch.no_grad():
-        torch.testing.assert_close(cross(query, source[order], source[order], static_kv=True)[0], out)
+        torch.testing.assert_close(cross(query, shuffled, shuffled, static_kv=True)[0], out)
         torch.testing.assert_close(
             cross(query, padded, padded, key_padding_mask=mask, static_kv=True)[0], out)
         assert not torch.allclose(cross(query, changed, changed, static_kv=True)[0], out, atol=1e-4)
