@@ -5,7 +5,7 @@ Two frames feed every table and plot:
 - :func:`run_metrics`: one row per (run record, metric), from ``results/runs``.
 - :func:`efficiency_points`: one row per efficiency record, from ``results/efficiency``.
 
-Metric directions come from the task's own declaration (``Task.metrics``, ``higher_is_better``)
+Metric directions come from the task's spec (``Task.metrics``, read without importing its backbone)
 when the task is installed, else from the record's ``metric_directions``; a scalar with neither
 (an extra measurement of the task) has no direction and stays out of the compositional index.
 """
@@ -43,7 +43,7 @@ RUN_COLUMNS = ["key", "task", "settings", "attention", "label", "args", "seed", 
 @cache
 def declared_metrics(task: str) -> dict[str, str] | None:
     """``{metric: "higher" | "lower"}`` as the installed task declares it; None if not installed."""
-    from tasks.base import get_task
+    from tasks.registry import get_task
 
     try:
         task_class = get_task(task)
@@ -55,7 +55,7 @@ def declared_metrics(task: str) -> dict[str, str] | None:
 @cache
 def task_patterns(task: str) -> frozenset[Pattern] | None:
     """The attention patterns a task's roles exercise; None if the task is not installed."""
-    from tasks.base import get_task
+    from tasks.registry import get_task
 
     try:
         return frozenset(get_task(task).roles.values())

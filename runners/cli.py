@@ -23,6 +23,7 @@ from attention_zoo import (
     list_attentions,
     parse_attention_args,
 )
+from runners import cli_tasks
 from runners.efficiency import PRESETS as EFFICIENCY_PRESETS
 from runners.efficiency import (
     TIMERS,
@@ -247,12 +248,18 @@ def summary_table(records: list[dict[str, Any]], lengths: Sequence[int]) -> Tabl
 
 
 def command_data(args: argparse.Namespace) -> int:
-    from tasks.base import data_root, get_fetcher, list_datasets
+    from tasks.base import data_root
+    from tasks.registry import get_data_tool, get_fetcher, list_data_tools, list_datasets
 
     if args.data_command == "list" or args.data_command is None:
         for name in list_datasets():
             print(name)
+        for name in list_data_tools():
+            print(f"{name} (attnbench data prepare {name} --help)")
         return 0
+    if args.data_command == "prepare":
+        result = get_data_tool(args.name)(list(args.tool_args))
+        return result if isinstance(result, int) else 0
     destination = args.dest or data_root() / args.name
     path = get_fetcher(args.name)(destination)
     print(f"{args.name}: {path}")
@@ -392,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--pattern", help="only mechanisms supporting this pattern")
     zoo.add_argument("--format", choices=("table", "markdown", "json"), default="table")
     zoo.set_defaults(handler=command_zoo)
+    cli_tasks.add_parser(commands)
 
     efficiency = commands.add_parser(
         "efficiency", help="time and peak memory of each mechanism versus sequence length")
@@ -461,13 +469,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "no result exists")
     report.set_defaults(handler=command_report)
 
-    data = commands.add_parser("data", help="list or download the full datasets")
+    data = commands.add_parser("data", help="list, download or prepare the full datasets")
     data_commands = data.add_subparsers(dest="data_command", metavar="ACTION")
     data_commands.add_parser("list", help="datasets that can be fetched")
     fetch = data_commands.add_parser("fetch", help="download a dataset (needs internet)")
     fetch.add_argument("name", help="dataset name (see `attnbench data list`)")
     fetch.add_argument("--dest", type=Path, help="target folder (default: $ATTNBENCH_DATA/NAME "
                        "or ~/.cache/attnbench/data/NAME)")
+    prepare = data_commands.add_parser(
+        "prepare", help="run a data-preparation tool (PCN-style generation, LJSpeech durations)")
+    prepare.add_argument("name", help="tool name (see `attnbench data list`)")
+    prepare.add_argument("tool_args", nargs=argparse.REMAINDER, help="the tool's own arguments")
     data.set_defaults(handler=command_data)
     return parser
 

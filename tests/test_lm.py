@@ -22,7 +22,7 @@ from attention_zoo import (
     list_attentions,
 )
 from tasks.base import AttentionChoice, get_fetcher, get_task, resolve_attention
-from tasks.fairseq_plugin import USER_DIR, ZooAttention, state_bytes
+from tasks.backends.fairseq_plugin import USER_DIR, ZooAttention, state_bytes
 from tasks.lm import data as lm_data
 from tasks.lm import evaluate
 from tasks.lm.task import extrapolation_multiples

@@ -170,8 +170,8 @@ def test_the_model_refuses_a_pattern_the_mechanism_lacks(tmp_path: Path) -> None
     never built, and the message names the mechanisms that have the pattern."""
     from fairseq import options
 
-    from tasks.fairseq_plugin import USER_DIR
-    from tasks.fairseq_plugin.transformer import ZooTransformerModel
+    from tasks.backends.fairseq_plugin import USER_DIR
+    from tasks.backends.fairseq_plugin.transformer import ZooTransformerModel
 
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, input_args=[
@@ -185,7 +185,7 @@ def test_the_model_refuses_a_pattern_the_mechanism_lacks(tmp_path: Path) -> None
 def test_a_decoder_without_incremental_decoding_recomputes_its_prefix() -> None:
     """probsparse declares no decoding state: the decoder recomputes its causal pass over the
     tokens so far at each step, which equals the teacher-forced pass of those tokens."""
-    from tasks.fairseq_plugin import ZooAttention
+    from tasks.backends.fairseq_plugin import ZooAttention
 
     torch.manual_seed(0)
     attention = ZooAttention(32, 4, "probsparse", pattern=Pattern.CAUSAL_SELF,
@@ -237,7 +237,7 @@ def _model(run: dict[str, Any]) -> tuple[Any, Any]:
 
 
 def test_every_slot_holds_the_chosen_mechanism(run: dict[str, Any]) -> None:
-    from tasks.fairseq_plugin import ZooAttention
+    from tasks.backends.fairseq_plugin import ZooAttention
 
     model, _ = _model(run)
     slots = [(layer.self_attn, "noncausal_self") for layer in model.encoder.layers]
