@@ -225,8 +225,10 @@ class Task(abc.ABC):
 
     @classmethod
     def folder(cls) -> Path:
-        """The task's folder (``task.py``, ``presets/``, ``samples/``, ``README.md``)."""
-        return Path(importlib.import_module(cls.__module__).__file__).resolve().parent
+        """The task's folder (``task.py``, ``presets/``, ``samples/``, ``README.md``): that of
+        the module of the class that declares its ``name``."""
+        owner = next((c for c in cls.__mro__ if "name" in vars(c)), cls)
+        return Path(importlib.import_module(owner.__module__).__file__).resolve().parent
 
     @classmethod
     def preset_names(cls) -> list[str]:
