@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from attention_zoo import AttentionConfigError, Pattern
-from tasks.base import AttentionChoice, Metric, Task, TaskResult, resolve_attention
+from tasks.base import AttentionChoice, Metric, Task, resolve_attention
 
 
 @dataclass(frozen=True)
@@ -23,8 +23,14 @@ class Seq2Seq(Task):
     metrics = (Metric("loss", higher_is_better=False),)
     Config = ToyConfig
 
-    def run(self, config, attention, *, seed, device, workdir):
-        return TaskResult(metrics={"loss": 0.0}, parameters=0)
+    def build(self, config, attention, data, run):
+        raise NotImplementedError("only the spec is used here")
+
+    def train(self, model, config, data, run):
+        raise NotImplementedError("only the spec is used here")
+
+    def evaluate(self, model, config, data, run):
+        raise NotImplementedError("only the spec is used here")
 
 
 def test_config_overrides_are_typed_and_checked():
@@ -61,3 +67,55 @@ def test_roles_must_match():
                                     "decoder": AttentionChoice("lavo")})
     with pytest.raises(AttentionConfigError, match="unknown hyperparameter 'q'"):
         resolve_attention(Seq2Seq, AttentionChoice("lavo", {"q": 1}))
+
+
+def test_a_task_declaring_bad_roles_or_names_is_refused_at_registration(scratch_tasks):
+    class NoRoles(Seq2Seq):
+        name = "no_roles"
+        roles = {}
+
+    with pytest.raises(AttentionConfigError, match="roles must map each role to a Pattern"):
+        scratch_tasks.register_task(NoRoles)
+
+    class BadName(Seq2Seq):
+        name = "Bad-Name"
+
+    with pytest.raises(AttentionConfigError, match="name must be lower_snake_case"):
+        scratch_tasks.register_task(BadName)
+    scratch_tasks.register_task(Seq2Seq)
+    assert scratch_tasks.get_task("toy") is Seq2Seq and "toy" in scratch_tasks.list_tasks()
+
+    class Impostor(Seq2Seq):
+        name = "toy"
+
+    with pytest.raises(AttentionConfigError, match="task 'toy' is registered twice"):
+        scratch_tasks.register_task(Impostor)
+
+
+def test_unknown_task_names_the_known_ones():
+    from tasks.registry import get_task
+
+    with pytest.raises(AttentionConfigError, match=r"unknown task 'lmm'; known: .*lm, point_cloud"):
+        get_task("lmm")
+
+
+def test_an_override_reaching_only_some_tasks_names_those_it_skipped():
+    from runners.matrix import plan
+
+    expansion = plan("smoke", ["task=time_series,point_cloud", "label_len=12", "attention=softmax"])
+    assert {c.task for c in expansion.cells} == {"time_series", "point_cloud"}
+    assert all(c.settings["label_len"] == 12 for c in expansion.cells if c.task == "time_series")
+    assert "override label_len=12 skipped task 'point_cloud': it has no setting 'label_len'" in (
+        expansion.notices)
+
+
+def test_one_vocabulary_across_the_tasks():
+    from tasks.registry import get_task, list_tasks
+    from tasks.settings import SYNONYMS, VOCABULARY
+
+    names = {name: {hp.name for hp in get_task(name).config_fields()} for name in list_tasks()}
+    assert all(not (fields & set(SYNONYMS)) for fields in names.values()), names
+    for shared in ("lr", "steps", "data", "threads", "batch_size"):
+        assert all(shared in fields for fields in names.values()), shared
+    assert set(VOCABULARY) >= {"lr", "steps", "warmup_steps", "clip_norm", "data", "threads", "d_model",
+                               "heads"}
