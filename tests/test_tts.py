@@ -270,7 +270,8 @@ def test_both_models_train(task_class, mechanism, corpus):
 @pytest.mark.parametrize("task_class", [FastSpeech2Task, TransformerTTSTask])
 def test_run_writes_valid_audio_and_a_figure(task_class, tmp_path):
     config = task_class.make_config({"train_clips": 1, "steps": 2, "eval_clips": 1, "d_model": 16,
-                                     "eunits": 32, "dunits": 32, "griffin_lim_iterations": 2, "maxlenratio": 2.0})
+                                     "eunits": 32, "dunits": 32, "griffin_lim_iterations": 2,
+                                     "maxlenratio": 2.0})
     result = execute(task_class, config, AttentionChoice("lavo"), seed=0, device="cpu", workdir=tmp_path)
     assert set(result.metrics) == {"mcd", "msd", "mcd_db"}
     assert all(math.isfinite(v) and v > 0 for v in result.metrics.values())
