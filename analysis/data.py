@@ -22,7 +22,8 @@ import pandas as pd
 
 from attention_zoo import AttentionConfigError, Pattern, attention_spec
 from runners.records import read_records
-from runners.summary import attention_label, settings_label
+from runners.summary import settings_label
+from tasks.base import attention_label
 
 RUN_KIND = "run"
 EFFICIENCY_KIND = "efficiency"
@@ -119,7 +120,8 @@ def run_metrics(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         task = cell["task"]
         base = {
             "key": record["key"], "task": task, "settings": settings_label(dict(record)),
-            "attention": cell["attention"], "label": attention_label(cell),
+            "attention": cell["attention"],
+            "label": attention_label(cell["attention"], cell.get("attention_args")),
             "args": {**hyperparameter_defaults(cell["attention"]), **(cell.get("attention_args") or {})},
             "seed": record.get("seed", cell.get("seed")), "status": record.get("status"),
         }
@@ -143,7 +145,8 @@ def run_costs(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         cell, timings = record["cell"], record.get("timings") or {}
         rows.append({
             "key": record["key"], "task": cell["task"], "settings": settings_label(dict(record)),
-            "attention": cell["attention"], "label": attention_label(cell),
+            "attention": cell["attention"],
+            "label": attention_label(cell["attention"], cell.get("attention_args")),
             "args": {**hyperparameter_defaults(cell["attention"]), **(cell.get("attention_args") or {})},
             "seed": record.get("seed"),
             "train_seconds": timings.get("train_seconds", math.nan),
@@ -167,7 +170,8 @@ def efficiency_points(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         cell, metrics = record["cell"], record.get("metrics") or {}
         rows.append({
             "run_id": record.get("run_id", ""), "attention": cell["attention"],
-            "label": attention_label(cell), "pattern": cell["pattern"],
+            "label": attention_label(cell["attention"], cell.get("attention_args")),
+            "pattern": cell["pattern"],
             "scope": cell.get("scope", "core"), "length": int(cell["length"]),
             "batch": cell.get("batch"), "heads": cell.get("heads"), "head_dim": cell.get("head_dim"),
             "dtype": cell.get("dtype"), "device": cell.get("device"), "status": record.get("status"),
@@ -207,8 +211,9 @@ def extra_curves(records: Sequence[Mapping[str, Any]], key: str, x_name: str) ->
     for record in records:
         if record.get("status") != "ok":
             continue
+        cell = record["cell"]
+        label = attention_label(cell["attention"], cell.get("attention_args"))
         for x, y in curve((record.get("extra") or {}).get(key), x_name):
-            rows.append({"task": record["cell"]["task"], "settings": settings_label(dict(record)),
-                         "label": attention_label(record["cell"]), "seed": record.get("seed"),
-                         "x": x, "perplexity": y})
+            rows.append({"task": cell["task"], "settings": settings_label(dict(record)),
+                         "label": label, "seed": record.get("seed"), "x": x, "perplexity": y})
     return pd.DataFrame(rows, columns=["task", "settings", "label", "seed", "x", "perplexity"])

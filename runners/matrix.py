@@ -32,7 +32,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from typing import Any
 import yaml
 
 from attention_zoo import AttentionConfigError, attention_spec
-from tasks.base import AttentionChoice, PresetPart, resolve_attention
+from tasks.base import AttentionChoice, PresetPart, attention_key, resolve_attention
 from tasks.registry import fitting_attentions, get_task, list_tasks
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -131,8 +130,7 @@ class Cell:
     def key(self) -> str:
         """``<task>/<attention>[-<hyperparameters>]-seed<seed>-<digest>``: readable, and unique
         because the digest hashes the whole resolved configuration."""
-        args = "".join(f"-{k}{v}" for k, v in sorted(self.attention_args.items()))
-        name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{self.attention}{args}")
+        name = attention_key(self.attention, self.attention_args)
         return f"{self.task}/{name}-seed{self.seed}-{self.digest}"
 
     def to_json(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import dataclasses
 import importlib
 import importlib.util
 import os
+import re
 import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -40,6 +41,13 @@ def attention_label(name: str, args: Mapping[str, Any] | None = None) -> str:
     of tables, records and figures)."""
     text = ",".join(f"{k}={v}" for k, v in sorted((args or {}).items()))
     return f"{name}({text})" if text else name
+
+
+def attention_key(name: str, args: Mapping[str, Any] | None = None) -> str:
+    """``lavo-r32-w16``: a mechanism with its hyperparameters, sorted, as a file-name-safe part of
+    a record's key (the one key format of run and efficiency records)."""
+    text = name + "".join(f"-{k}{v}" for k, v in sorted((args or {}).items()))
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)
 
 
 @dataclass(frozen=True)

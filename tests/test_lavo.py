@@ -1,4 +1,5 @@
-"""LAVO against its definition (specs/lavo.md), beyond the shared contract."""
+"""LAVO against its definition (the docstring of attention_zoo/mechanisms/lavo/attention.py),
+beyond the shared contract."""
 
 from __future__ import annotations
 

@@ -201,7 +201,8 @@ def test_key_is_derived_from_the_resolved_config(task_installed):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["stepz=3"], r"unknown override key 'stepz'.*next_value: steps, seq_len, d_model, heads, batch_size, lr"),
+    (["stepz=3"], r"unknown override key 'stepz'.*next_value: steps, seq_len, d_model, heads, "
+                  r"batch_size, lr"),
     (["steps=abc"], r"cannot read 'abc' as 'steps' \(int\)"),
     (["steps=0"], r"'steps' must be >= 1"),
     (["attention=lavoo"], r"unknown attention 'lavoo'; known: .*lavo.*softmax"),
@@ -243,7 +244,8 @@ def test_bad_presets_name_the_valid_choices(task_installed):
     with pytest.raises(MatrixConfigError, match=r"unknown preset 'smok'; shipped: paper, smoke"):
         load_preset("smok")
     bad = write_preset(task_installed / "bad.yaml", blocks=[{"task": "next_value", "setings": {}}])
-    with pytest.raises(MatrixConfigError, match=r"block 1: unknown key 'setings'; valid: task, preset, settings"):
+    with pytest.raises(MatrixConfigError,
+                       match=r"block 1: unknown key 'setings'; valid: task, preset, settings"):
         load_preset(bad)
     typo = write_preset(task_installed / "typo.yaml",
                         blocks=[{"task": "next_value", "settings": {"lr": "x"}}])

@@ -28,7 +28,6 @@ from tokenizers import Tokenizer
 from tokenizers.implementations import ByteLevelBPETokenizer
 
 SPLITS = ("train", "validation", "test")
-FAIRSEQ_SPLIT = {"train": "train", "validation": "valid", "test": "test"}
 SAMPLE_DIR = Path(__file__).parent / "samples" / "pg19_mini"
 GPT2_FILES = {
     "vocab.json": "https://huggingface.co/openai-community/gpt2/resolve/main/vocab.json",
