@@ -119,3 +119,33 @@ def test_one_vocabulary_across_the_tasks():
         assert all(shared in fields for fields in names.values()), shared
     assert set(VOCABULARY) >= {"lr", "steps", "warmup_steps", "clip_norm", "data", "threads", "d_model",
                                "heads"}
+
+
+def test_the_runners_presets_compose_the_tasks_presets(tmp_path):
+    """A block naming a task preset starts from its settings, seeds and parts; the block's own
+    keys win."""
+    import yaml
+
+    from runners.matrix import plan
+    from tasks.registry import get_task
+
+    cells = plan("paper", ["task=time_series", "attention=softmax"]).cells
+    seeds = {}
+    for cell in cells:
+        seeds.setdefault(cell.settings["dataset"], set()).add(cell.seed)
+    assert seeds == {"ETTh1": set(range(5)), "ETTh2": set(range(5)), "ETTm1": set(range(5)),
+                     "ECL": {0, 1, 2}, "WTH": {0, 1, 2}}  # CAB's seeds, from the task's parts
+    assert {c.settings["d_model"] for c in cells} == {512} and len(cells) == 6 * 5 + 4 * 3
+    preset = tmp_path / "mine.yaml"
+    preset.write_text(yaml.safe_dump({"defaults": {"preset": "smoke", "attention": "softmax"},
+                                      "blocks": [{"task": "point_cloud", "settings": {"d_model": 16}},
+                                                 {"task": "lm", "seed": [3, 4]}]}))
+    cells = plan(preset).cells
+    point_cloud = [c for c in cells if c.task == "point_cloud"]
+    smoke = get_task("point_cloud").preset("smoke").parts[0].settings[0]
+    assert [(c.settings["steps"], c.settings["d_model"]) for c in point_cloud] == [(smoke["steps"], 16)]
+    lm = [c for c in cells if c.task == "lm"]
+    assert sorted(c.seed for c in lm) == [3, 4] and all(c.settings["steps"] == 100 for c in lm)
+    preset.write_text(yaml.safe_dump({"blocks": [{"task": "lm", "preset": "smok"}]}))
+    with pytest.raises(AttentionConfigError, match=r"unknown preset 'smok'; presets: paper, smoke, tiny"):
+        plan(preset)
