@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 from collections.abc import Iterator
@@ -59,10 +60,12 @@ def check_presets(task: type[Task]) -> None:
     for name in task.preset_names():
         for part in task.preset(name).parts:
             for variant in part.settings:
-                try:
-                    task.make_config({k: v for k, v in variant.items() if not isinstance(v, list)})
-                except AttentionConfigError as error:
-                    raise _fail(task, f"preset {name}", str(error)) from None
+                sweeps = {k: v if isinstance(v, list) else [v] for k, v in variant.items()}
+                for values in itertools.product(*sweeps.values()):
+                    try:
+                        task.make_config(dict(zip(sweeps, values)))
+                    except AttentionConfigError as error:
+                        raise _fail(task, f"preset {name}", str(error)) from None
 
 
 @contextlib.contextmanager
