@@ -95,7 +95,8 @@ def get_task(name: str) -> type[Task]:
     if task.name != name:
         raise AttentionConfigError(f"entry point {name!r} ({entry_point.value}) names a task "
                                    f"called {task.name!r}")
-    return _REGISTRY.get(name) or register_task(task)
+    _check_declarations(task)
+    return task
 
 
 def fitting_attentions(task: type[Task], role: str | None = None) -> list[str]:
