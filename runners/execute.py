@@ -64,6 +64,12 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
             trainable(p for m in mechanisms for p in m.parameters()))
 
 
+def _synchronize(device: str) -> None:
+    """Wait for the GPU's queued work, so that a timer read next counts it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
 class _PeakMemory:
     """Peak memory of the block: the CUDA allocator's on a GPU, else this process's peak RSS."""
 
@@ -106,13 +112,16 @@ def execute(task: type[Task], config: Any, attention: AttentionChoice | Mapping[
         model = instance.build(config, roles, data, run)
         with _PeakMemory(device) as peak:
             started = time.perf_counter()
-            model = instance.train(model, config, data, run) or model
+            trained = instance.train(model, config, data, run)
+            _synchronize(device)
             train_seconds = time.perf_counter() - started
+        model = trained if trained is not None else model
         if not isinstance(model, nn.Module):
             raise TypeError(f"task {task.name}: build or train must return the model (an nn.Module), "
                             f"got {type(model).__name__}")
         started = time.perf_counter()
         metrics = instance.evaluate(model, config, data, run)
+        _synchronize(device)
         eval_seconds = time.perf_counter() - started
     _check_metrics(task, metrics)
     parameters, attention_parameters = count_parameters(model)
