@@ -100,3 +100,12 @@ def test_listing_tasks_and_reporting_import_no_backbone(tmp_path):
               "assert not heavy, heavy\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_data_lists_fetchers_and_preparation_tools(capsys):
+    assert main(["data", "list"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("pg19", "ljspeech", "ett", "pcn", "multi_news", "ljspeech_durations", "pcn_generate"):
+        assert name in listed
+    assert main(["data", "prepare", "aligner"]) == 2
+    assert "unknown data tool 'aligner'; known: ljspeech_durations, pcn_generate" in capsys.readouterr().err
