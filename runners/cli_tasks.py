@@ -5,21 +5,26 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+if TYPE_CHECKING:
+    from rich.table import Table
 
-from tasks.registry import list_tasks, task_spec
+# rich and the registry (which imports torch) are imported by the command, so that
+# `attnbench --help` answers at once.
 
 
 def task_rows(names: list[str] | None = None) -> list[dict[str, Any]]:
     """The JSON form of every task's spec (``names``: only those)."""
+    from tasks.registry import list_tasks, task_spec
+
     return [task_spec(name).to_json() for name in names or list_tasks()]
 
 
 def tasks_table(rows: list[dict[str, Any]]) -> Table:
+    from rich.markup import escape
+    from rich.table import Table
+
     table = Table(title="attnbench tasks", show_lines=True)
     for column in ("task", "roles (pattern: fitting mechanisms)", "metrics", "presets"):
         table.add_column(column, overflow="fold")
@@ -50,6 +55,8 @@ def command_tasks(args: argparse.Namespace) -> int:
     elif args.format == "markdown":
         print(tasks_markdown(rows), end="")
     else:
+        from rich.console import Console
+
         Console(width=max(100, Console().width)).print(tasks_table(rows))
     return 0
 

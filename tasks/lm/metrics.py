@@ -156,21 +156,33 @@ def stream(model: Any, tokens: Tensor, *, bos: int, context: int) -> StreamResul
     return result
 
 
-def extrapolation_multiples(text: str) -> list[int]:
-    """``"2,4,8"`` -> [1, 2, 4, 8] (L itself is always evaluated); bad text raises."""
+def extrapolation_multiples(text: str) -> list[int | float]:
+    """``"1.5,2,4"`` -> [1, 1.5, 2, 4] (L itself is always evaluated); bad text raises.
+
+    Whole multiples come back as ints (``2``, not ``2.0``)."""
+    message = f"extrapolation must be positive numbers like '1,1.5,2,4,8', got {text!r}"
     try:
-        multiples = sorted({1} | {int(part) for part in text.split(",") if part.strip()})
+        values = {float(part) for part in text.split(",") if part.strip()}
     except ValueError:
-        raise ValueError(f"extrapolation must be positive integers like '1,2,4,8', got {text!r}") from None
-    if multiples[0] < 1:
-        raise ValueError(f"extrapolation must be positive integers like '1,2,4,8', got {text!r}")
-    return multiples
+        raise ValueError(message) from None
+    if any(not value > 0 or value == float("inf") for value in values):
+        raise ValueError(message)
+    return sorted({1} | {int(v) if v.is_integer() else v for v in values})
+
+
+def evaluation_length(multiple: int | float, seq_len: int) -> int:
+    """The evaluation context ``multiple`` x L in tokens; it must be a whole number."""
+    length = multiple * seq_len
+    if not float(length).is_integer():
+        raise ValueError(f"extrapolation multiple {multiple} x seq_len {seq_len} = {length} is not "
+                         "a whole number of tokens; choose another multiple or seq_len")
+    return int(length)
 
 
 def extrapolation_table(rows: Mapping[str, list[dict[str, float]]], context: int) -> str:
     """Markdown: one row per attention, test perplexity (bits per byte) at each eval context."""
     multiples = sorted({r["multiple"] for runs in rows.values() for r in runs})
-    header = ["attention", *(f"{m}L = {m * context}" if m > 1 else f"L = {context}"
+    header = ["attention", *(f"{m}L = {evaluation_length(m, context)}" if m != 1 else f"L = {context}"
                              for m in multiples)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, runs in rows.items():

@@ -17,6 +17,7 @@ from torch import nn
 
 from attention_zoo import Pattern, attention_spec
 from tasks.backends.fairseq_training import FairseqTask, training_metrics
+from tasks.backends.fairseq_training import attention_shapes as fairseq_shapes
 from tasks.base import Metric, RunContext
 from tasks.registry import register_task
 
@@ -49,8 +50,8 @@ class LMConfig:
     dropout: float = field(default=0.0, metadata={"help": "dropout", "min": 0})
     precision: Literal["fp32", "fp16", "bf16"] = field(default="fp32", metadata={
         "help": "training precision (fp16/bf16 are fairseq's, on GPU)"})
-    extrapolation: str = field(default="1,2,4,8", metadata={
-        "help": "evaluation contexts as multiples of L"})
+    extrapolation: str = field(default="1,1.5,2,4,8", metadata={
+        "help": "evaluation contexts as multiples of L (1.5 and 2 are CAB's; 4 and 8 ours)"})
     eval_batch_size: int = field(default=8, metadata={"help": "eval-lm batch", "min": 1})
     stream_tokens: int = field(default=2048, metadata={
         "help": "tokens of the test split streamed token by token (0: skip)", "min": 0})
@@ -86,8 +87,17 @@ class LanguageModelingTask(FairseqTask):
     Config = LMConfig
     datasets = {"pg19": "tasks.lm.data:fetch_pg19"}
 
+    @classmethod
+    def attention_shapes(cls, config: LMConfig) -> dict[str, tuple[int, int]]:
+        shapes = fairseq_shapes(config.arch, config.fairseq_args, ["decoder"], f"task {cls.name}")
+        return {"self": shapes["decoder"]}
+
     def prepare(self, config: LMConfig, run: RunContext) -> Any:
         from tasks.lm import data as lm_data
+        from tasks.lm.metrics import evaluation_length, extrapolation_multiples
+
+        for multiple in extrapolation_multiples(config.extrapolation):
+            evaluation_length(multiple, config.seq_len)  # a bad multiple fails now, not after training
 
         data_dir = Path(config.data).expanduser() if config.data else lm_data.SAMPLE_DIR
         prepared = lm_data.prepare(data_dir, tokenizer=config.tokenizer,
@@ -135,17 +145,17 @@ class LanguageModelingTask(FairseqTask):
                 **training_metrics(run)}
 
     @staticmethod
-    def _extrapolate(config: LMConfig, data: Any, checkpoint: Path, multiple: int,
+    def _extrapolate(config: LMConfig, data: Any, checkpoint: Path, multiple: int | float,
                      device: str) -> dict[str, Any]:
         """fairseq-eval-lm at ``multiple`` x L: perplexity and bits per byte (or the OOM)."""
         from tasks.lm import metrics
 
-        length = multiple * config.seq_len
+        length = metrics.evaluation_length(multiple, config.seq_len)
         # "length" is the key the report reads (results/README.md, analysis EXTRAPOLATION_KEY).
         row: dict[str, Any] = {"multiple": multiple, "context": length, "length": length}
         try:
             scores = metrics.eval_lm(data.data_bin, checkpoint, tokens_per_sample=length, device=device,
-                                     batch_size=max(1, config.eval_batch_size // multiple),
+                                     batch_size=max(1, int(config.eval_batch_size // multiple)),
                                      fp16=config.precision == "fp16")
         except (torch.OutOfMemoryError, MemoryError) as error:
             if multiple == 1:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from tasks.base import AttentionChoice, Metric, RunContext, Task
+from tasks.base import AttentionChoice, Metric, RunContext, Task, split_heads
 from tasks.point_cloud.model import ROLES, PoinTr, PoinTrSettings
 from tasks.registry import register_task
 
@@ -84,6 +84,11 @@ class PointCloudCompletion(Task):
     datasets = {"pcn": "tasks.point_cloud.data:fetch_pcn",
                 "pcn_synthetic": "tasks.point_cloud.data:fetch_pcn_synthetic"}
     data_tools = {"pcn_generate": "tasks.point_cloud.generate:main"}
+
+    @classmethod
+    def attention_shapes(cls, config: PointCloudConfig) -> dict[str, tuple[int, int]]:
+        shape = split_heads(config.d_model, config.heads, f"task {cls.name}: d_model / heads")
+        return dict.fromkeys(cls.roles, shape)
 
     def prepare(self, config: PointCloudConfig, run: RunContext) -> Shapes:
         from tasks.point_cloud.data import SYNTHETIC_SAMPLE, PCNDataset

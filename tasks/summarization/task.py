@@ -1,6 +1,6 @@
 """Long-document summarization on fairseq's encoder-decoder transformer with zoo attention in
 its three slots: encoder self (``noncausal_self``), decoder self (``causal_self``) and decoder
-cross attention (``noncausal_cross``), each any zoo member with that pattern.
+cross attention (``causal_cross``, CAB's pattern for it), each any zoo member with that pattern.
 
 One run: prepare the data (cached), train ``zoo_transformer`` with ``fairseq-train`` (the
 ``translation`` task, label-smoothed cross entropy) in a child process, then decode the test
@@ -18,6 +18,7 @@ from torch import nn
 
 from attention_zoo import Pattern
 from tasks.backends.fairseq_training import FairseqTask, training_metrics
+from tasks.backends.fairseq_training import attention_shapes as fairseq_shapes
 from tasks.base import Metric, RunContext
 from tasks.registry import register_task
 
@@ -76,7 +77,7 @@ class SummarizationTask(FairseqTask):
     roles = {
         "encoder_self": Pattern.NONCAUSAL_SELF,
         "decoder_self": Pattern.CAUSAL_SELF,
-        "cross": Pattern.NONCAUSAL_CROSS,
+        "cross": Pattern.CAUSAL_CROSS,
     }
     metrics = (
         Metric("rouge1", higher_is_better=True, description="ROUGE-1 F1 x100 of beam search (rouge-score)"),
@@ -88,6 +89,12 @@ class SummarizationTask(FairseqTask):
     Config = SummarizationConfig
     requires = (*FairseqTask.requires, "rouge_score")
     datasets = {"multi_news": "tasks.summarization.data:fetch_multi_news"}
+
+    @classmethod
+    def attention_shapes(cls, config: SummarizationConfig) -> dict[str, tuple[int, int]]:
+        shapes = fairseq_shapes(config.arch, config.fairseq_args, ["encoder", "decoder"], f"task {cls.name}")
+        return {"encoder_self": shapes["encoder"], "decoder_self": shapes["decoder"],
+                "cross": shapes["decoder"]}
 
     def prepare(self, config: SummarizationConfig, run: RunContext) -> Any:
         from tasks.summarization import data as sum_data

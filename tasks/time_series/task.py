@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from tasks.base import AttentionChoice, Metric, RunContext, Task
+from attention_zoo import AttentionConfigError
+from tasks.base import AttentionChoice, Metric, RunContext, Task, split_heads
 from tasks.registry import register_task
 from tasks.time_series.model import ROLES, Informer, InformerShape
 
@@ -83,6 +84,34 @@ class TimeSeriesTask(Task):
     requires = ("pandas", "matplotlib")
     datasets = {"ett": "tasks.time_series.data:fetch_ett", "ecl": "tasks.time_series.data:fetch_ecl",
                 "weather": "tasks.time_series.data:fetch_weather"}
+
+    @classmethod
+    def check_settings(cls, config: TimeSeriesConfig) -> None:
+        """The windows fit every split of the dataset's file, when the file is at hand (on a
+        machine without it, the run checks as it reads)."""
+        from tasks.time_series.data import count_rows, dataset_spec, locate, split_borders
+
+        if config.label_len > config.seq_len:
+            raise AttentionConfigError(f"task {cls.name}: label_len={config.label_len} must not exceed "
+                                       f"seq_len={config.seq_len}")
+        try:
+            path = locate(config.dataset, config.data or None)
+        except FileNotFoundError:
+            return
+        try:
+            borders = split_borders(count_rows(path), config.seq_len, dataset_spec(config.dataset).split)
+        except ValueError as error:
+            raise AttentionConfigError(f"task {cls.name}: {path}: {error}") from None
+        for split, (start, end) in borders.items():
+            if end - start < config.seq_len + config.pred_len:
+                raise AttentionConfigError(
+                    f"task {cls.name}: {path}: the {split} split has {end - start} rows, fewer than "
+                    f"seq_len + pred_len = {config.seq_len + config.pred_len}")
+
+    @classmethod
+    def attention_shapes(cls, config: TimeSeriesConfig) -> dict[str, tuple[int, int]]:
+        shape = split_heads(config.d_model, config.heads, f"task {cls.name}: d_model / heads")
+        return dict.fromkeys(cls.roles, shape)
 
     def prepare(self, config: TimeSeriesConfig, run: RunContext) -> Forecasting:
         from tasks.time_series import data as ts_data

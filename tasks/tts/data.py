@@ -291,16 +291,23 @@ class Corpus:
     energy: Normaliser | None = None
 
 
+def checked_splits(data: Path, config: Any) -> dict[str, list[Clip]]:
+    """CAB's split of the LJSpeech folder ``data``; a ``ValueError`` naming the folder if it has
+    no training clip or fewer test clips than ``eval_clips``."""
+    splits = split_clips(read_ljspeech(data))
+    if not splits["train"] or len(splits["test"]) < config.eval_clips:
+        raise ValueError(f"{data}: {len(splits['train'])} training and {len(splits['test'])} test clips; "
+                         f"eval_clips={config.eval_clips} asks for more")
+    return splits
+
+
 def load_corpus(config: Any) -> Corpus:
     """Read the dataset, split it, extract features of the training and evaluated test clips."""
     data = Path(config.data).expanduser() if config.data else SAMPLE_ROOT
-    splits = split_clips(read_ljspeech(data))
+    splits = checked_splits(data, config)
     train_clips = splits["train"]
     if config.train_clips:
         train_clips = sorted(train_clips, key=lambda c: sf.info(c.audio).frames)[: config.train_clips]
-    if not train_clips or len(splits["test"]) < config.eval_clips:
-        raise ValueError(f"{data}: {len(splits['train'])} training and {len(splits['test'])} test clips; "
-                         f"eval_clips={config.eval_clips} asks for more")
     vocabulary = CharacterVocabulary()
     train = [extract(c, vocabulary) for c in train_clips]
     test = [extract(c, vocabulary) for c in splits["test"][: config.eval_clips or None]]

@@ -16,20 +16,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from attention_zoo import Pattern
-from tasks.base import AttentionChoice, Metric, RunContext, Task
+from attention_zoo import AttentionConfigError, Pattern
+from tasks.base import AttentionChoice, Metric, RunContext, Task, split_heads
 from tasks.registry import register_task
 
 FASTSPEECH2_ROLES = {"encoder_self": Pattern.NONCAUSAL_SELF, "decoder_self": Pattern.NONCAUSAL_SELF}
-# CAB's Transformer-TTS pattern: the decoder's cross attention is causal (index-aligned: frame t
-# sees characters s <= t). A monotonic alignment gives every character at least one frame, so the
-# character frame t is aligned to always has index <= t and the restriction never hides it.
+# CAB's Transformer-TTS pattern: the decoder's cross attention is causal cross attention (every
+# frame sees every character; frame t's output does not depend on later frames).
 TRANSFORMER_ROLES = {"encoder_self": Pattern.NONCAUSAL_SELF, "decoder_self": Pattern.CAUSAL_SELF,
                      "cross": Pattern.CAUSAL_CROSS}
 
@@ -90,6 +90,23 @@ class _TTSTask(Task):
     datasets = {"ljspeech": "tasks.tts.data:fetch_ljspeech"}
     data_tools = {"ljspeech_durations": "tasks.tts.align:main"}
     model_name: ClassVar[str]
+
+    @classmethod
+    def check_settings(cls, config: TTSConfig) -> None:
+        """The clips asked for exist, when the LJSpeech folder is at hand."""
+        from tasks.tts.data import SAMPLE_ROOT, checked_splits
+
+        data = Path(config.data).expanduser() if config.data else SAMPLE_ROOT
+        if (data / "metadata.csv").is_file():
+            try:
+                checked_splits(data, config)
+            except (FileNotFoundError, ValueError) as error:
+                raise AttentionConfigError(f"task {cls.name}: {error}") from None
+
+    @classmethod
+    def attention_shapes(cls, config: TTSConfig) -> dict[str, tuple[int, int]]:
+        shape = split_heads(config.d_model, config.heads, f"task {cls.name}: d_model / heads")
+        return dict.fromkeys(cls.roles, shape)
 
     def prepare(self, config: TTSConfig, run: RunContext) -> Any:
         """The corpus's features, and the model's own targets (:meth:`targets`)."""
