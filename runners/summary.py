@@ -120,7 +120,8 @@ def summary_tables(records: Sequence[dict[str, Any]]) -> list[Table]:
 def describe_cell(cell: dict[str, Any]) -> str:
     """``lm lavo(r=32) [seq_len=512] seed 0``: a cell named by what it runs, not by its hash."""
     settings = " ".join(f"{k}={v}" for k, v in sorted((cell.get("overrides") or {}).items()))
-    return (f"{cell['task']} {attention_label(cell)}" + (f" [{settings}]" if settings else "")
+    label = attention_label(cell["attention"], cell.get("attention_args"))
+    return (f"{cell['task']} {label}" + (f" [{settings}]" if settings else "")
             + f" seed {cell.get('seed')}")
 
 
