@@ -66,13 +66,28 @@ class AttentionChoice:
         return attention_label(self.name, self.args)
 
 
+METRIC_KINDS = ("quality", "cost", "diagnostic")
+
+
 @dataclass(frozen=True)
 class Metric:
-    """A metric a task reports, and which direction is better (for tables and CAB's index)."""
+    """A metric a task reports, and which direction is better (for tables and CAB's index).
+
+    ``kind`` says where it belongs: ``quality`` metrics rank mechanisms (leaderboards, CAB's
+    index; the first declared is the task's primary metric); ``cost`` metrics (throughput, time,
+    memory) go to the cost tables; a ``diagnostic`` (a generated-to-reference length ratio) is
+    shown beside the quality metrics and never ranked.
+    """
 
     name: str
     higher_is_better: bool
     description: str = ""
+    kind: str = "quality"
+
+    def __post_init__(self) -> None:
+        if self.kind not in METRIC_KINDS:
+            raise ValueError(f"metric {self.name!r}: unknown kind {self.kind!r}; "
+                             f"valid: {', '.join(METRIC_KINDS)}")
 
 
 @dataclass
@@ -170,7 +185,9 @@ class Task(abc.ABC):
     - ``name``: the registered name (``"lm"``, ``"time_series"``...).
     - ``roles``: the backbone's attention slots and the pattern each needs, e.g.
       ``{"encoder_self": Pattern.NONCAUSAL_SELF, "decoder_self": Pattern.CAUSAL_SELF}``.
-    - ``metrics``: the metrics it reports; the first is its primary metric.
+    - ``metrics``: the metrics it reports (quality first: the first is the primary metric).
+    - ``smoke_ranks``: True when the smoke size (the ``Config`` defaults, the smoke preset) ranks
+      mechanisms; by default its numbers are a pipeline check and the tables say so.
     - ``Config``: a frozen dataclass of its settings (names from :mod:`tasks.settings` where
       they mean the same thing); defaults are the smoke size that runs on CPU with the shipped
       sample, and presets override fields.
@@ -186,6 +203,7 @@ class Task(abc.ABC):
     roles: ClassVar[Mapping[str, Pattern]]
     metrics: ClassVar[tuple[Metric, ...]]
     Config: ClassVar[type]
+    smoke_ranks: ClassVar[bool] = False
     requires: ClassVar[tuple[str, ...]] = ()
     datasets: ClassVar[Mapping[str, str]] = {}
     data_tools: ClassVar[Mapping[str, str]] = {}

@@ -10,6 +10,8 @@ import pytest
 from attention_zoo import attention_spec, list_attentions
 from attention_zoo.testing import CHECKS
 
+pytestmark = pytest.mark.zoo
+
 VARIANTS = [(name, {}) for name in list_attentions()] + [
     ("lavo", {"combine": "joint"}),
     ("lavo", {"bases": "learned"}),

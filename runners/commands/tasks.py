@@ -61,7 +61,7 @@ def command_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(commands: Any) -> None:
+def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register ``attnbench tasks`` on the CLI's subcommands."""
     parser = commands.add_parser(
         "tasks", help="list the tasks: roles, the mechanisms that fit them, metrics, presets")
