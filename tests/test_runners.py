@@ -457,6 +457,22 @@ def test_efficiency_cab_preset_and_whole_layer(tmp_path, capsys):
     assert "softmax [layer]" in capsys.readouterr().out
 
 
+def test_efficiency_measures_mechanisms_that_read_the_layer_input(tmp_path):
+    """gla computes its gates from the layer input: core scope gives it one (its gate
+    parameters are timed and counted), layer scope gets it from MultiHeadAttention."""
+    for scope in ([], ["--layer"]):
+        code = main(["efficiency", "--attention", "gla", "--lengths", "16", "--patterns",
+                     "causal_self", "--heads", "2", "--head-dim", "8", "--repeats", "1",
+                     "--warmup", "1", "--device", "cpu", "--results-dir", str(tmp_path), *scope])
+        assert code == 0
+    records = {r["cell"]["scope"]: r for r in efficiency_records(tmp_path)}
+    assert all(r["status"] == "ok" for r in records.values()), records
+    width, rank = 2 * 8, 16
+    gates = width * rank + rank * width + width  # E -> 16 -> H*D, with the bias
+    assert records["core"]["metrics"]["parameters"] == gates
+    assert records["layer"]["metrics"]["parameters"] == gates + 4 * (width * width + width)
+
+
 def test_efficiency_fla_comparison_is_skipped_with_a_reason_on_cpu(tmp_path, capsys):
     code = main(["efficiency", "--attention", "softmax", "--lengths", "16", "--patterns", "causal_self",
                  "--heads", "2", "--head-dim", "8", "--repeats", "1", "--warmup", "1", "--device", "cpu",
