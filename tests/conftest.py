@@ -21,3 +21,15 @@ def scratch_registry():
     yield registry
     registry._REGISTRY.clear()
     registry._REGISTRY.update(saved)
+
+
+@pytest.fixture
+def scratch_tasks():
+    """Lets a test register tasks; the task registry is restored afterwards."""
+    from tasks import registry as task_registry
+
+    task_registry.list_tasks()  # the built-in tasks are registered before the snapshot
+    saved = dict(task_registry._REGISTRY)
+    yield task_registry
+    task_registry._REGISTRY.clear()
+    task_registry._REGISTRY.update(saved)

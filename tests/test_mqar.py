@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from attention_zoo import AttentionConfigError
-from tasks.base import AttentionChoice, get_task, resolve_attention
+from runners.execute import execute
+from tasks.base import AttentionChoice
 from tasks.mqar.data import (
     IGNORE,
     RecallSlice,
@@ -19,6 +20,7 @@ from tasks.mqar.data import (
 )
 from tasks.mqar.model import RecallModel, RecallModelShape
 from tasks.mqar.task import MQARConfig, MQARTask
+from tasks.registry import get_task
 
 V = 64
 
@@ -131,25 +133,17 @@ def test_unreadable_slices_and_bad_widths_are_refused():
         MQARConfig(d_model=10, heads=4).check()
 
 
-def test_a_mechanism_without_causal_self_is_refused():
-    with pytest.raises(AttentionConfigError, match=r"needs causal_self attention, which 'lara'"):
-        resolve_attention(MQARTask, AttentionChoice("lara"))
-
-
 def test_the_presets_are_valid_settings():
     """smoke.yaml spells out the defaults; every combination of paper.yaml's sweeps is valid."""
     import itertools
-    from pathlib import Path
 
-    import yaml
-
-    folder = Path(__file__).resolve().parents[1] / "tasks" / "mqar" / "presets"
-    smoke = yaml.safe_load((folder / "smoke.yaml").read_text())
-    assert MQARTask.make_config(smoke) == MQARConfig()
-    paper = yaml.safe_load((folder / "paper.yaml").read_text())
-    sweeps = {k: v if isinstance(v, list) else [v] for k, v in paper.items()}
-    for values in itertools.product(*sweeps.values()):
-        MQARTask.make_config(dict(zip(sweeps, values))).check()
+    assert [MQARTask.make_config(v) for v in MQARTask.preset("smoke").parts[0].settings] == [MQARConfig()]
+    variants = MQARTask.preset("paper").parts[0].settings
+    assert [v["seq_len"] for v in variants] == [64, 128, 256, 512]
+    for variant in variants:
+        sweeps = {k: v if isinstance(v, list) else [v] for k, v in variant.items()}
+        for values in itertools.product(*sweeps.values()):
+            MQARTask.check_settings(MQARTask.make_config(dict(zip(sweeps, values))))
 
 
 # Model and run ----------------------------------------------------------------------------------
@@ -175,8 +169,8 @@ def test_a_tiny_run_trains_and_reports_every_slice(tmp_path):
         "vocab_size": "32", "seq_len": "16", "kv_pairs": "2", "heldout": "32:4",
         "train_examples": "64", "test_examples": "20", "d_model": "16", "steps": "30",
         "batch_size": "16", "lr": "0.01"})
-    result = MQARTask().run(config, AttentionChoice("softmax"), seed=0, device="cpu",
-                            workdir=tmp_path)
+    result = execute(MQARTask, config, AttentionChoice("softmax"), seed=0, device="cpu",
+                     workdir=tmp_path)
     assert set(result.metrics) == {"accuracy", "accuracy_L32-kv4"}
     assert all(0.0 <= value <= 1.0 for value in result.metrics.values())
     losses = result.extra["train_loss"]
