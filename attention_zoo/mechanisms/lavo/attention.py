@@ -6,9 +6,9 @@ a relative position bias inside the windows, and the two reads combined.
 
 This is the plain PyTorch path. It keeps the causal global read factorised, so that it only
 ever builds [B, L, H, r] tensors, never the [B, L, H, r, D] tensor of per-position memories.
-Self-attention can instead run on the fused Triton kernels of ``triton_kernels.py``
-(``backend="triton"``; ``backend="auto"`` chooses it on CUDA when Triton is installed; the
-default is ``"torch"`` until the kernels are measured on a GPU).
+The other backends (``backends.py``): causal self-attention chunk by chunk (``chunked.py``),
+the plain path under ``torch.compile``, and the fused Triton kernels (``triton_kernels.py``);
+``backend="auto"`` (the default) picks per device the fastest one verified there.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ from attention_zoo.base import (
     Pattern,
     masked_softmax,
 )
+from attention_zoo.mechanisms.lavo import backends
+from attention_zoo.mechanisms.lavo.chunked import lavo_causal_chunked
 from attention_zoo.registry import register_attention
 
 
@@ -55,13 +57,11 @@ class LAVOConfig:
         default="average",
         metadata={"help": "average of global and local reads, or one joint softmax"},
     )
-    # The default stays "torch" until the Triton kernels have been run and measured on a GPU
-    # (they are verified only in Triton's CPU interpreter so far).
-    backend: Literal["auto", "torch", "triton"] = field(
-        default="torch",
-        metadata={"help": "torch; triton: the fused kernels (CUDA); auto: the Triton kernels on "
-                          "CUDA when importable (self-attention, no padding mask, fixed bases), "
-                          "else PyTorch"},
+    backend: Literal["auto", "torch", "chunked", "compile", "triton"] = field(
+        default="auto",
+        metadata={"help": "auto: per device the fastest backend verified there (backends.py); "
+                          "torch: the plain path; chunked: causal self-attention chunk by chunk; "
+                          "compile: the plain path under torch.compile; triton: fused kernels"},
     )
 
 
@@ -191,13 +191,25 @@ class LAVOAttention(Attention):
         return self.fixed_bases
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
-        if self._use_triton(q, key_padding_mask):
+        backend = self._backend(q, key_padding_mask)
+        if backend == "triton":
             from attention_zoo.mechanisms.lavo.triton_kernels import lavo_triton
 
             return lavo_triton(
                 q, k, v, bases=self.bases, position_bias=self.position_bias, w=self.w,
                 causal=self.pattern.causal, joint=self.config.combine == "joint",
             )
+        if backend == "chunked":
+            return lavo_causal_chunked(q, k, v, bases=self.bases, position_bias=self.position_bias,
+                                       w=self.w, joint=self.config.combine == "joint")
+        if backend == "compile":
+            return backends.compiled(LAVOAttention._attend_torch)(self, q, k, v, key_padding_mask)
+        return self._attend_torch(q, k, v, key_padding_mask)
+
+    def _attend_torch(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None
+    ) -> Tensor:
+        """The plain path: every pattern, vectorised over the whole sequence."""
         acc = _accumulation_dtype(q.dtype)
         bases = self.bases.to(acc)  # [H, r, D]
         memory_logits, has_memory, value_coeffs = self._memory(
@@ -224,19 +236,17 @@ class LAVOAttention(Attention):
             return f"dtype {q.dtype} (supported: float32, float16, bfloat16)"
         return triton_unavailable(q.device)
 
-    def _use_triton(self, q: Tensor, key_padding_mask: Tensor | None) -> bool:
-        backend = self.config.backend
-        if backend == "torch":
-            return False
-        reason = self._triton_unsupported(q, key_padding_mask)
-        if backend == "auto":
-            return q.is_cuda and reason is None
-        if reason is not None:
-            raise ValueError(
-                f"lavo: backend='triton' cannot run this call: {reason}; "
-                f"use backend='auto' (falls back to PyTorch) or backend='torch'"
-            )
-        return True
+    def _backend(self, q: Tensor, key_padding_mask: Tensor | None) -> str:
+        """The backend that runs this call (``backends.choose``)."""
+        if self.config.backend == "torch":
+            return "torch"
+        reasons = {
+            "triton": self._triton_unsupported(q, key_padding_mask),
+            "chunked": backends.chunked_unsupported(
+                causal=self.pattern.causal, cross=self.pattern.cross,
+                masked=key_padding_mask is not None, empty=q.shape[1] == 0),
+        }
+        return backends.choose(self.config.backend, q.device, reasons)
 
     def _memory(
         self, q: Tensor, k: Tensor, v: Tensor, bases: Tensor, key_padding_mask: Tensor | None
