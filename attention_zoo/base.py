@@ -10,6 +10,11 @@ Tensor layout at the zoo boundary, the one layout every mechanism takes and retu
 B batch, L length, H heads, D head dimension. Adapters for other layouts (fairseq's time-major
 tensors, ESPnet's [B, H, L, D]) convert at their own boundary and nowhere else.
 
+A mechanism that needs the layer's input itself (gates computed from it, a memory built before
+the key and value projections) declares ``uses_layer_input = True`` and then also receives a
+:class:`LayerInput`: the query-side input [B, Lq, E], the key/value-side input [B, Lk, E_s] and
+the layer's three projections. :class:`~attention_zoo.MultiHeadAttention` always provides it.
+
 The four attention patterns (CAB's taxonomy):
 
 - ``noncausal_self``: every query sees every (valid) key of the same sequence.
@@ -200,6 +205,8 @@ class AttentionSpec:
         patterns: the attention patterns it supports.
         decoding: whether it supports token-by-token decoding in ``causal_self``
             (:meth:`Attention.init_state` / :meth:`Attention.step`).
+        uses_layer_input: whether it reads the layer's input and projections
+            (:class:`LayerInput`) besides the per-head q, k, v.
         mixes_queries: whether, in ``noncausal_cross``, a query's output depends on the other
             queries or on its position among them (landmarks or top-u selection pooled over
             queries, position re-weighting). Such a mechanism gives
@@ -215,6 +222,7 @@ class AttentionSpec:
     cls: type[Attention]
     patterns: frozenset[Pattern]
     decoding: bool
+    uses_layer_input: bool
     mixes_queries: bool
     complexity: Complexity
     hyperparameters: tuple[HyperParameter, ...]
@@ -257,12 +265,33 @@ class AttentionSpec:
         return ", ".join(hp.name for hp in self.hyperparameters) or "(none)"
 
 
+@dataclass(frozen=True)
+class LayerInput:
+    """The layer's own input and projections, for mechanisms that declare ``uses_layer_input``.
+
+    In decoding (:meth:`Attention.step`), ``query`` and ``source`` hold the one new position.
+
+    Attributes:
+        query: [B, Lq, E] the query-side input, before the projections.
+        source: [B, Lk, E_s] the key/value-side input: the encoder output in cross attention, the
+            same tensor as ``query`` in self attention.
+        q_proj, k_proj, v_proj: the layer's projections E -> H*D (E_s -> H*D for keys and values),
+            whose weights and biases a mechanism may read (q = q_proj(query) split into heads).
+    """
+
+    query: Tensor
+    source: Tensor
+    q_proj: nn.Linear
+    k_proj: nn.Linear
+    v_proj: nn.Linear
+
+
 class Attention(nn.Module):
     """Base class of every zoo mechanism: the attention core between projections.
 
     A subclass declares, as class attributes, ``Config`` (a frozen dataclass: the one typed
-    source of its hyperparameters), ``patterns``, ``decoding``, ``mixes_queries`` (see
-    :class:`AttentionSpec`), ``complexity`` and ``reference``,
+    source of its hyperparameters), ``patterns``, ``decoding``, ``uses_layer_input``,
+    ``mixes_queries`` (see :class:`AttentionSpec`), ``complexity`` and ``reference``,
     implements :meth:`attend`, and, if ``decoding`` is true, :meth:`init_state` and :meth:`step`.
     It is registered with :func:`attention_zoo.register_attention`.
 
@@ -271,29 +300,51 @@ class Attention(nn.Module):
         pattern: the attention pattern this instance serves.
         heads: number of heads H.
         head_dim: head dimension D.
+        input_dim: width E of the layer's query-side input (None: heads * head_dim); available
+            as ``self.input_dim``, so a mechanism may create parameters over the input.
+        source_dim: width E_s of the key/value-side input in cross attention (None: input_dim);
+            available as ``self.source_dim``.
     """
 
     Config: ClassVar[type] = NoConfig
     patterns: ClassVar[frozenset[Pattern]] = frozenset()
     decoding: ClassVar[bool] = False
+    uses_layer_input: ClassVar[bool] = False
     mixes_queries: ClassVar[bool] = False
     complexity: ClassVar[Complexity] = Complexity.QUADRATIC
     reference: ClassVar[str] = ""
     spec: ClassVar[AttentionSpec]
 
-    def __init__(self, config: Any, *, pattern: Pattern, heads: int, head_dim: int) -> None:
+    def __init__(
+        self,
+        config: Any,
+        *,
+        pattern: Pattern,
+        heads: int,
+        head_dim: int,
+        input_dim: int | None = None,
+        source_dim: int | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
         self.pattern = pattern
         self.heads = heads
         self.head_dim = head_dim
+        self.input_dim: int = heads * head_dim if input_dim is None else input_dim
+        self.source_dim: int = self.input_dim if source_dim is None else source_dim
 
     @property
     def name(self) -> str:
         return self.spec.name
 
     def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        key_padding_mask: Tensor | None = None,
+        *,
+        layer_input: LayerInput | None = None,
     ) -> Tensor:
         """Attend.
 
@@ -302,18 +353,49 @@ class Attention(nn.Module):
             k: [B, Lk, H, D] keys.
             v: [B, Lk, H, D] values.
             key_padding_mask: [B, Lk] bool, True at padded keys, or None.
+            layer_input: the layer's input and projections; required by mechanisms that declare
+                ``uses_layer_input``, ignored by the others.
 
         Returns:
             [B, Lq, H, D], same dtype as ``q``.
         """
         self._check_inputs(q, k, v, key_padding_mask)
-        return self.attend(q, k, v, key_padding_mask)
+        if self.uses_layer_input:
+            self.require_layer_input(layer_input, q, k)
+        return self.attend(q, k, v, key_padding_mask, layer_input)
 
     def attend(
-        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        key_padding_mask: Tensor | None,
+        layer_input: LayerInput | None,
     ) -> Tensor:
         """The mechanism itself, on checked inputs (see :meth:`forward` for shapes)."""
         raise NotImplementedError
+
+    def require_layer_input(self, layer_input: LayerInput | None, q: Tensor, k: Tensor) -> LayerInput:
+        """``layer_input``, checked against q [B, Lq, H, D] and k [B, Lk, H, D]; raises if absent.
+
+        :meth:`forward` calls it for mechanisms that declare ``uses_layer_input``; their
+        :meth:`step` calls it too.
+        """
+        if layer_input is None:
+            raise ValueError(
+                f"{self.name}: declares uses_layer_input and needs layer_input=LayerInput(...) "
+                "(the layer's input and projections; attention_zoo.MultiHeadAttention passes it)"
+            )
+        for label, x, length, width in (
+            ("query", layer_input.query, q.shape[1], self.input_dim),
+            ("source", layer_input.source, k.shape[1], self.source_dim),
+        ):
+            if x.ndim != 3 or tuple(x.shape) != (q.shape[0], length, width):
+                raise ValueError(
+                    f"{self.name}: layer_input.{label} must be [B, L, E] = "
+                    f"{[q.shape[0], length, width]}, got {list(x.shape)}"
+                )
+        return layer_input
 
     def init_state(
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype
@@ -321,12 +403,16 @@ class Attention(nn.Module):
         """An empty decoding state for ``batch_size`` sequences (``decoding`` mechanisms only)."""
         raise NotImplementedError(f"{self.name} does not support incremental decoding")
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, state: Any) -> tuple[Tensor, Any]:
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: Any, *, layer_input: LayerInput | None = None
+    ) -> tuple[Tensor, Any]:
         """Decode one token in ``causal_self``.
 
         Args:
             q, k, v: [B, 1, H, D] for the new position t.
             state: from :meth:`init_state` or the previous call.
+            layer_input: the layer's input at position t ([B, 1, E]) and its projections, for
+                mechanisms that declare ``uses_layer_input``.
 
         Returns:
             ``(out, state)``: out [B, 1, H, D] equals row t of the parallel causal pass.

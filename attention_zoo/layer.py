@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attention_zoo.base import Attention, Pattern
+from attention_zoo.base import Attention, LayerInput, Pattern
 from attention_zoo.registry import build_attention
 
 
@@ -24,6 +24,10 @@ class MultiHeadAttention(nn.Module):
             (:func:`attention_zoo.parse_attention_args` reads them from command-line strings).
         kdim, vdim: widths of the key and value inputs (cross attention), default ``embed_dim``.
         bias: whether the projections have biases.
+
+    Mechanisms that declare ``uses_layer_input`` also receive the layer's input and projections
+    (:class:`~attention_zoo.LayerInput`); in cross attention their keys and values must come
+    from one source (``value`` is ``key``, ``vdim == kdim``).
 
     Shapes:
         query: [B, Lq, E]; key, value: [B, Lk, kdim/vdim] (omit for self attention);
@@ -55,8 +59,14 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(vdim or embed_dim, embed_dim, bias=bias)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
         self.attention: Attention = build_attention(
-            attention, pattern=self.pattern, heads=num_heads, head_dim=self.head_dim, **args
+            attention, pattern=self.pattern, heads=num_heads, head_dim=self.head_dim,
+            input_dim=embed_dim, source_dim=kdim or embed_dim, **args
         )
+        if self.attention.uses_layer_input and (vdim or embed_dim) != (kdim or embed_dim):
+            raise ValueError(
+                f"{attention} reads the layer's key/value input, so keys and values must come "
+                f"from one source: got kdim={kdim or embed_dim}, vdim={vdim or embed_dim}"
+            )
 
     def _split(self, x: Tensor) -> Tensor:
         return x.view(*x.shape[:2], self.num_heads, self.head_dim)  # [B, L, H, D]
@@ -76,8 +86,21 @@ class MultiHeadAttention(nn.Module):
         q = self._split(self.q_proj(query))
         k = self._split(self.k_proj(key))
         v = self._split(self.v_proj(value))
-        out = self.attention(q, k, v, key_padding_mask)  # [B, Lq, H, D]
+        layer_input = self._layer_input(query, key, value)
+        out = self.attention(q, k, v, key_padding_mask, layer_input=layer_input)  # [B, Lq, H, D]
         return self.out_proj(out.reshape(*out.shape[:2], self.embed_dim))
+
+    def _layer_input(self, query: Tensor, key: Tensor, value: Tensor) -> LayerInput | None:
+        """The layer's input for mechanisms that declare ``uses_layer_input`` (None otherwise)."""
+        if not self.attention.uses_layer_input:
+            return None
+        if value is not key:
+            raise ValueError(
+                f"{self.attention.name} reads the layer's key/value input, so keys and values "
+                "must come from one source tensor (pass value=None or the key tensor itself)"
+            )
+        return LayerInput(query=query, source=key, q_proj=self.q_proj, k_proj=self.k_proj,
+                          v_proj=self.v_proj)
 
     def init_state(
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype
@@ -88,5 +111,8 @@ class MultiHeadAttention(nn.Module):
     def step(self, x: Tensor, state: Any) -> tuple[Tensor, Any]:
         """Decode one position: x [B, 1, E] -> ([B, 1, E], new state)."""
         q, k, v = (self._split(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out, state = self.attention.step(q, k, v, state)
+        if self.attention.uses_layer_input:
+            out, state = self.attention.step(q, k, v, state, layer_input=self._layer_input(x, x, x))
+        else:
+            out, state = self.attention.step(q, k, v, state)
         return self.out_proj(out.reshape(*out.shape[:2], self.embed_dim)), state

@@ -113,6 +113,7 @@ def _make_spec(name: str, cls: type[Attention]) -> AttentionSpec:
         cls=cls,
         patterns=patterns,
         decoding=bool(cls.decoding),
+        uses_layer_input=bool(cls.uses_layer_input),
         mixes_queries=bool(cls.mixes_queries),
         complexity=Complexity(cls.complexity),
         hyperparameters=tuple(hyperparameters),
@@ -172,9 +173,15 @@ def build_attention(
     pattern: str | Pattern,
     heads: int,
     head_dim: int,
+    input_dim: int | None = None,
+    source_dim: int | None = None,
     **hyperparameters: Any,
 ) -> Attention:
     """Build mechanism ``name`` for ``pattern`` with ``heads`` x ``head_dim`` and its hyperparameters.
+
+    ``input_dim`` is the width of the layer's query-side input (None: heads * head_dim) and
+    ``source_dim`` that of its key/value-side input (None: input_dim); mechanisms that declare
+    ``uses_layer_input`` create their parameters over these widths.
 
     Raises:
         AttentionConfigError: unknown name, unknown or ill-typed hyperparameter, or a pattern the
@@ -188,11 +195,15 @@ def build_attention(
             f"attention {name!r} does not support the {wanted.value} pattern; "
             f"it supports: {supported}"
         )
-    for label, value in (("heads", heads), ("head_dim", head_dim)):
+    sizes = {"heads": heads, "head_dim": head_dim, "input_dim": input_dim, "source_dim": source_dim}
+    for label, value in sizes.items():
+        if value is None and label in ("input_dim", "source_dim"):
+            continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise AttentionConfigError(f"{name}: {label} must be a positive int, got {value!r}")
     config = spec.make_config(hyperparameters)
-    return spec.cls(config, pattern=wanted, heads=heads, head_dim=head_dim)
+    return spec.cls(config, pattern=wanted, heads=heads, head_dim=head_dim, input_dim=input_dim,
+                    source_dim=source_dim)
 
 
 def parse_attention_args(name: str, text: str | Mapping[str, str]) -> dict[str, Any]:

@@ -9,6 +9,11 @@ registry, with no per-mechanism test code. A plug-in author can run them directl
 Each check raises ``AssertionError`` with a message that says what broke. Inputs are float64 and
 seeded; every parameter is re-drawn from a normal distribution first, so that zero-initialised
 parameters (biases, position tables) cannot hide a bug.
+
+A mechanism that declares ``uses_layer_input`` gets the same checks through a layer: the drawn
+query-side tensor [B, Lq, H, D] is read as the layer input [B, Lq, H*D] (and the drawn key-side
+tensor as the cross-attention source), q, k and v are its projections by seeded ``nn.Linear``
+layers with biases, and the :class:`~attention_zoo.LayerInput` goes along with them.
 """
 
 from __future__ import annotations
@@ -17,9 +22,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from attention_zoo.base import Attention, AttentionConfigError, Pattern
+from attention_zoo.base import Attention, AttentionConfigError, LayerInput, Pattern
 from attention_zoo.registry import attention_spec, build_attention
 
 HEADS = 2
@@ -53,6 +58,85 @@ def random_inputs(
     return draw(query_length), draw(key_length), draw(key_length)
 
 
+def layer_projections(
+    input_dim: int, source_dim: int, *, heads: int = HEADS, head_dim: int = HEAD_DIM,
+    dtype: torch.dtype = torch.float64, seed: int = 2,
+) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+    """Seeded q, k, v projections (input_dim -> H*D, source_dim -> H*D) with nonzero biases."""
+    generator = torch.Generator().manual_seed(seed)
+    projections = []
+    for width in (input_dim, source_dim, source_dim):
+        linear = nn.Linear(width, heads * head_dim, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator) / width**0.5)
+            linear.bias.copy_(torch.randn(linear.bias.shape, generator=generator) * 0.5)
+        projections.append(linear)
+    q_proj, k_proj, v_proj = projections
+    return q_proj, k_proj, v_proj
+
+
+def project(
+    query: Tensor, source: Tensor, projections: tuple[nn.Linear, nn.Linear, nn.Linear],
+    *, heads: int = HEADS,
+) -> tuple[Tensor, Tensor, Tensor, LayerInput]:
+    """q, k, v [B, L, H, D] and the :class:`LayerInput` of a layer's input query [B, Lq, E] and
+    source [B, Lk, E_s] (pass ``source=query`` for self attention)."""
+    q_proj, k_proj, v_proj = projections
+
+    def split(x: Tensor) -> Tensor:
+        return x.view(*x.shape[:2], heads, -1)
+
+    layer_input = LayerInput(query=query, source=source, q_proj=q_proj, k_proj=k_proj, v_proj=v_proj)
+    return split(q_proj(query)), split(k_proj(source)), split(v_proj(source)), layer_input
+
+
+def random_layer_input(
+    batch: int, query_length: int, key_length: int, *, input_dim: int, source_dim: int | None = None,
+    cross: bool = False, heads: int = HEADS, head_dim: int = HEAD_DIM,
+    dtype: torch.dtype = torch.float64, seed: int = 1,
+) -> tuple[Tensor, Tensor, Tensor, LayerInput]:
+    """Seeded layer inputs with real projections: q [B, Lq, H, D], k, v [B, Lk, H, D] and the
+    :class:`LayerInput` they come from (self attention: one input; ``key_length`` must equal
+    ``query_length``)."""
+    source_dim = input_dim if source_dim is None else source_dim
+    if not cross and (key_length != query_length or source_dim != input_dim):
+        raise ValueError("self attention has one input: key_length == query_length, source_dim == "
+                         f"input_dim; got {key_length}, {query_length}, {source_dim}, {input_dim}")
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, query_length, input_dim, generator=generator, dtype=dtype)
+    source = torch.randn(batch, key_length, source_dim, generator=generator, dtype=dtype) if cross else query
+    projections = layer_projections(input_dim, source_dim, heads=heads, head_dim=head_dim, dtype=dtype,
+                                    seed=seed + 1)
+    return project(query, source, projections, heads=heads)
+
+
+def run(
+    attention: Attention, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None
+) -> Tensor:
+    """``attention(q, k, v, key_padding_mask)``; for a mechanism that ``uses_layer_input``, q (and
+    in cross attention k) [B, L, H, D] are read as the layer's input [B, L, H*D] and projected
+    (v is then unused: values come from the same source as keys)."""
+    if not attention.uses_layer_input:
+        return attention(q, k, v, key_padding_mask)
+    q, k, v, layer_input = _through_layer(attention, q, k)
+    return attention(q, k, v, key_padding_mask, layer_input=layer_input)
+
+
+def _through_layer(attention: Attention, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor, Tensor, LayerInput]:
+    query = q.flatten(2)  # [B, Lq, H*D]
+    source = k.flatten(2) if attention.pattern.cross else query
+    projections = layer_projections(query.shape[-1], source.shape[-1], heads=attention.heads,
+                                    head_dim=attention.head_dim, dtype=q.dtype)
+    return project(query, source, projections, heads=attention.heads)
+
+
+def _used_inputs(attention: Attention) -> tuple[str, ...]:
+    """Which of the drawn q, k, v a check's call reads (see :func:`run`)."""
+    if not attention.uses_layer_input:
+        return ("q", "k", "v")
+    return ("q", "k") if attention.pattern.cross else ("q",)
+
+
 def _lengths(pattern: Pattern, length: int) -> tuple[int, int]:
     # Cross attention gets a source of another length to catch Lq/Lk mix-ups.
     return (length, length + 3) if pattern.cross else (length, length)
@@ -64,7 +148,7 @@ def check_shapes_and_dtypes(name: str, pattern: Pattern, **config: Any) -> None:
         attention = build_for_test(name, pattern, dtype=dtype, **config)
         q_len, k_len = _lengths(pattern, 13)
         q, k, v = random_inputs(2, q_len, k_len, dtype=dtype)
-        out = attention(q, k, v)
+        out = run(attention, q, k, v)
         assert out.shape == q.shape, f"{name}/{pattern}: output {list(out.shape)} != {list(q.shape)}"
         assert out.dtype == dtype, f"{name}/{pattern}: output dtype {out.dtype} != input {dtype}"
         assert torch.isfinite(out).all(), f"{name}/{pattern}: non-finite output in {dtype}"
@@ -77,10 +161,12 @@ def check_gradients(name: str, pattern: Pattern, **config: Any) -> None:
     q, k, v = (t.requires_grad_() for t in random_inputs(2, q_len, k_len))
     padding = torch.zeros(2, k_len, dtype=torch.bool)
     padding[1, -2:] = True
-    out = attention(q, k, v, padding)
+    out = run(attention, q, k, v, padding)
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(5), dtype=out.dtype)
     (out * weights).sum().backward()
     for label, tensor in (("q", q), ("k", k), ("v", v)):
+        if label not in _used_inputs(attention):
+            continue
         assert tensor.grad is not None, f"{name}/{pattern}: no gradient reaches {label}"
         assert torch.isfinite(tensor.grad).all(), f"{name}/{pattern}: non-finite grad of {label}"
         assert tensor.grad.abs().sum() > 0, f"{name}/{pattern}: zero gradient of {label}"
@@ -101,11 +187,11 @@ def check_no_future_leak(name: str, pattern: Pattern, **config: Any) -> None:
     attention = build_for_test(name, pattern, **config)
     q_len, k_len = _lengths(pattern, 17)
     q, k, v = random_inputs(2, q_len, k_len)
-    before = attention(q, k, v)
+    before = run(attention, q, k, v)
     for cut in (1, 6, 12):
         q2, k2, v2 = random_inputs(2, q_len, k_len, seed=100 + cut)
         q2[:, :cut], k2[:, :cut], v2[:, :cut] = q[:, :cut], k[:, :cut], v[:, :cut]
-        after = attention(q2, k2, v2)
+        after = run(attention, q2, k2, v2)
         difference = (after[:, :cut] - before[:, :cut]).abs().max().item()
         assert difference < TOLERANCE, (
             f"{name}/{pattern}: the future leaks: changing positions >= {cut} moved earlier "
@@ -124,16 +210,16 @@ def check_query_independence(name: str, pattern: Pattern, **config: Any) -> None
         return
     attention = build_for_test(name, pattern, **config)
     q, k, v = random_inputs(2, 9, 12)
-    before = attention(q, k, v)
+    before = run(attention, q, k, v)
     for position in (0, 4, 8):
         changed = random_inputs(2, 9, 12, seed=200 + position)[0]
         changed[:, position] = q[:, position]
-        difference = (attention(changed, k, v)[:, position] - before[:, position]).abs().max().item()
+        difference = (run(attention, changed, k, v)[:, position] - before[:, position]).abs().max().item()
         assert difference < TOLERANCE, (
             f"{name}/{pattern}: query {position}'s output moves by {difference:.3g} when the "
             "other queries change (declare mixes_queries = True if that is the design)"
         )
-        alone = attention(q[:, position : position + 1], k, v)[:, 0]
+        alone = run(attention, q[:, position : position + 1], k, v)[:, 0]
         difference = (alone - before[:, position]).abs().max().item()
         assert difference < TOLERANCE, (
             f"{name}/{pattern}: query {position} alone differs by {difference:.3g} from its row "
@@ -149,10 +235,10 @@ def check_batch_invariance(name: str, pattern: Pattern, **config: Any) -> None:
     q, k, v = random_inputs(3, q_len, k_len)
     padding = torch.zeros(3, k_len, dtype=torch.bool)
     padding[2, -4:] = True  # samples differ in length, so per-batch statistics would show
-    together = attention(q, k, v, padding)
+    together = run(attention, q, k, v, padding)
     others = random_inputs(3, q_len, k_len, seed=7)
     for i in range(3):
-        alone = attention(q[i : i + 1], k[i : i + 1], v[i : i + 1], padding[i : i + 1])
+        alone = run(attention, q[i : i + 1], k[i : i + 1], v[i : i + 1], padding[i : i + 1])
         difference = (together[i : i + 1] - alone).abs().max().item()
         assert difference < TOLERANCE, (
             f"{name}/{pattern}: sample {i} changes by {difference:.3g} when batched with others"
@@ -162,7 +248,7 @@ def check_batch_invariance(name: str, pattern: Pattern, **config: Any) -> None:
             t[i] = original[i]
         mixed_padding = torch.zeros_like(padding)
         mixed_padding[i] = padding[i]
-        difference = (attention(*mixed, mixed_padding)[i] - together[i]).abs().max().item()
+        difference = (run(attention, *mixed, mixed_padding)[i] - together[i]).abs().max().item()
         assert difference < TOLERANCE, (
             f"{name}/{pattern}: sample {i} changes by {difference:.3g} when the other samples change"
         )
@@ -174,7 +260,7 @@ def check_padding_invariance(name: str, pattern: Pattern, **config: Any) -> None
     attention = build_for_test(name, pattern, **config)
     q_len, k_len = _lengths(pattern, 10)
     q, k, v = random_inputs(2, q_len, k_len)
-    reference = attention(q, k, v)
+    reference = run(attention, q, k, v)
     extra = 5
     junk_q, junk_k, junk_v = random_inputs(2, extra, extra, seed=11)
     junk_k, junk_v = junk_k * 10, junk_v * 10  # loud garbage
@@ -187,14 +273,14 @@ def check_padding_invariance(name: str, pattern: Pattern, **config: Any) -> None
         k_padded[:, fake], v_padded[:, fake] = junk_k, junk_v
         padding = torch.zeros(2, k_len + extra, dtype=torch.bool)
         padding[:, fake] = True
-        out = attention(q, k_padded, v_padded, padding)
+        out = run(attention, q, k_padded, v_padded, padding)
         where = "at random positions"
     else:
         k_padded, v_padded = torch.cat([k, junk_k], 1), torch.cat([v, junk_v], 1)
         padding = torch.zeros(2, k_len + extra, dtype=torch.bool)
         padding[:, k_len:] = True
         q_in = q if pattern.cross else torch.cat([q, junk_q], 1)
-        out = attention(q_in, k_padded, v_padded, padding)[:, :q_len]
+        out = run(attention, q_in, k_padded, v_padded, padding)[:, :q_len]
         where = "on the right"
     assert torch.isfinite(out).all(), f"{name}/{pattern}: non-finite output with padding"
     difference = (out - reference).abs().max().item()
@@ -209,11 +295,16 @@ def check_decoding(name: str, pattern: Pattern, **config: Any) -> None:
         return
     attention = build_for_test(name, pattern, **config)
     q, k, v = random_inputs(2, 37, 37)
-    parallel = attention(q, k, v)
+    parallel = run(attention, q, k, v)
     state = attention.init_state(2, device=q.device, dtype=q.dtype)
     steps = []
     for t in range(q.shape[1]):
-        out, state = attention.step(q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], state)
+        q_t, k_t, v_t = q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1]
+        if attention.uses_layer_input:
+            q_t, k_t, v_t, layer_input = _through_layer(attention, q_t, k_t)
+            out, state = attention.step(q_t, k_t, v_t, state, layer_input=layer_input)
+        else:
+            out, state = attention.step(q_t, k_t, v_t, state)
         steps.append(out)
     difference = (torch.cat(steps, 1) - parallel).abs().max().item()
     assert difference < 1e-8, (

@@ -30,7 +30,7 @@ def test_future_leak_is_caught(scratch_registry):
     class PeeksAhead(SoftmaxAttention):
         """Causal softmax that also sees the next token."""
 
-        def attend(self, q, k, v, key_padding_mask):
+        def attend(self, q, k, v, key_padding_mask, layer_input=None):
             shifted = torch.cat([k[:, 1:], k[:, -1:]], dim=1)
             return softmax_attention(q, k + shifted, v, causal=True)
 
@@ -71,7 +71,7 @@ def test_batch_mixing_is_caught(scratch_registry):
 
 def test_ignored_padding_is_caught(scratch_registry):
     class IgnoresPadding(SoftmaxAttention):
-        def attend(self, q, k, v, key_padding_mask):
+        def attend(self, q, k, v, key_padding_mask, layer_input=None):
             return super().attend(q, k, v, None)
 
     name = _register(scratch_registry, "ignores_padding", IgnoresPadding)
@@ -109,7 +109,7 @@ def test_query_mixing_in_cross_attention_is_caught_unless_declared(scratch_regis
     class PoolsQueries(SoftmaxAttention):
         """Cross attention whose queries are centred on their mean over positions."""
 
-        def attend(self, q, k, v, key_padding_mask):
+        def attend(self, q, k, v, key_padding_mask, layer_input=None):
             return super().attend(q - q.mean(1, keepdim=True), k, v, key_padding_mask)
 
     name = _register(scratch_registry, "pools_queries", PoolsQueries)

@@ -91,7 +91,7 @@ def test_malformed_mechanisms_fail_at_registration(scratch_registry):
     from attention_zoo import Attention
 
     class NoPatterns(Attention):
-        def attend(self, q, k, v, key_padding_mask):
+        def attend(self, q, k, v, key_padding_mask, layer_input=None):
             return q
 
     with pytest.raises(TypeError, match="declares no supported pattern"):
@@ -127,7 +127,7 @@ def test_entry_point_plugin_is_discovered(scratch_registry, tmp_path, monkeypatc
             patterns = frozenset({Pattern.NONCAUSAL_SELF, Pattern.NONCAUSAL_CROSS})
             complexity = Complexity.QUADRATIC
 
-            def attend(self, q, k, v, key_padding_mask):
+            def attend(self, q, k, v, key_padding_mask, layer_input=None):
                 return softmax_attention(2 * q, k, v, causal=False,
                                          key_padding_mask=key_padding_mask)
         """, """

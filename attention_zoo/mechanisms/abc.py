@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attention_zoo.base import Attention, Complexity, Pattern, masked_softmax
+from attention_zoo.base import Attention, Complexity, LayerInput, Pattern, masked_softmax
 from attention_zoo.registry import register_attention
 
 
@@ -63,8 +63,12 @@ class ABCAttention(Attention):
     )
     chunk_size = 32
 
-    def __init__(self, config: ABCConfig, *, pattern: Pattern, heads: int, head_dim: int) -> None:
-        super().__init__(config, pattern=pattern, heads=heads, head_dim=head_dim)
+    def __init__(
+        self, config: ABCConfig, *, pattern: Pattern, heads: int, head_dim: int,
+        input_dim: int | None = None, source_dim: int | None = None,
+    ) -> None:
+        super().__init__(config, pattern=pattern, heads=heads, head_dim=head_dim,
+                         input_dim=input_dim, source_dim=source_dim)
         self.control = nn.Parameter(torch.randn(heads, config.slots, head_dim) / math.sqrt(head_dim))
 
     def control_logits(self, k: Tensor, valid: Tensor | None) -> Tensor:
@@ -74,7 +78,10 @@ class ABCAttention(Attention):
             logits = logits.masked_fill(~valid[:, None, :, None], torch.finfo(k.dtype).min)
         return logits
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+        layer_input: LayerInput | None = None,
+    ) -> Tensor:
         valid = None if key_padding_mask is None else ~key_padding_mask  # [B, Lk]
         if self.pattern.causal:
             return self._causal(q, k, v, valid)
@@ -153,7 +160,10 @@ class ABCAttention(Attention):
         memory = torch.zeros(batch_size, self.heads, slots, self.head_dim, device=device, dtype=dtype)
         return ABCState(log_normaliser, memory, memory.clone())
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, state: ABCState) -> tuple[Tensor, ABCState]:
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: ABCState, *,
+        layer_input: LayerInput | None = None,
+    ) -> tuple[Tensor, ABCState]:
         logits = self.control_logits(k, None)[:, :, 0]  # [B, H, n]
         log_normaliser = torch.logaddexp(state.log_normaliser, logits)
         keep = torch.exp(state.log_normaliser - log_normaliser)[..., None]  # [B, H, n, 1]

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from attention_zoo.base import Attention, Complexity, Pattern
+from attention_zoo.base import Attention, Complexity, LayerInput, Pattern
 from attention_zoo.mechanisms.kernelized import (
     RunningSums,
     accumulation_dtype,
@@ -84,7 +84,10 @@ class CosFormerAttention(Attention):
     complexity = Complexity.LINEAR
     reference = "Qin et al., cosFormer: Rethinking Softmax in Attention, ICLR 2022 (arXiv 2202.08791)"
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+        layer_input: LayerInput | None = None,
+    ) -> Tensor:
         batch, query_length = q.shape[:2]
         key_length = k.shape[1]
         device = q.device
@@ -125,7 +128,8 @@ class CosFormerAttention(Attention):
         return CosFormerState(sums, 0)
 
     def step(
-        self, q: Tensor, k: Tensor, v: Tensor, state: CosFormerState
+        self, q: Tensor, k: Tensor, v: Tensor, state: CosFormerState, *,
+        layer_input: LayerInput | None = None,
     ) -> tuple[Tensor, CosFormerState]:
         position = state.count + 1
         self._check_length(position)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from attention_zoo.base import Attention, Complexity, Pattern, masked_softmax
+from attention_zoo.base import Attention, Complexity, LayerInput, Pattern, masked_softmax
 from attention_zoo.mechanisms.kernelized import accumulation_dtype
 from attention_zoo.mechanisms.ra import positive_feature_logits
 from attention_zoo.registry import register_attention
@@ -81,7 +81,10 @@ class LinearRandomizedAttention(Attention):
         "(arXiv 2204.04667)"
     )
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+        layer_input: LayerInput | None = None,
+    ) -> Tensor:
         dtype = q.dtype
         scale = self.head_dim**-0.25
         acc = accumulation_dtype(dtype)  # importance weights span many orders of magnitude

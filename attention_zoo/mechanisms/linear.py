@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attention_zoo.base import Attention, Complexity, NoConfig, Pattern
+from attention_zoo.base import Attention, Complexity, LayerInput, NoConfig, Pattern
 from attention_zoo.mechanisms.kernelized import RunningSums, kernelized_attention
 from attention_zoo.registry import register_attention
 
@@ -38,7 +38,10 @@ class LinearAttention(Attention):
     complexity = Complexity.LINEAR
     reference = "Katharopoulos et al., Transformers are RNNs, ICML 2020 (arXiv 2006.16236)"
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+        layer_input: LayerInput | None = None,
+    ) -> Tensor:
         valid = None if key_padding_mask is None else ~key_padding_mask
         return kernelized_attention(
             elu_feature_map(q), elu_feature_map(k), v,
@@ -53,7 +56,8 @@ class LinearAttention(Attention):
         )
 
     def step(
-        self, q: Tensor, k: Tensor, v: Tensor, state: RunningSums
+        self, q: Tensor, k: Tensor, v: Tensor, state: RunningSums, *,
+        layer_input: LayerInput | None = None,
     ) -> tuple[Tensor, RunningSums]:
         out, state = state.step(
             elu_feature_map(q[:, 0]), elu_feature_map(k[:, 0]), v[:, 0], eps=EPS

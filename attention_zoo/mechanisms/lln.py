@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attention_zoo.base import Attention, Complexity, Pattern, masked_softmax
+from attention_zoo.base import Attention, Complexity, LayerInput, Pattern, masked_softmax
 from attention_zoo.mechanisms.kernelized import (
     RunningSums,
     accumulation_dtype,
@@ -137,12 +137,19 @@ class LLNAttention(Attention):
         "(arXiv 2311.13541)"
     )
 
-    def __init__(self, config: LLNConfig, *, pattern: Pattern, heads: int, head_dim: int) -> None:
-        super().__init__(config, pattern=pattern, heads=heads, head_dim=head_dim)
+    def __init__(
+        self, config: LLNConfig, *, pattern: Pattern, heads: int, head_dim: int,
+        input_dim: int | None = None, source_dim: int | None = None,
+    ) -> None:
+        super().__init__(config, pattern=pattern, heads=heads, head_dim=head_dim,
+                         input_dim=input_dim, source_dim=source_dim)
         self.block_size = config.block_size if config.block_size is not None else head_dim
         self.diagonal = config.diagonal and not pattern.cross
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+        layer_input: LayerInput | None = None,
+    ) -> Tensor:
         valid = None if key_padding_mask is None else ~key_padding_mask
         out = self._log_normal(q, k, v, valid)
         if self.diagonal:
@@ -212,7 +219,10 @@ class LLNAttention(Attention):
         block = torch.zeros(batch_size, 0, self.heads, self.head_dim, device=device, dtype=dtype)
         return LLNState(sums, empty_moments(), empty_moments(), block, block.clone())
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, state: LLNState) -> tuple[Tensor, LLNState]:
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: LLNState, *,
+        layer_input: LayerInput | None = None,
+    ) -> tuple[Tensor, LLNState]:
         dtype = state.sums.sums.dtype
         query, key = q[:, 0].to(dtype), k[:, 0].to(dtype)  # [B, H, D]
 

@@ -9,7 +9,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from attention_zoo.base import Attention, Complexity, Pattern, masked_softmax
+from attention_zoo.base import Attention, Complexity, LayerInput, Pattern, masked_softmax
 from attention_zoo.registry import register_attention
 
 
@@ -190,7 +190,10 @@ class LocalAttention(Attention):
         "arXiv 2004.05150 (2020)"
     )
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+        layer_input: LayerInput | None = None,
+    ) -> Tensor:
         layout = window_blocks(q.shape[1], window=self.config.window, kind=self.config.kind,
                                causal=self.pattern.causal, device=q.device)
         logits, visible = windowed_logits(q, k, layout, key_padding_mask)
@@ -202,7 +205,10 @@ class LocalAttention(Attention):
         empty = torch.zeros(batch_size, 0, self.heads, self.head_dim, device=device, dtype=dtype)
         return LocalState(empty, empty.clone(), 0)
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, state: LocalState) -> tuple[Tensor, LocalState]:
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: LocalState, *,
+        layer_input: LayerInput | None = None,
+    ) -> tuple[Tensor, LocalState]:
         w = self.config.window
         if self.config.kind == "blocked" and state.count % w == 0:  # a new block starts here
             state = LocalState(state.keys[:, :0], state.values[:, :0], state.count)

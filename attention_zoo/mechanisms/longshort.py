@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attention_zoo.base import Attention, Complexity, Pattern, masked_softmax
+from attention_zoo.base import Attention, Complexity, LayerInput, Pattern, masked_softmax
 from attention_zoo.mechanisms.local import (
     from_blocks,
     to_blocks,
@@ -100,9 +100,11 @@ class LongShortAttention(Attention):
     )
 
     def __init__(
-        self, config: LongShortConfig, *, pattern: Pattern, heads: int, head_dim: int
+        self, config: LongShortConfig, *, pattern: Pattern, heads: int, head_dim: int,
+        input_dim: int | None = None, source_dim: int | None = None,
     ) -> None:
-        super().__init__(config, pattern=pattern, heads=heads, head_dim=head_dim)
+        super().__init__(config, pattern=pattern, heads=heads, head_dim=head_dim,
+                         input_dim=input_dim, source_dim=source_dim)
         rank = config.segment_rank if pattern.causal else config.rank
         self.projection = nn.Parameter(torch.randn(heads, head_dim, rank) / math.sqrt(head_dim))
         self.norm_short = nn.LayerNorm(head_dim)
@@ -134,7 +136,10 @@ class LongShortAttention(Attention):
         present = valid.any(dim=-1).view(batch, segments).repeat_interleave(rank, dim=1)
         return keys, values, complete[None, None] & present[:, None, None, :]
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+        layer_input: LayerInput | None = None,
+    ) -> Tensor:
         batch, length, _, dim = q.shape
         w = self.config.window
         valid = (
@@ -170,7 +175,8 @@ class LongShortAttention(Attention):
                               projected.clone())
 
     def step(
-        self, q: Tensor, k: Tensor, v: Tensor, state: LongShortState
+        self, q: Tensor, k: Tensor, v: Tensor, state: LongShortState, *,
+        layer_input: LayerInput | None = None,
     ) -> tuple[Tensor, LongShortState]:
         w, seg = self.config.window, self.config.segment
         window_keys = torch.cat([state.window_keys, k], dim=1)  # [B, j+1, H, D], j + 1 <= w

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attention_zoo.base import Attention, Complexity, Pattern, masked_softmax
+from attention_zoo.base import Attention, Complexity, LayerInput, Pattern, masked_softmax
 from attention_zoo.registry import register_attention
 
 
@@ -95,7 +95,10 @@ class NystromAttention(Attention):
         "Self-Attention, AAAI 2021"
     )
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+        layer_input: LayerInput | None = None,
+    ) -> Tensor:
         if q.dtype in (torch.float16, torch.bfloat16):  # the pseudo-inverse diverges in half types
             return self.attend(q.float(), k.float(), v.float(), key_padding_mask).to(q.dtype)
         m = self.config.landmarks

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from attention_zoo.base import Attention, Complexity, Pattern
+from attention_zoo.base import Attention, Complexity, LayerInput, Pattern
 from attention_zoo.mechanisms.kernelized import RunningSums, kernelized_attention
 from attention_zoo.registry import register_attention
 
@@ -72,9 +72,11 @@ class PerformerAttention(Attention):
     reference = "Choromanski et al., Rethinking Attention with Performers, ICLR 2021 (arXiv 2009.14794)"
 
     def __init__(
-        self, config: PerformerConfig, *, pattern: Pattern, heads: int, head_dim: int
+        self, config: PerformerConfig, *, pattern: Pattern, heads: int, head_dim: int,
+        input_dim: int | None = None, source_dim: int | None = None,
     ) -> None:
-        super().__init__(config, pattern=pattern, heads=heads, head_dim=head_dim)
+        super().__init__(config, pattern=pattern, heads=heads, head_dim=head_dim,
+                         input_dim=input_dim, source_dim=source_dim)
         features = config.features
         if features is None:
             features = max(head_dim, int(head_dim * math.log(head_dim)))
@@ -98,7 +100,10 @@ class PerformerAttention(Attention):
         scale = log_k.amax(dim=-1).detach()  # [..., H]: this key's own maximum
         return torch.exp(log_k - scale[..., None]), scale
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+        layer_input: LayerInput | None = None,
+    ) -> Tensor:
         phi_k, scale = self._key_features(k)
         return kernelized_attention(
             self._query_features(q), phi_k, v,
@@ -115,7 +120,8 @@ class PerformerAttention(Attention):
         )
 
     def step(
-        self, q: Tensor, k: Tensor, v: Tensor, state: RunningSums
+        self, q: Tensor, k: Tensor, v: Tensor, state: RunningSums, *,
+        layer_input: LayerInput | None = None,
     ) -> tuple[Tensor, RunningSums]:
         phi_k, scale = self._key_features(k[:, 0])
         out, state = state.step(self._query_features(q[:, 0]), phi_k, v[:, 0], scale)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from attention_zoo.base import Attention, AttentionConfigError, Complexity, Pattern
+from attention_zoo.base import Attention, AttentionConfigError, Complexity, LayerInput, Pattern
 from attention_zoo.registry import register_attention
 
 
@@ -80,8 +80,12 @@ class S4DAttention(Attention):
         "Space Models (S4D), NeurIPS 2022"
     )
 
-    def __init__(self, config: S4DConfig, *, pattern: Pattern, heads: int, head_dim: int) -> None:
-        super().__init__(config, pattern=pattern, heads=heads, head_dim=head_dim)
+    def __init__(
+        self, config: S4DConfig, *, pattern: Pattern, heads: int, head_dim: int,
+        input_dim: int | None = None, source_dim: int | None = None,
+    ) -> None:
+        super().__init__(config, pattern=pattern, heads=heads, head_dim=head_dim,
+                         input_dim=input_dim, source_dim=source_dim)
         if config.state_size % 2:
             raise AttentionConfigError(
                 f"s4d: state_size must be even (N/2 conjugate pairs), got {config.state_size}"
@@ -130,7 +134,10 @@ class S4DAttention(Attention):
     def _gated_input(self, k: Tensor, v: Tensor) -> Tensor:
         return torch.sigmoid(k) * v
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+        layer_input: LayerInput | None = None,
+    ) -> Tensor:
         dtype = _compute_dtype(q.dtype)
         u = self._gated_input(k, v).to(dtype)  # [B, L, H, D]
         if key_padding_mask is not None:
@@ -151,7 +158,10 @@ class S4DAttention(Attention):
         shape = (batch_size, self.heads, self.head_dim, modes)
         return S4DState(torch.zeros(shape, device=device, dtype=complex_dtype))
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, state: S4DState) -> tuple[Tensor, S4DState]:
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: S4DState, *,
+        layer_input: LayerInput | None = None,
+    ) -> tuple[Tensor, S4DState]:
         dtype = _compute_dtype(q.dtype)
         _, a_bar, b_bar = self._discretised(dtype)
         u = self._gated_input(k, v)[:, 0].to(dtype)  # [B, H, D]

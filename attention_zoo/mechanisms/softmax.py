@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from attention_zoo.base import Attention, Complexity, Pattern, allowed_keys, masked_softmax
+from attention_zoo.base import Attention, Complexity, LayerInput, Pattern, allowed_keys, masked_softmax
 from attention_zoo.registry import register_attention
 
 ALL_PATTERNS = frozenset(Pattern)
@@ -61,7 +61,10 @@ class SoftmaxAttention(Attention):
     reference = "Vaswani et al., Attention Is All You Need, NeurIPS 2017"
     exact_attention = staticmethod(softmax_attention)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+        layer_input: LayerInput | None = None,
+    ) -> Tensor:
         return self.exact_attention(
             q, k, v, causal=self.pattern.causal, key_padding_mask=key_padding_mask
         )
@@ -72,7 +75,10 @@ class SoftmaxAttention(Attention):
         empty = torch.zeros(batch_size, 0, self.heads, self.head_dim, device=device, dtype=dtype)
         return KVCache(empty, empty.clone())
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, state: KVCache) -> tuple[Tensor, KVCache]:
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: KVCache, *,
+        layer_input: LayerInput | None = None,
+    ) -> tuple[Tensor, KVCache]:
         keys = torch.cat([state.keys, k], dim=1)  # [B, t+1, H, D]
         values = torch.cat([state.values, v], dim=1)
         # The new query is the newest position, so it sees the whole cache: no causal mask.

@@ -17,7 +17,7 @@ import torch
 from espnet.nets.pytorch_backend.transformer.attention import MultiHeadedAttention
 from torch import Tensor, nn
 
-from attention_zoo import Attention, Pattern, build_attention
+from attention_zoo import Attention, LayerInput, Pattern, build_attention
 from tasks.base import AttentionChoice
 
 
@@ -48,7 +48,8 @@ class EspnetAttentionAdapter(nn.Module):
         self.linear_v = nn.Linear(n_feat, n_feat)
         self.linear_out = nn.Linear(n_feat, n_feat)
         self.attention: Attention = build_attention(
-            attention.name, pattern=pattern, heads=n_head, head_dim=self.d_k, **dict(attention.args)
+            attention.name, pattern=pattern, heads=n_head, head_dim=self.d_k, input_dim=n_feat,
+            source_dim=n_feat, **dict(attention.args)
         )
 
     @classmethod
@@ -88,7 +89,14 @@ class EspnetAttentionAdapter(nn.Module):
         k = self.linear_k(key).view(batch, -1, self.h, self.d_k)  # [B, T2, H, D]
         v = self.linear_v(value).view(batch, -1, self.h, self.d_k)  # [B, T2, H, D]
         padding = key_padding_mask(mask, query.shape[1], key.shape[1], causal=self.pattern.causal)
-        out = self.attention(q, k, v, padding)  # [B, T1, H, D]
+        layer_input = None
+        if self.attention.uses_layer_input:
+            if value is not key:
+                raise ValueError(f"{self.attention.name} reads the layer's key/value input, so "
+                                 "keys and values must be one tensor")
+            layer_input = LayerInput(query=query, source=key, q_proj=self.linear_q,
+                                     k_proj=self.linear_k, v_proj=self.linear_v)
+        out = self.attention(q, k, v, padding, layer_input=layer_input)  # [B, T1, H, D]
         return self.linear_out(out.reshape(batch, -1, self.h * self.d_k))
 
 

@@ -28,6 +28,7 @@ from attention_zoo.base import (
     Attention,
     AttentionConfigError,
     Complexity,
+    LayerInput,
     Pattern,
     masked_softmax,
 )
@@ -148,8 +149,12 @@ class LAVOAttention(Attention):
     complexity = Complexity.LINEAR
     reference = "Zhang et al., Linear Attention via Orthogonal Memory, arXiv 2312.11135 (2023)"
 
-    def __init__(self, config: LAVOConfig, *, pattern: Pattern, heads: int, head_dim: int) -> None:
-        super().__init__(config, pattern=pattern, heads=heads, head_dim=head_dim)
+    def __init__(
+        self, config: LAVOConfig, *, pattern: Pattern, heads: int, head_dim: int,
+        input_dim: int | None = None, source_dim: int | None = None,
+    ) -> None:
+        super().__init__(config, pattern=pattern, heads=heads, head_dim=head_dim,
+                         input_dim=input_dim, source_dim=source_dim)
         r = config.r if config.r is not None else min(64, head_dim)
         if r > head_dim:
             raise AttentionConfigError(
@@ -190,7 +195,10 @@ class LAVOAttention(Attention):
             return self.learned_bases.weight
         return self.fixed_bases
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None) -> Tensor:
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+        layer_input: LayerInput | None = None,
+    ) -> Tensor:
         backend = self._backend(q, key_padding_mask)
         if backend == "triton":
             from attention_zoo.mechanisms.lavo.triton_kernels import lavo_triton
@@ -349,7 +357,10 @@ class LAVOAttention(Attention):
         window = torch.zeros(batch_size, 0, self.heads, self.head_dim, device=device, dtype=dtype)
         return LAVOState(sums, sums.clone(), 0, window, window.clone())
 
-    def step(self, q: Tensor, k: Tensor, v: Tensor, state: LAVOState) -> tuple[Tensor, LAVOState]:
+    def step(
+        self, q: Tensor, k: Tensor, v: Tensor, state: LAVOState, *,
+        layer_input: LayerInput | None = None,
+    ) -> tuple[Tensor, LAVOState]:
         acc = state.key_sum.dtype
         bases = self.bases.to(acc)
         query = q[:, 0].to(acc)  # [B, H, D]
