@@ -182,13 +182,16 @@ def command_efficiency(args: argparse.Namespace) -> int:
         f"batch {args.batch}, {args.heads} heads x {args.head_dim}, "
         f"{'whole MultiHeadAttention layer' if args.layer else 'attention core'}, "
         + ("triton do_bench (median)" if timer == "do_bench"
-           else f"median of {args.repeats} after {args.warmup} warm-up ({timer})")
+           else f"median of {args.repeats} after {args.warmup} warm-up, interleaved ({timer})")
     )
 
     def progress(record: dict[str, Any]) -> None:
         cell, status = record["cell"], record["status"]
-        detail = (f"{record['metrics']['forward_ms']:.2f} / "
-                  f"{record['metrics']['forward_backward_ms']:.2f} ms"
+        m = record.get("metrics", {})
+        detail = (f"{m['forward_ms']:.2f} / {m['forward_backward_ms']:.2f} ms (median; min "
+                  f"{m['forward_ms_min']:.2f} / {m['forward_backward_ms_min']:.2f}, IQR "
+                  f"{m['forward_ms_iqr']:.2f} / {m['forward_backward_ms_iqr']:.2f}; load "
+                  f"{m['load_average']['before'][0]:.1f}->{m['load_average']['after'][0]:.1f})"
                   if status == "ok" else record.get("error", "")[:80])
         console.print(f"  {cell['attention']:>10} {cell['pattern']:>15} L={cell['length']:<6} "
                       f"{status:>5} {detail}")
@@ -210,7 +213,8 @@ def summary_table(records: list[dict[str, Any]], lengths: Sequence[int]) -> Tabl
         args = ",".join(f"{k}={v}" for k, v in sorted(cell["attention_args"].items()))
         name = cell["attention"] + (" [layer]" if cell.get("scope") == "layer" else "")
         grouped[(name, args, cell["pattern"])][cell["length"]] = record
-    table = Table(title="forward / forward+backward: ms (peak MiB of forward+backward)")
+    table = Table(title="forward / forward+backward: median ms, ± the IQR of forward+backward "
+                        "(peak MiB of forward+backward)")
     for column in ("attention", "pattern", *(f"L={n}" for n in lengths), "k", "eff. length"):
         table.add_column(column, justify="right")
     for (name, args, pattern), by_length in sorted(grouped.items()):
@@ -225,6 +229,7 @@ def summary_table(records: list[dict[str, Any]], lengths: Sequence[int]) -> Tabl
             else:
                 m = record["metrics"]
                 cells.append(f"{m['forward_ms']:.2f} / {m['forward_backward_ms']:.2f} "
+                             f"±{m.get('forward_backward_ms_iqr', 0):.2f} "
                              f"({m['forward_backward_peak_mib']:.0f})")
                 measured_lengths.append(n)
                 times.append(m["forward_backward_ms"])
@@ -418,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     efficiency.add_argument("--dtype", default="float32")
     efficiency.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
     efficiency.add_argument("--warmup", type=int, default=2)
-    efficiency.add_argument("--repeats", type=int, default=5)
+    efficiency.add_argument("--repeats", type=int, default=7)
     efficiency.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's)")
     efficiency.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
     efficiency.set_defaults(handler=command_efficiency)
