@@ -21,3 +21,17 @@ def scratch_registry():
     yield registry
     registry._REGISTRY.clear()
     registry._REGISTRY.update(saved)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (minutes on 2 CPU cores)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: minutes on 2 CPU cores; run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
