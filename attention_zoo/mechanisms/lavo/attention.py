@@ -252,7 +252,8 @@ class LAVOAttention(Attention):
             "triton": self._triton_unsupported(q, key_padding_mask),
             "chunked": backends.chunked_unsupported(
                 causal=self.pattern.causal, cross=self.pattern.cross,
-                masked=key_padding_mask is not None, empty=q.shape[1] == 0),
+                masked=key_padding_mask is not None, empty=q.shape[1] == 0,
+                memory=getattr(self.config, "memory", "kv")),
         }
         return backends.choose(self.config.backend, q.device, reasons)
 

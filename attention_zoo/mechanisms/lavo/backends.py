@@ -33,8 +33,11 @@ VERIFIED: dict[str, tuple[str, ...]] = {
 """Per device type, the backends ``auto`` may choose, fastest first."""
 
 
-def chunked_unsupported(*, causal: bool, cross: bool, masked: bool, empty: bool) -> str | None:
+def chunked_unsupported(*, causal: bool, cross: bool, masked: bool, empty: bool,
+                        memory: str = "kv") -> str | None:
     """Why the chunked pass cannot run a call, or None when it can."""
+    if memory != "kv":
+        return f"memory={memory!r} (the chunked pass implements memory='kv')"
     if cross:
         return "cross attention"
     if not causal:
