@@ -54,3 +54,39 @@ def test_task_smoke_under_bf16_autocast(task, tmp_path):
         pytest.skip(f"task {task} is not installed")
     metrics = run_task_smoke(task, device="cpu", dtype=torch.bfloat16, workdir=tmp_path)
     assert metrics and all(math.isfinite(value) for value in metrics.values()), metrics
+
+
+def _informer_forward_backward() -> None:
+    from tasks.base import AttentionChoice
+    from tasks.time_series.model import ROLES, Informer, InformerShape
+
+    shape = InformerShape(input_dims=7, output_dims=7, time_dims=4, pred_len=12, d_model=16,
+                          n_heads=2, e_layers=2, d_layers=1, d_ff=32, dropout=0.1)
+    model = Informer(shape, dict.fromkeys(ROLES, AttentionChoice("lavo")))
+    x, x_mark = torch.randn(2, 48, 7), torch.randn(2, 48, 4)
+    y, y_mark = torch.randn(2, 36, 7), torch.randn(2, 36, 4)
+    with torch.device("meta"):
+        out = model(x, x_mark, y, y_mark)
+        out.sum().backward()
+    assert out.device.type == "cpu"
+
+
+def _pointr_forward_backward() -> None:
+    from tasks.point_cloud.model import PoinTr, PoinTrSettings
+    from tasks.point_cloud.task import PointCloudCompletion
+
+    attention = {role: ("lavo", {}) for role in PointCloudCompletion.roles}
+    settings = PoinTrSettings(centres=16, neighbours=8, dim=32, heads=2, encoder_depth=1,
+                              decoder_depth=1, queries=16, fold_step=3, attention=attention)
+    model = PoinTr(settings, backend="torch")
+    partial, complete = torch.rand(2, 128, 3), torch.rand(2, 256, 3)
+    with torch.device("meta"):
+        loss = model.loss(partial, complete)
+        loss.backward()
+    assert loss.device.type == "cpu"
+
+
+@pytest.mark.parametrize("model", [_informer_forward_backward, _pointr_forward_backward],
+                         ids=["time_series", "point_cloud"])
+def test_task_models_create_tensors_on_the_inputs_device(model):
+    model()
