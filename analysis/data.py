@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from attention_zoo import AttentionConfigError, Pattern, attention_spec
-from runners.records import read_records
+from runners.records import RecordProblem, read_records, scan_records
 from runners.summary import attention_label, settings_label
 
 RUN_KIND = "run"
@@ -97,6 +97,29 @@ def run_records(results_dir: Path) -> list[dict[str, Any]]:
     """The run records under ``results_dir/runs`` (none if the folder is absent)."""
     folder = Path(results_dir) / "runs"
     return read_records(folder, kind=RUN_KIND) if folder.is_dir() else []
+
+
+def record_problems(results_dir: Path) -> list[RecordProblem]:
+    """Every file under ``results_dir/runs`` and ``results_dir/efficiency`` that is not a valid
+    record of its folder's kind, with the reason (the report lists them; nothing reads them)."""
+    problems = []
+    for kind, name in ((RUN_KIND, "runs"), (EFFICIENCY_KIND, "efficiency")):
+        folder = Path(results_dir) / name
+        if folder.is_dir():
+            problems += scan_records(folder, kind=kind)[1]
+    return problems
+
+
+def failed_runs(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """One row per run record that is not ``ok``: ``task, settings, label, seed, status, error,
+    key`` (``error``: the line of the error that names its cause)."""
+    from runners.summary import error_line
+
+    rows = [{"task": r["cell"]["task"], "settings": settings_label(dict(r)),
+             "label": attention_label(r["cell"]), "seed": r.get("seed", r["cell"].get("seed")),
+             "status": r["status"], "error": error_line(str(r.get("error") or "")), "key": r["key"]}
+            for r in records if r.get("status") != "ok"]
+    return pd.DataFrame(rows, columns=["task", "settings", "label", "seed", "status", "error", "key"])
 
 
 def efficiency_records(results_dir: Path) -> list[dict[str, Any]]:

@@ -25,13 +25,16 @@ from analysis.data import (
     efficiency_points,
     efficiency_records,
     extra_curves,
+    failed_runs,
     primary_metric,
+    record_problems,
     run_costs,
     run_metrics,
     run_records,
 )
-from analysis.tables import Table, index_table, leaderboard_tables, metric_summary, task_tables
+from analysis.tables import Table, index_table, leaderboard_tables, metric_summary, run_counts, task_tables
 from attention_zoo import Pattern
+from runners.records import RecordProblem
 
 
 @dataclass
@@ -50,6 +53,7 @@ class Report:
 
     folder: Path
     sections: list[Section]
+    problems: list[RecordProblem] = field(default_factory=list)
 
     @property
     def figures(self) -> list[Path]:
@@ -143,6 +147,27 @@ def _pareto_section(summary: pd.DataFrame, costs: pd.DataFrame, out: Path, figur
     return section
 
 
+def _failures_section(records: list[dict], out: Path) -> Section:
+    section = Section("Failures: cells that did not finish ok")
+    failed = failed_runs(records)
+    if failed.empty:
+        section.notes.append("Every run record says ok.")
+        return section
+    header = ["task", "attention", "settings", "seed", "status", "error", "key"]
+    table = Table(name="failures", header=header,
+                  title=f"{len(failed)} failed cells (`attnbench run --retry-failed` runs them again)",
+                  rows=[[r.task, r.label, r.settings or "defaults", str(r.seed), r.status, r.error, r.key]
+                        for r in failed.itertuples()])
+    section.tables.append((table, _write_table(table, out / "tables")))
+    return section
+
+
+def _problems_section(problems: list[RecordProblem]) -> Section:
+    section = Section("Problems: files that are not valid records (ignored)")
+    section.notes = [f"`{p.path}`: {p.reason}" for p in problems] or ["None."]
+    return section
+
+
 def build_report(results_dir: Path, out: Path, *, paper_layouts: bool = False) -> Report:
     """Read ``results_dir`` and write the report into ``out``; returns what was written."""
     out.mkdir(parents=True, exist_ok=True)
@@ -154,7 +179,7 @@ def build_report(results_dir: Path, out: Path, *, paper_layouts: bool = False) -
 
     sections = []
     per_task = Section("Per task: attention x metric")
-    per_task.tables = [(t, _write_table(t, tables)) for t in task_tables(summary)]
+    per_task.tables = [(t, _write_table(t, tables)) for t in task_tables(summary, run_counts(metrics))]
     if not per_task.tables:
         per_task.notes.append("No run records (`attnbench run` writes them).")
     sections.append(per_task)
@@ -184,7 +209,10 @@ def build_report(results_dir: Path, out: Path, *, paper_layouts: bool = False) -
             layout.notes.append("LAVO's efficiency figure: n/a (no causal_self efficiency records).")
         sections.append(layout)
 
-    report = Report(out, sections)
+    sections.append(_failures_section(records, out))
+    problems = record_problems(results_dir)
+    sections.append(_problems_section(problems))
+    report = Report(out, sections, problems)
     (out / "index.md").write_text(index_markdown(report, results_dir, len(records), len(points)))
     (out / "index.html").write_text(index_html(report, results_dir, len(records), len(points)))
     return report

@@ -139,25 +139,46 @@ def _mean_spread(row: pd.Series) -> str:
     return f"{row['mean']:.4g} ± {row['std']:.2g}"
 
 
-def task_tables(summary: pd.DataFrame) -> list[Table]:
-    """One table per task: attentions x metrics, ``mean ± std (n)`` and the runs per row."""
+def run_counts(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Per (task, settings, label): ``ok`` and ``runs`` (records, failed ones included) and
+    ``failed`` (the statuses of the failed ones, e.g. ``timeout, error``)."""
+    columns = ["task", "settings", "label", "ok", "runs", "failed"]
+    if metrics.empty:
+        return pd.DataFrame(columns=columns)
+    records = metrics.drop_duplicates("key")
+    rows = []
+    for (task, settings, label), group in records.groupby(["task", "settings", "label"], sort=True):
+        failed = sorted(set(group.loc[group["status"] != "ok", "status"].astype(str)))
+        rows.append([task, settings, label, int((group["status"] == "ok").sum()), len(group),
+                     ", ".join(failed)])
+    return pd.DataFrame(rows, columns=columns)
+
+
+def task_tables(summary: pd.DataFrame, counts: pd.DataFrame | None = None) -> list[Table]:
+    """One table per task: attentions x metrics, ``mean ± std (n)`` and the runs per row. With
+    ``counts`` (:func:`run_counts`), every configuration that ran appears, failed ones too:
+    ``ok/runs`` with the failures' statuses, ``n/a`` where no run gave the metric."""
+    if counts is None:
+        counts = summary.groupby(["task", "settings", "label"]).agg(
+            ok=("n", "max"), runs=("runs", "first")).reset_index().assign(failed="")
     tables = []
-    for task, frame in summary.groupby("task", sort=True):
+    for task, frame in counts.groupby("task", sort=True):
+        results = summary[summary["task"] == task]
         declared = list(declared_metrics(str(task)) or [])
-        metrics = sorted(frame["metric"].unique(),
+        metrics = sorted(results["metric"].unique(),
                          key=lambda m: (m not in declared, declared.index(m) if m in declared else 0, m))
-        directions = frame.groupby("metric")["direction"].first()
+        directions = results.groupby("metric")["direction"].first()
         with_settings = (frame["settings"] != "").any()
         header = ["attention", *(["settings"] if with_settings else []), "ok/runs",
                   *(f"{m}{arrow(directions[m])}" for m in metrics)]
         rows = []
-        for (settings, label), group in frame.groupby(["settings", "label"], sort=True):
-            by_metric = group.set_index("metric")
+        for row in frame.sort_values(["settings", "label"]).itertuples():
+            by_metric = results[(results["settings"] == row.settings)
+                                & (results["label"] == row.label)].set_index("metric")
             cells = [f"{_mean_spread(by_metric.loc[m])} ({int(by_metric.loc[m, 'n'])})"
                      if m in by_metric.index else MISSING for m in metrics]
-            ok = int(by_metric["n"].max())
-            rows.append([label, *([settings or "defaults"] if with_settings else []),
-                         f"{ok}/{int(group['runs'].iloc[0])}", *cells])
+            runs = f"{int(row.ok)}/{int(row.runs)}" + (f" ({row.failed})" if row.failed else "")
+            rows.append([row.label, *([row.settings or "defaults"] if with_settings else []), runs, *cells])
         tables.append(Table(name=f"task_{task}", title=f"{task}: mean ± std over seeds (ok runs)",
                             header=header, rows=rows))
     return tables

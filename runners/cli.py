@@ -4,36 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import signal
 import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+from runners.checks import InputError, integer, is_input_error, writable_folder
 
-from attention_zoo import (
-    AttentionConfigError,
-    Pattern,
-    attention_spec,
-    list_attentions,
-    parse_attention_args,
-)
-from runners.efficiency import PRESETS as EFFICIENCY_PRESETS
-from runners.efficiency import (
-    TIMERS,
-    default_cells,
-    efficiency_length,
-    fla_cells,
-    fla_unavailable,
-    gpu_timer,
-    run_efficiency,
-    scaling_exponent,
-)
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+# torch, the zoo and the tasks are imported by the commands that need them, so that
+# `attnbench --help` answers at once.
 
 DEFAULT_RESULTS = Path("results")
 
@@ -53,6 +40,8 @@ Overrides (KEY=V1,V2,... sweeps the values):
 
 
 def _console() -> Console:
+    from rich.console import Console
+
     # Rich wraps tables at 80 columns when output is not a terminal (logs, CI): widen it.
     return Console(width=None if sys.stdout.isatty() else 200)
 
@@ -73,6 +62,8 @@ def _lengths(text: str) -> list[int]:
 
 def capability_rows() -> list[dict[str, Any]]:
     """One row per registered mechanism: patterns, decoding, complexity, hyperparameters."""
+    from attention_zoo import Pattern, attention_spec, list_attentions
+
     rows = []
     for name in list_attentions():
         spec = attention_spec(name)
@@ -91,6 +82,8 @@ def capability_rows() -> list[dict[str, Any]]:
 
 def capability_markdown() -> str:
     """The zoo's capability table in Markdown (the README embeds this, generated)."""
+    from attention_zoo import Pattern
+
     header = ["attention", *(p.value for p in Pattern), "decoding", "cross mixes queries",
               "complexity", "hyperparameters (default)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -106,12 +99,16 @@ def capability_markdown() -> str:
 
 
 def command_zoo(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from attention_zoo import Pattern
+
     if args.format == "markdown":
         sys.stdout.write(capability_markdown())
         return 0
     rows = capability_rows()
     if args.pattern:
-        rows = [r for r in rows if r[Pattern.parse(args.pattern).value]]
+        rows = [r for r in rows if r[_pattern(args.pattern)]]
     if args.format == "json":
         print(json.dumps(rows, indent=1, default=str))
         return 0
@@ -129,8 +126,20 @@ def command_zoo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pattern(name: str) -> str:
+    """A pattern's name, checked (an :class:`InputError` names the valid ones)."""
+    from attention_zoo import Pattern
+
+    try:
+        return Pattern.parse(name).value
+    except ValueError as error:
+        raise InputError(str(error)) from None
+
+
 def _parse_per_attention_args(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     """``["lavo:r=32,w=16", ...]`` -> {"lavo": {"r": 32, "w": 16}}, typed and checked."""
+    from attention_zoo import AttentionConfigError, parse_attention_args
+
     parsed: dict[str, dict[str, Any]] = {}
     for item in items:
         name, sep, text = item.partition(":")
@@ -142,36 +151,82 @@ def _parse_per_attention_args(items: Sequence[str]) -> dict[str, dict[str, Any]]
     return parsed
 
 
-def command_efficiency(args: argparse.Namespace) -> int:
-    console = _console()
+def _efficiency_cells(args: argparse.Namespace, device: str) -> list[Any]:
+    """The cells ``attnbench efficiency`` measures, every input checked first: names, patterns,
+    hyperparameters (for selected mechanisms only, and built at the timed shape)."""
+    from attention_zoo import AttentionConfigError, attention_spec, build_attention, list_attentions
+    from runners.efficiency import default_cells
+
     attentions = _csv(args.attention) if args.attention else list_attentions()
     for name in attentions:
         attention_spec(name)  # unknown names fail here, naming the valid ones
-    preset = EFFICIENCY_PRESETS[args.preset]
-    for name in ("batch", "heads", "head_dim", "lengths"):
-        if getattr(args, name) is None:
-            setattr(args, name, preset[name])
-    patterns = [Pattern.parse(p).value
-                for p in (_csv(args.patterns) if args.patterns else preset["patterns"])]
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("attnbench: --device cuda requested but torch.cuda.is_available() is False")
-    if args.dtype not in ("float32", "float16", "bfloat16", "float64"):
-        raise SystemExit(f"attnbench: unknown --dtype {args.dtype!r}; valid: float32, float16, "
-                         "bfloat16, float64")
-    cells = default_cells(
-        attentions, patterns, args.lengths,
-        attention_args=_parse_per_attention_args(args.attention_args),
+    patterns = [_pattern(p) for p in (_csv(args.patterns) if args.patterns else args.preset_patterns)]
+    hyperparameters = _parse_per_attention_args(args.attention_args)
+    unselected = sorted(set(hyperparameters) - set(attentions))
+    if unselected:
+        raise InputError(f"--attention-args for {', '.join(unselected)}, which --attention does not "
+                         f"select ({', '.join(attentions)})")
+    for name in attentions:
+        supported = [p for p in patterns if attention_spec(name).supports(p)]
+        if not supported:
+            raise InputError(f"{name} supports none of the patterns {', '.join(patterns)} (it supports "
+                             f"{', '.join(sorted(p.value for p in attention_spec(name).patterns))})")
+        for pattern in supported:
+            try:
+                build_attention(name, pattern=pattern, heads=args.heads, head_dim=args.head_dim,
+                                **hyperparameters.get(name, {}))
+            except AttentionConfigError as error:
+                raise InputError(f"{name} at {args.heads} heads x {args.head_dim}, {pattern}: "
+                                 f"{error}") from None
+    return default_cells(
+        attentions, patterns, args.lengths, attention_args=hyperparameters,
         batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
         device=device, scope="layer" if args.layer else "core",
     )
+
+
+def _efficiency_settings(args: argparse.Namespace) -> str:
+    """Fill ``args`` from the chosen preset, check preset, timer and dtype; the device."""
+    import torch
+
+    from runners.efficiency import PRESETS, TIMERS
+
+    if args.preset not in PRESETS:
+        raise InputError(f"unknown --preset {args.preset!r}; valid: {', '.join(sorted(PRESETS))}")
+    if args.timer not in TIMERS:
+        raise InputError(f"unknown --timer {args.timer!r}; valid: {', '.join(TIMERS)}")
+    preset = PRESETS[args.preset]
+    for name in ("batch", "heads", "head_dim", "lengths"):
+        if getattr(args, name) is None:
+            setattr(args, name, preset[name])
+    args.preset_patterns = preset["patterns"]
+    if args.dtype not in ("float32", "float16", "bfloat16", "float64"):
+        raise InputError(f"unknown --dtype {args.dtype!r}; valid: float32, float16, bfloat16, float64")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not device.startswith("cuda"):
+        raise InputError(f"unknown --device {device!r}; valid: auto, cpu, cuda, cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError("--device cuda requested but torch.cuda.is_available() is False")
+    return device
+
+
+def command_efficiency(args: argparse.Namespace) -> int:
+    import torch
+
+    from runners.efficiency import fla_cells, fla_unavailable, gpu_timer, run_efficiency
+
+    console = _console()
+    device = _efficiency_settings(args)
+    cells = _efficiency_cells(args, device)
+    writable_folder(args.results_dir, "--results-dir")
     if args.compare_fla:
         reason = fla_unavailable(device)
         if reason:
             console.print(f"[yellow]flash-linear-attention comparison skipped[/]: {reason}")
         else:
+            patterns = sorted({c.pattern for c in cells})
             cells += fla_cells(patterns, args.lengths, batch=args.batch, heads=args.heads,
                                head_dim=args.head_dim, dtype=args.dtype, device=device)
     if args.threads:
@@ -207,6 +262,11 @@ def command_efficiency(args: argparse.Namespace) -> int:
 def summary_table(records: list[dict[str, Any]], lengths: Sequence[int]) -> Table:
     """Forward / forward+backward ms and peak MiB per length, the fitted exponent k of
     time ~ n^k (forward+backward), and the efficiency length against softmax."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from runners.efficiency import efficiency_length, scaling_exponent
+
     grouped: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
     for record in records:
         cell = record["cell"]
@@ -252,26 +312,47 @@ def summary_table(records: list[dict[str, Any]], lengths: Sequence[int]) -> Tabl
 
 
 def command_data(args: argparse.Namespace) -> int:
-    from tasks.base import data_root, get_fetcher, list_datasets
+    from tasks.base import DatasetUnavailable, data_root, get_fetcher, list_datasets
 
     if args.data_command == "list" or args.data_command is None:
         for name in list_datasets():
             print(name)
         return 0
-    destination = args.dest or data_root() / args.name
-    path = get_fetcher(args.name)(destination)
+    fetch = get_fetcher(args.name)  # an unknown name fails here, naming the known ones
+    destination = Path(args.dest or data_root() / args.name).expanduser()
+    existed = destination.exists()
+    try:
+        path = fetch(destination)
+    except (OSError, DatasetUnavailable) as error:
+        if not existed:  # leave no empty or half-written folder behind
+            shutil.rmtree(destination, ignore_errors=True)
+        if isinstance(error, DatasetUnavailable):
+            raise
+        raise InputError(f"could not fetch {args.name} into {destination}: {_os_reason(error)}"
+                         + ("; nothing was kept" if not existed else "")) from None
     print(f"{args.name}: {path}")
     return 0
 
 
-def _submitit_parameters(items: Sequence[str]) -> dict[str, Any]:
-    """``["slurm_partition=gpu", "gpus_per_node=2"]`` -> submitit parameters (numbers typed)."""
+def _os_reason(error: BaseException) -> str:
+    """An OS or network error in words (urllib wraps the cause in ``reason``)."""
+    reason = getattr(error, "reason", None) or getattr(error, "strerror", None) or error
+    return f"{type(error).__name__}: {reason}"
+
+
+def _submitit_parameters(items: Sequence[str], cluster: str) -> dict[str, Any]:
+    """``["slurm_partition=gpu", "gpus_per_node=2"]`` -> submitit parameters (numbers typed),
+    each checked by submitit itself; an :class:`InputError` names an unknown key."""
+    import tempfile
+
+    import submitit
+
     parameters: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise AttentionConfigError(f"--slurm takes KEY=VALUE (a submitit parameter such as "
-                                       f"slurm_partition=gpu or gpus_per_node=1), got {item!r}")
+            raise InputError(f"--slurm takes KEY=VALUE (a submitit parameter such as "
+                             f"slurm_partition=gpu or gpus_per_node=1), got {item!r}")
         for kind in (int, float):
             try:
                 parameters[key] = kind(value)
@@ -280,30 +361,59 @@ def _submitit_parameters(items: Sequence[str]) -> dict[str, Any]:
                 continue
         else:
             parameters[key] = value
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            submitit.AutoExecutor(folder=folder, cluster=cluster).update_parameters(**parameters)
+        except (NameError, ValueError, TypeError) as error:
+            raise InputError(f"--slurm: {str(error).splitlines()[0]}") from None
     return parameters
 
 
-def command_run(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _record_problems(console: Console, results_dir: Path) -> None:
+    """Name every file in ``results_dir/runs`` that is not a valid record (it is ignored, and
+    a cell it stood for runs again)."""
+    from rich.markup import escape
+
+    from runners.records import scan_records
+
+    folder = results_dir / "runs"
+    if folder.is_dir():
+        for problem in scan_records(folder, kind="run")[1]:
+            console.print(f"[yellow]ignored {escape(str(problem))} "
+                          "(not a valid record; its cell, if in this sweep, runs again)[/]")
+
+
+def _plan_run(args: argparse.Namespace, console: Console) -> tuple[Any, list[Any], list[Any], list[str]]:
+    """Everything ``attnbench run`` checks before any cell: the preset, the overrides, every
+    cell's hyperparameters at its task's shapes, the devices, the results folder. Returns the
+    expansion, its cells, those still to run, and the devices."""
+    from rich.markup import escape
 
     from runners.matrix import plan
-    from runners.records import read_records
-    from runners.summary import failures, parameter_flags, summary_tables
-    from runners.sweep import KIND, is_finished, resolve_devices, run_local, run_submitit, submitted_job
+    from runners.sweep import is_finished, resolve_devices, submitted_job
 
-    console = _console()
     if args.executor == "slurm" and shutil.which("sbatch") is None:
-        raise SystemExit("attnbench: --executor slurm needs SLURM's sbatch on PATH, and this machine "
-                         "has none; --executor submitit-local runs the same jobs here")
+        raise InputError("--executor slurm needs SLURM's sbatch on PATH, and this machine has none; "
+                         "--executor submitit-local runs the same jobs here")
     expansion = plan(args.preset, args.overrides)
-    preset = Path(args.preset).stem
     try:
         devices = resolve_devices(args.device, args.jobs)
     except ValueError as error:
-        raise AttentionConfigError(str(error)) from None
+        raise InputError(str(error)) from None
+    if args.executor != "local":
+        cluster = "slurm" if args.executor == "slurm" else "local"
+        args.slurm_parameters = _submitit_parameters(args.slurm, cluster)
     for notice in expansion.notices:
-        console.print(f"[yellow]{notice}[/]")
+        console.print(f"[yellow]{escape(notice)}[/]")
     cells = expansion.cells
+    if not cells:
+        raise InputError(f"nothing to run: preset {args.preset!r} with these overrides gives no cell "
+                         "(the notices above say why)")
+    if not args.dry_run:
+        writable_folder(args.results_dir, "--results-dir")
+    elif args.results_dir.exists() and not args.results_dir.is_dir():
+        raise InputError(f"--results-dir {args.results_dir} is a file, not a folder")
+    _record_problems(console, args.results_dir)
     todo = [c for c in cells if not is_finished(args.results_dir, c, retry_failed=args.retry_failed)]
     in_flight = {c.key: job for c in todo if (job := submitted_job(args.results_dir, c))}
     if in_flight and not args.resubmit:
@@ -311,17 +421,33 @@ def command_run(args: argparse.Namespace) -> int:
                       f"(jobs {', '.join(sorted(set(in_flight.values()))[:10])}): not submitted again; "
                       "--resubmit submits them again (after those jobs died)[/]")
         todo = [c for c in todo if c.key not in in_flight]
+    return expansion, cells, todo, devices
+
+
+def _terminate_as_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def command_run(args: argparse.Namespace) -> int:
+    from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from runners.summary import describe_cell
+    from runners.sweep import run_local, run_submitit
+
+    console = _console()
+    expansion, cells, todo, devices = _plan_run(args, console)
+    preset = Path(args.preset).stem
     console.print(f"[bold]attnbench run {preset}[/]: {expansion.description}".rstrip(": "))
     console.print(f"{len(cells)} cells, {len(cells) - len(todo)} already finished in "
                   f"{args.results_dir / 'runs'}, {len(todo)} to run "
                   f"({args.executor}" + (f", {args.jobs} at once on {', '.join(devices)})"
                                          if args.executor == "local" else ")"))
     if args.dry_run:
+        console.print("every cell validated: settings, hyperparameters at each task's attention shapes, "
+                      "seeds, timeouts, devices")
         for cell in cells:
             console.print(f"  {'todo' if cell in todo else 'done'}  {cell.key}")
-        return 0
-    if not cells:
-        console.print("nothing to run: no installed task in this preset (see `attnbench run --help`)")
         return 0
 
     counts = {"ok": 0, "failed": 0}
@@ -338,37 +464,57 @@ def command_run(args: argparse.Namespace) -> int:
             progress.update(bar, advance=1, ok=counts["ok"], failed=counts["failed"],
                             remaining=len(todo) - done)
             colour = "green" if status == "ok" else "red"
-            progress.console.print(f"  [{colour}]{status:>7}[/] {seconds:7.1f} s  {cell.key}")
+            progress.console.print(f"  [{colour}]{status:>7}[/] {seconds:7.1f} s  "
+                                   f"{escape(describe_cell(cell.to_json()))}  ({cell.key})")
+
+        def on_notice(text: str) -> None:
+            progress.console.print(f"  [yellow]{escape(text)}[/]")
 
         if args.executor == "local":
+            previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt)
             try:
                 run_local(todo, args.results_dir, jobs=args.jobs, devices=devices, preset=preset,
-                          threads=args.threads, on_done=on_done)
+                          threads=args.threads, on_done=on_done, on_notice=on_notice,
+                          retry_failed=args.retry_failed)
             except KeyboardInterrupt:
                 progress.stop()
-                console.print(f"interrupted: {counts['ok'] + counts['failed']} cells finished and kept; "
-                              "run the same command again to resume")
+                console.print(f"interrupted: {counts['ok'] + counts['failed']} cells finished and kept, "
+                              "the unfinished ones stopped; run the same command again to resume")
                 return 130
+            finally:
+                signal.signal(signal.SIGTERM, previous)
         else:
             cluster = "slurm" if args.executor == "slurm" else "local"
             jobs = run_submitit(todo, args.results_dir, cluster=cluster, preset=preset,
-                                parameters=_submitit_parameters(args.slurm), wait=not args.no_wait,
+                                parameters=args.slurm_parameters, wait=not args.no_wait,
                                 on_done=on_done)
             if args.no_wait:
                 progress.stop()
                 console.print(f"submitted {len(jobs)} jobs (first: {jobs[0].job_id if jobs else '-'}); "
                               "re-run the same command later to collect the table")
                 return 0
+    return _run_summary(console, args.results_dir, cells)
+
+
+def _run_summary(console: Console, results_dir: Path, cells: Sequence[Any]) -> int:
+    """The tables, parameter flags and failures of this sweep's records; the exit status."""
+    from rich.markup import escape
+
+    from runners.records import scan_records
+    from runners.summary import failures, parameter_flags, summary_tables
+    from runners.sweep import KIND
 
     wanted = {c.key for c in cells}
-    records = [r for r in read_records(args.results_dir / "runs", kind=KIND) if r.get("key") in wanted]
+    records = [r for r in scan_records(results_dir / "runs", kind=KIND)[0] if r["key"] in wanted]
     for table in summary_tables(records):
         console.print(table)
     for line in parameter_flags(records):
-        console.print(f"[yellow]parameter flag[/]: {line}")
+        console.print(f"[yellow]parameter flag[/]: {escape(line)}")
     for line in failures(records):
-        console.print(f"[red]failed[/]: {line}")
-    console.print(f"{len(records)} records in {args.results_dir / 'runs'}")
+        console.print(f"[red]failed[/]: {escape(line)}")
+    missing = len(wanted) - len(records)
+    console.print(f"{len(records)} records in {results_dir / 'runs'}"
+                  + (f"; {missing} cells of this sweep have none yet" if missing else ""))
     return 1 if any(r.get("status") != "ok" for r in records) else 0
 
 
@@ -379,10 +525,12 @@ def command_report(args: argparse.Namespace) -> int:
         raise SystemExit(f"attnbench report needs the analysis extra ({error.name} is missing): "
                          "pip install -c constraints/cpu.txt -e '.[analysis]'") from None
     if not args.results_dir.is_dir():
-        raise SystemExit(f"attnbench: no results folder {args.results_dir}")
-    out = args.out or args.results_dir / "report"
+        raise InputError(f"no results folder {args.results_dir}")
+    out = writable_folder(args.out or args.results_dir / "report", "--out")
     report = build_report(args.results_dir, out, paper_layouts=args.paper)
     print(f"report: {out / 'index.html'} ({len(report.tables)} tables, {len(report.figures)} figures)")
+    for problem in report.problems:
+        print(f"attnbench: ignored {problem} (listed under problems in the report)", file=sys.stderr)
     return 0
 
 
@@ -391,6 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="attnbench",
         description="attnbench: an attention zoo and multi-task benchmark for efficient attention.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help="show the Python traceback of an input error, not only its message")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     zoo = commands.add_parser("zoo", help="list the registered attention mechanisms")
@@ -403,28 +553,29 @@ def build_parser() -> argparse.ArgumentParser:
     efficiency.add_argument("--attention", help="comma-separated names (default: all registered)")
     efficiency.add_argument("--attention-args", action="append", default=[],
                             metavar="NAME:K=V,...", help="hyperparameters, e.g. lavo:r=32,w=16")
-    efficiency.add_argument("--preset", choices=sorted(EFFICIENCY_PRESETS), default="default",
+    efficiency.add_argument("--preset", default="default",
                             help="default: batch 1, 8 x 64, 256..4096, self patterns; cab: CAB's "
                                  "setting, batch 4, d 512 in 8 heads, 256..8192, every pattern. "
                                  "The flags below override it")
     efficiency.add_argument("--patterns", help="comma-separated patterns")
     efficiency.add_argument("--lengths", type=_lengths, help="comma-separated sequence lengths")
-    efficiency.add_argument("--batch", type=int)
-    efficiency.add_argument("--heads", type=int)
-    efficiency.add_argument("--head-dim", type=int)
+    efficiency.add_argument("--batch", type=integer(1))
+    efficiency.add_argument("--heads", type=integer(1))
+    efficiency.add_argument("--head-dim", type=integer(1))
     efficiency.add_argument("--layer", action="store_true",
                             help="time the whole MultiHeadAttention layer (projections included) "
                                  "instead of the attention core")
     efficiency.add_argument("--compare-fla", action="store_true",
                             help="also time flash-linear-attention's kernels (fla-core, CUDA only)")
-    efficiency.add_argument("--timer", choices=TIMERS, default="auto",
+    efficiency.add_argument("--timer", default="auto",
                             help="CUDA timer: auto (triton's do_bench when importable, else CUDA "
                                  "events), do_bench, cuda_events")
     efficiency.add_argument("--dtype", default="float32")
     efficiency.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
-    efficiency.add_argument("--warmup", type=int, default=2)
-    efficiency.add_argument("--repeats", type=int, default=7)
-    efficiency.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's)")
+    efficiency.add_argument("--warmup", type=integer(0), default=2)
+    efficiency.add_argument("--repeats", type=integer(1), default=7)
+    efficiency.add_argument("--threads", type=integer(0, "0: torch's default"), default=0,
+                            help="CPU threads (0: torch's)")
     efficiency.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
     efficiency.set_defaults(handler=command_efficiency)
 
@@ -438,10 +589,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--executor", choices=("local", "slurm", "submitit-local"), default="local",
                      help="local processes (default), SLURM through submitit, or submitit's "
                           "local executor (the SLURM path on this machine)")
-    run.add_argument("--jobs", type=int, default=1, help="cells at once (local executor)")
+    run.add_argument("--jobs", type=integer(1), default=1, help="cells at once (local executor)")
     run.add_argument("--device", default="auto",
                      help="auto (every GPU round-robin, else CPU), cpu, or cuda:0,cuda:1")
-    run.add_argument("--threads", type=int, default=0,
+    run.add_argument("--threads", type=integer(0, "0: cores / jobs"), default=0,
                      help="CPU threads per cell (default: cores / jobs)")
     run.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)
     run.add_argument("--retry-failed", action="store_true",
@@ -489,11 +640,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from tasks.base import DatasetUnavailable
-
     try:
-        return args.handler(args)
-    except (AttentionConfigError, DatasetUnavailable) as error:
+        code = args.handler(args)
+        sys.stdout.flush()  # here, so that a closed pipe is met inside the try
+        return code
+    except BrokenPipeError:
+        # The reader went away (`attnbench zoo | head`): stop quietly, as other tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as error:
+        if args.debug or not is_input_error(error):
+            raise
         print(f"attnbench: {error}", file=sys.stderr)
         return 2
 

@@ -26,6 +26,7 @@ A block whose task is not installed is skipped with a notice. Overrides, ``KEY=V
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import itertools
 import json
@@ -35,9 +36,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from attention_zoo import AttentionConfigError, attention_spec, list_attentions
+from runners.checks import finite_seconds, load_yaml
+from runners.validate import fit_attention, role_shapes
 from tasks.base import AttentionChoice, Task, get_task, list_tasks, resolve_attention
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
@@ -160,7 +161,7 @@ def load_preset(name: str | Path) -> tuple[str, list[Block]]:
                                     "(or give the path of a YAML file)")
     elif not path.exists():
         raise MatrixConfigError(f"preset file {str(path)!r} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path) or {}
     return parse_preset(data, source=path.name)
 
 
@@ -205,7 +206,7 @@ def parse_preset(data: Mapping[str, Any], *, source: str = "preset") -> tuple[st
 
 def parse_overrides(items: Iterable[str]) -> list[Override]:
     """``["attention=lavo,softmax", "attention.r=16,32"]`` -> overrides (syntax only)."""
-    overrides = []
+    overrides: list[Override] = []
     for item in items:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -215,6 +216,11 @@ def parse_overrides(items: Iterable[str]) -> list[Override]:
                 f"override {item!r} is not KEY=VALUE[,VALUE...]; keys: task, attention, "
                 "attention.HYPERPARAMETER, seed, timeout, a task setting (FIELD or TASK.FIELD)"
             )
+        earlier = [o for o in overrides if o.key == key]
+        if earlier:
+            raise MatrixConfigError(
+                f"override {key} is given twice ({key}={','.join(earlier[0].values)} and {item}); "
+                f"give it once, with every value: {key}={','.join((*earlier[0].values, *values))}")
         overrides.append(Override(key, values))
     return overrides
 
@@ -249,14 +255,14 @@ def apply_overrides(blocks: Sequence[Block], overrides: Sequence[Override]) -> l
                 block.attention_args[key.removeprefix("attention.")] = values
                 block.required_args.add(key.removeprefix("attention."))
         elif key == "seed":
-            seeds = [_seed(v, "seed=") for v in values]
+            seeds = [_seed(v, f"override seed={v}") for v in values]
             for block in blocks:
                 block.seeds = seeds
         elif key == "timeout":
             if len(values) != 1:
                 raise MatrixConfigError(f"timeout takes one value, got {','.join(values)}")
             for block in blocks:
-                block.timeout = _timeout(values[0], "timeout=")
+                block.timeout = _timeout(values[0], f"override timeout={values[0]}")
         else:
             _apply_setting(blocks, key, values, installed)
     return blocks
@@ -285,6 +291,15 @@ def _apply_setting(blocks: Sequence[Block], key: str, values: list[str], install
         )
 
 
+def _not_a_typo(name: str, installed: Sequence[str]) -> None:
+    """A task that is not installed is skipped, unless its name is a misspelling of one that
+    is (then the preset is wrong, and nothing of it should run)."""
+    close = difflib.get_close_matches(name, installed, n=1, cutoff=0.8)
+    if close:
+        raise MatrixConfigError(f"unknown task {name!r}: not installed, and close to the installed "
+                                f"{close[0]!r} (a misspelling?); installed: {', '.join(installed)}")
+
+
 def applicable_attentions(task: type[Task]) -> list[str]:
     """Registered mechanisms that support the pattern of every role of ``task``."""
     return [name for name in list_attentions()
@@ -302,6 +317,7 @@ def expand(blocks: Sequence[Block], *, description: str = "") -> Expansion:
     requested: dict[str, bool] = {}
     for block in blocks:
         if block.task not in installed:
+            _not_a_typo(block.task, installed)
             notices.append(f"skipped task {block.task!r}: not installed "
                            f"(installed: {', '.join(installed) or '-'})")
             continue
@@ -325,6 +341,12 @@ def expand(blocks: Sequence[Block], *, description: str = "") -> Expansion:
                 raise MatrixConfigError(str(error)) from None
             settings = json.loads(json.dumps(dataclasses.asdict(config), default=str))
             overrides = {k: settings[k] for k in setting_values}  # typed, as the Config holds them
+            where = f"task {block.task}" + "".join(f" {k}={v}" for k, v in sorted(overrides.items()))
+            try:
+                task.check_settings(config)
+                shapes = role_shapes(task, config, where)
+            except AttentionConfigError as error:
+                raise MatrixConfigError(str(error)) from None
             for name in runnable:
                 spec = attention_spec(name)
                 declared = {hp.name for hp in spec.hyperparameters}
@@ -335,8 +357,12 @@ def expand(blocks: Sequence[Block], *, description: str = "") -> Expansion:
                     args = {k: spec.hyperparameter(k).parse(v, name) if isinstance(v, str)
                             else spec.hyperparameter(k).check(v, name) for k, v in raw_args.items()}
                     resolve_attention(task, AttentionChoice(name, args))
-                    # A value equal to the default is the default: one cell, one key.
-                    args = {k: v for k, v in args.items() if v != spec.hyperparameter(k).default}
+                    # Built at the task's shapes; a value the mechanism takes anyway (its default,
+                    # or what an automatic default resolves to) is dropped: one model, one key.
+                    try:
+                        args = fit_attention(task, shapes, name, args, where)
+                    except AttentionConfigError as error:
+                        raise MatrixConfigError(str(error)) from None
                     for seed in block.seeds:
                         cell = Cell(task=block.task, attention=name, attention_args=args,
                                     overrides=overrides, settings=settings, seed=seed,
@@ -379,23 +405,24 @@ def _known_keys(data: Mapping[str, Any], valid: Sequence[str], where: str) -> No
             raise MatrixConfigError(f"{where}: unknown key {key!r}; valid: {', '.join(valid)}")
 
 
+SEED_LIMIT = 2**32
+"""Seeds are what every generator accepts: numpy's take 0 <= seed < 2**32."""
+
+
 def _seed(value: Any, where: str) -> int:
     try:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ValueError
-        return int(value)
+        seed = int(value)
     except (TypeError, ValueError):
         raise MatrixConfigError(f"{where}: seed must be an integer, got {value!r}") from None
+    if not 0 <= seed < SEED_LIMIT:
+        raise MatrixConfigError(f"{where}: seed must be in 0 .. 2**32 - 1 (numpy's range), got {seed}")
+    return seed
 
 
 def _timeout(value: Any, where: str) -> float | None:
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-        return None
     try:
-        seconds = float(value)
-    except (TypeError, ValueError):
-        seconds = -1.0
-    if isinstance(value, bool) or seconds <= 0:
-        raise MatrixConfigError(f"{where}: timeout must be a positive number of seconds or none, "
-                                f"got {value!r}")
-    return seconds
+        return finite_seconds(value, where)
+    except ValueError as error:
+        raise MatrixConfigError(str(error)) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import statistics
 from collections import defaultdict
 from collections.abc import Sequence
@@ -119,8 +120,25 @@ def summary_tables(records: Sequence[dict[str, Any]]) -> list[Table]:
     return tables
 
 
-def failures(records: Sequence[dict[str, Any]]) -> list[str]:
-    """One line per failed cell: its key and the first line of its error."""
-    return [f"{r['key']}: {r['status']}: {str(r.get('error', '')).splitlines()[0] if r.get('error') else ''}"
-            for r in records if r.get("status") != "ok"]
+def describe_cell(cell: dict[str, Any]) -> str:
+    """``lm lavo(r=32) [seq_len=512] seed 0``: a cell named by what it runs, not by its hash."""
+    settings = " ".join(f"{k}={v}" for k, v in sorted((cell.get("overrides") or {}).items()))
+    return (f"{cell['task']} {attention_label(cell)}" + (f" [{settings}]" if settings else "")
+            + f" seed {cell.get('seed')}")
 
+
+def error_line(error: str) -> str:
+    """What a (multi-line) error says went wrong: its first line, and the last exception line
+    below it when it has one (a library's log tail, fairseq's or ESPnet's, ends with its
+    exception)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    causes = [line for line in lines[1:] if re.match(r"^[\w.]*(Error|Exception)\b", line)]
+    first = lines[0] if lines else ""
+    return f"{first} ... {causes[-1]}" if causes else first
+
+
+def failures(records: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per failed cell: what it ran (task, attention, hyperparameters, settings, seed),
+    its status, the line of its error that names the cause, and its key."""
+    return [f"{describe_cell(r['cell'])}: {r['status']}: {error_line(r.get('error') or '')} ({r['key']})"
+            for r in records if r.get("status") != "ok"]

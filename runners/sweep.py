@@ -28,12 +28,13 @@ from typing import Any
 
 import torch
 
+from runners.locks import CellLock, describe_this_run, die_with_parent, holder, kill_group, lock_path
 from runners.matrix import Cell
 from runners.provenance import provenance
-from runners.records import write_record
+from runners.records import RUN_SCHEMA, RecordError, load_record, write_record
 from tasks.base import AttentionChoice, get_task, resolve_attention
 
-SCHEMA = "attnbench.run/1"
+SCHEMA = RUN_SCHEMA
 KIND = "run"
 FAILED = ("error", "oom", "timeout", "crashed")
 
@@ -68,17 +69,30 @@ def artifacts_dir(results_dir: Path, cell: Cell) -> Path:
 
 
 def read_record(results_dir: Path, cell: Cell) -> dict[str, Any] | None:
+    """The cell's record, or None when there is none or the file there is not a valid run
+    record of this cell (a corrupt, empty or foreign file does not make a cell finished)."""
     path = record_path(results_dir, cell)
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, ValueError):
+    if not path.exists():
         return None
+    try:
+        record = load_record(path, KIND)
+    except RecordError:
+        return None
+    return record if record["key"] == cell.key else None
 
 
 def is_finished(results_dir: Path, cell: Cell, *, retry_failed: bool = False) -> bool:
-    """A cell is finished when its record exists (and, with ``retry_failed``, says ok)."""
+    """A cell is finished when its valid record exists (and, with ``retry_failed``, says ok).
+    A cell stopped by a shorter timeout than this sweep allows is not finished: the limit,
+    not the configuration, decided that result."""
     record = read_record(results_dir, cell)
-    return record is not None and (record.get("status") == "ok" or not retry_failed)
+    if record is None:
+        return False
+    if record["status"] == "timeout":
+        limit = (record["cell"] or {}).get("timeout")
+        if limit is not None and (cell.timeout is None or cell.timeout > float(limit)):
+            return False
+    return record["status"] == "ok" or not retry_failed
 
 
 def seed_everything(seed: int) -> None:
@@ -119,15 +133,37 @@ def _base_record(cell: Cell, *, preset: str, device: str) -> dict[str, Any]:
     }
 
 
+BUSY = "busy"
+"""What :func:`run_cell` returns when another run holds the cell's lock (nothing was written)."""
+
+
 def run_cell(cell: Cell | Mapping[str, Any], results_dir: str | Path, *, device: str = "cpu",
-             preset: str = "", threads: int = 0) -> str:
+             preset: str = "", threads: int = 0, owner: str = "", retry_failed: bool = False) -> str:
     """Run one cell in this process and write its record; returns its status.
 
     This is what a local child process or a SLURM job executes. Any exception of the task is
-    recorded (status ``error``, or ``oom`` for out-of-memory) rather than raised.
+    recorded (status ``error``, or ``oom`` for out-of-memory) rather than raised. The cell's lock
+    is held while it runs: if another run holds it, nothing runs and :data:`BUSY` is returned;
+    if another run finished the cell meanwhile (ok, or any status without ``retry_failed``), its
+    record's status is returned.
     """
     cell = cell if isinstance(cell, Cell) else Cell.from_json(cell)
     results_dir = Path(results_dir)
+    lock = CellLock(lock_path(results_dir, cell.key))
+    deadline = time.time() + 2.0  # a coordinator's probe holds the lock for microseconds
+    while not lock.acquire(owner or describe_this_run()):
+        if time.time() > deadline:
+            return BUSY
+        time.sleep(0.05)
+    try:
+        if is_finished(results_dir, cell, retry_failed=retry_failed):
+            return str(read_record(results_dir, cell)["status"])  # another run did it meanwhile
+        return _compute_cell(cell, results_dir, device=device, preset=preset, threads=threads)
+    finally:
+        lock.release()
+
+
+def _compute_cell(cell: Cell, results_dir: Path, *, device: str, preset: str, threads: int) -> str:
     if threads:
         torch.set_num_threads(threads)
     record = _base_record(cell, preset=preset, device=device)
@@ -145,11 +181,7 @@ def run_cell(cell: Cell | Mapping[str, Any], results_dir: str | Path, *, device:
         workdir = artifacts_dir(results_dir, cell)
         workdir.mkdir(parents=True, exist_ok=True)
         result = task_class().run(config, roles, seed=cell.seed, device=device, workdir=workdir)
-        declared = [m.name for m in task_class.metrics]
-        missing = [name for name in declared if name not in result.metrics]
-        if missing:
-            raise RuntimeError(f"task {cell.task} did not report declared metric(s) {missing}; "
-                               f"reported: {sorted(result.metrics)}")
+        check_metrics(task_class, result.metrics)
         record.update(
             status="ok",
             metrics={k: float(v) for k, v in result.metrics.items()},
@@ -180,6 +212,27 @@ def run_cell(cell: Cell | Mapping[str, Any], results_dir: str | Path, *, device:
     record["provenance"] = provenance(torch.device(device))
     write_record(record_path(results_dir, cell), record)
     return record["status"]
+
+
+def check_metrics(task_class: type, metrics: Mapping[str, Any]) -> None:
+    """Raise unless ``metrics`` holds every metric the task declares and each is finite (a cell
+    with a NaN or infinite metric is not ``ok``)."""
+    declared = [m.name for m in task_class.metrics]
+    missing = [name for name in declared if name not in metrics]
+    if missing:
+        raise RuntimeError(f"task {task_class.name} did not report declared metric(s) {missing}; "
+                           f"reported: {sorted(metrics)}")
+    bad = {name: value for name, value in metrics.items() if not _finite(value)}
+    if bad:
+        raise FloatingPointError(f"task {task_class.name} reported non-finite metric(s) "
+                                 + ", ".join(f"{k}={v}" for k, v in sorted(bad.items())))
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def record_failure(results_dir: Path, cell: Cell, *, status: str, error: str, preset: str,
@@ -222,18 +275,22 @@ def default_threads(jobs: int) -> int:
     return min(threads, int(limit)) if limit.isdigit() and int(limit) > 0 else threads
 
 
-def _worker(connection: Connection, results_dir: str, device: str, preset: str, threads: int) -> None:
-    """A local worker process: runs the cells it is sent, one at a time, until it gets None."""
+def _worker(connection: Connection, results_dir: str, device: str, preset: str, threads: int,
+            owner: str, retry_failed: bool) -> None:
+    """A local worker process: runs the cells it is sent, one at a time, until it gets None.
+    It dies with its coordinator (see :func:`runners.locks.die_with_parent`)."""
+    die_with_parent()
     torch.set_num_threads(threads)
     try:
         while (cell := connection.recv()) is not None:
             # Libraries a task imports (fairseq, ESPnet) configure the root logger; the record
             # holds what a cell did, so keep the sweep's own output to progress and warnings.
             logging.getLogger().setLevel(logging.WARNING)
-            connection.send(run_cell(cell, results_dir, device=device, preset=preset))
+            connection.send(run_cell(cell, results_dir, device=device, preset=preset, owner=owner,
+                                     retry_failed=retry_failed))
     except (KeyboardInterrupt, EOFError, BrokenPipeError):
-        # Ctrl-C reaches the whole process group, and a coordinator that died closes the pipe:
-        # either way the sweep is over, and the unfinished cell has no record to resume from.
+        # A coordinator that died or stopped closes the pipe: the sweep is over, and the
+        # unfinished cell has no record to resume from.
         return
 
 
@@ -247,9 +304,19 @@ class _Slot:
     cell: Cell | None = None
     started: float = 0.0
 
+    def start(self, context: Any, arguments: tuple[Any, ...]) -> None:
+        self.connection, child = context.Pipe()
+        # Not a daemon: tasks start processes of their own (fairseq-train, data workers). A
+        # worker exits when its pipe closes, and dies with the coordinator.
+        self.process = context.Process(target=_worker, args=(child, *arguments),
+                                       name="attnbench-worker", daemon=False)
+        self.process.start()
+        child.close()
+
     def stop(self, *, kill: bool) -> None:
         if self.process is not None:
             if kill:
+                kill_group(self.process.pid)  # the worker and whatever it started
                 self.process.kill()
             elif self.connection is not None:
                 try:
@@ -261,61 +328,115 @@ class _Slot:
 
 
 def run_local(cells: Sequence[Cell], results_dir: Path, *, jobs: int = 1, devices: Sequence[str] = ("cpu",),
-              preset: str = "", threads: int = 0, on_done: Callback | None = None) -> None:
+              preset: str = "", threads: int = 0, on_done: Callback | None = None,
+              retry_failed: bool = False, on_notice: Callable[[str], None] | None = None) -> None:
     """Run ``cells`` on ``jobs`` worker processes at once; worker i uses ``devices[i % n]`` (GPUs
     round-robin). Workers are spawned once and reused (PyTorch is imported once per worker, not
     per cell). A worker that dies, or whose cell runs past its timeout, is killed, its cell
-    recorded here as ``crashed`` or ``timeout``, and a fresh worker takes its place."""
-    context = multiprocessing.get_context("spawn")
-    threads = threads or default_threads(jobs)
-    pending = list(cells)
-    slots = [_Slot(device=devices[i % len(devices)]) for i in range(max(1, jobs))]
+    recorded here as ``crashed`` or ``timeout``, and a fresh worker takes its place.
 
+    A cell that another run is computing (its lock is held) waits until every other cell is
+    done; then this run waits for that lock, and counts the other run's record (``on_done``
+    gets the record's status) or computes the cell if the other run left none."""
+    context = multiprocessing.get_context("spawn")
+    arguments = (str(results_dir), preset, threads or default_threads(jobs), describe_this_run(),
+                 retry_failed)
+    queue = _Queue(list(cells), results_dir, on_notice, retry_failed)
+    slots = [_Slot(device=devices[i % len(devices)]) for i in range(max(1, jobs))]
     try:
-        while pending or any(slot.cell for slot in slots):
+        while queue or any(slot.cell for slot in slots):
             for slot in slots:
-                if slot.cell is None and pending:
+                if slot.cell is None and (cell := queue.next(on_done)) is not None:
                     if slot.process is None:
-                        slot.connection, child = context.Pipe()
-                        slot.process = context.Process(
-                            target=_worker, args=(child, str(results_dir), slot.device, preset, threads),
-                            # Not a daemon: tasks start processes of their own (fairseq-train,
-                            # data workers). A worker exits when its pipe closes.
-                            name="attnbench-worker", daemon=False)
-                        slot.process.start()
-                        child.close()
-                    slot.cell, slot.started = pending.pop(0), time.time()
-                    slot.connection.send(slot.cell.to_json())
+                        slot.start(context, (arguments[0], slot.device, *arguments[1:]))
+                    slot.cell, slot.started = cell, time.time()
+                    slot.connection.send(cell.to_json())
             busy = [slot for slot in slots if slot.cell is not None]
-            ready = wait([slot.connection for slot in busy], timeout=0.2)
+            if not busy:  # only cells that another run is computing are left
+                time.sleep(0.5)
+            ready = wait([slot.connection for slot in busy], timeout=0.2) if busy else []
             for slot in busy:
-                cell, elapsed = slot.cell, time.time() - slot.started
-                if slot.connection in ready:
-                    try:
-                        status = slot.connection.recv()
-                        slot.cell = None
-                    except (EOFError, OSError):
-                        slot.process.join(5)
-                        code = slot.process.exitcode
-                        slot.stop(kill=True)
-                        status = record_failure(
-                            results_dir, cell, status="crashed", preset=preset, device=slot.device,
-                            seconds=elapsed, error=f"the cell's process died (exit code {code}) "
-                                                   "without writing its record")["status"]
-                elif cell.timeout is not None and elapsed > cell.timeout:
-                    slot.stop(kill=True)
-                    status = record_failure(
-                        results_dir, cell, status="timeout", preset=preset, device=slot.device,
-                        seconds=elapsed, error=f"stopped after the cell's timeout of {cell.timeout:g} s",
-                    )["status"]
-                else:
-                    continue
-                if on_done:
-                    on_done(cell, status, elapsed)
+                _collect(slot, slot.connection in ready, results_dir, preset, queue, on_done)
     finally:
         interrupted = any(slot.cell for slot in slots)
         for slot in slots:
             slot.stop(kill=interrupted)
+
+
+def _collect(slot: _Slot, ready: bool, results_dir: Path, preset: str, queue: _Queue,
+             on_done: Callback | None) -> None:
+    """Handle a busy slot: its result when ``ready``, its death, or its timeout."""
+    cell, elapsed = slot.cell, time.time() - slot.started
+    assert cell is not None
+    if ready:
+        try:
+            status = slot.connection.recv()
+            slot.cell = None
+        except (EOFError, OSError):
+            slot.process.join(5)
+            code = slot.process.exitcode
+            slot.stop(kill=True)
+            status = record_failure(
+                results_dir, cell, status="crashed", preset=preset, device=slot.device,
+                seconds=elapsed, error=f"the cell's process died (exit code {code}) "
+                                       "without writing its record")["status"]
+        if status == BUSY:
+            queue.defer(cell)
+            return
+    elif cell.timeout is not None and elapsed > cell.timeout:
+        slot.stop(kill=True)
+        status = record_failure(
+            results_dir, cell, status="timeout", preset=preset, device=slot.device,
+            seconds=elapsed, error=f"stopped after the cell's timeout of {cell.timeout:g} s",
+        )["status"]
+    else:
+        return
+    if on_done:
+        on_done(cell, status, elapsed)
+
+
+class _Queue:
+    """The cells still to run, and those deferred because another run holds their lock."""
+
+    def __init__(self, cells: list[Cell], results_dir: Path, on_notice: Callable[[str], None] | None,
+                 retry_failed: bool) -> None:
+        self.pending, self.deferred = cells, []
+        self.results_dir, self.on_notice, self.retry_failed = Path(results_dir), on_notice, retry_failed
+
+    def __bool__(self) -> bool:
+        return bool(self.pending or self.deferred)
+
+    def _holder(self, cell: Cell) -> str | None:
+        return holder(lock_path(self.results_dir, cell.key))
+
+    def defer(self, cell: Cell, owner: str | None = None) -> None:
+        self.deferred.append(cell)
+        if self.on_notice:
+            self.on_notice(f"{cell.key} is being computed by another run "
+                           f"({owner or self._holder(cell) or 'which has just finished'}); "
+                           "this run takes its record when it is done")
+
+    def next(self, on_done: Callback | None) -> Cell | None:
+        """The next cell to send to a worker: a pending one whose lock is free; once none is
+        pending, a deferred one whose lock came free. A deferred cell that the other run
+        finished is reported to ``on_done`` with that record's status and not run again."""
+        while self.pending:
+            cell = self.pending.pop(0)
+            owner = self._holder(cell)
+            if owner is None:
+                return cell
+            self.defer(cell, owner)
+        for cell in list(self.deferred):
+            if self._holder(cell) is not None:
+                continue
+            self.deferred.remove(cell)
+            if not is_finished(self.results_dir, cell, retry_failed=self.retry_failed):
+                return cell
+            record = read_record(self.results_dir, cell)
+            if on_done:
+                seconds = float((record.get("timings") or {}).get("total_seconds", 0.0))
+                on_done(cell, str(record["status"]), seconds)
+        return None
 
 
 def _submitit_job(cell: dict[str, Any], results_dir: str, preset: str) -> str:

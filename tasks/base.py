@@ -32,6 +32,11 @@ class DatasetUnavailable(RuntimeError):
     """A dataset that cannot be fetched unattended; the message says how to get it by hand."""
 
 
+class DataError(ValueError):
+    """A malformed data file: the message names the file, the row or column where it applies,
+    and what was expected. Raised while a task reads its data, before any training."""
+
+
 @dataclass(frozen=True)
 class AttentionChoice:
     """A mechanism with its hyperparameters, for one attention role of a backbone."""
@@ -116,6 +121,22 @@ class Task(abc.ABC):
         """
 
     @classmethod
+    def attention_shapes(cls, config: Any) -> Mapping[str, tuple[int, int]]:
+        """``{role: (heads, head_dim)}``: the shape each attention role gets when the model is
+        built with ``config``, so that a sweep checks every mechanism's hyperparameters against
+        it before any cell runs. The default, ``{}``, declares nothing (hyperparameters are
+        then checked by type only); settings that give no valid shape raise
+        :class:`AttentionConfigError`."""
+        return {}
+
+    @classmethod
+    def check_settings(cls, config: Any) -> None:
+        """Check ``config`` against what is known before a run (the size of the data, where it
+        is at hand) and raise :class:`AttentionConfigError` naming what does not fit. The
+        default checks nothing beyond the types of the fields."""
+        return None
+
+    @classmethod
     def config_fields(cls) -> tuple[HyperParameter, ...]:
         """The typed fields of ``Config`` (for validating overrides before anything runs)."""
         hints = typing.get_type_hints(cls.Config)
@@ -172,6 +193,15 @@ def resolve_attention(
             )
         spec.make_config(choice.args)
     return per_role
+
+
+def split_heads(width: int, heads: int, owner: str) -> tuple[int, int]:
+    """``(heads, width // heads)`` for a model of ``width`` split into ``heads`` heads; an
+    :class:`AttentionConfigError` naming ``owner`` if the heads do not divide the width."""
+    if heads < 1 or width < 1 or width % heads:
+        raise AttentionConfigError(f"{owner}: a width of {width} does not split into {heads} heads "
+                                   "of equal dimension; choose a width divisible by the heads")
+    return heads, width // heads
 
 
 def list_tasks() -> list[str]:

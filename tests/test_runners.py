@@ -210,7 +210,12 @@ def test_key_is_derived_from_the_resolved_config(task_installed):
     (["task=nope"], r"task=nope: not installed; installed: .*next_value"),
     (["nope.steps=1"], r"unknown task 'nope'; installed: .*next_value"),
     (["seed=x"], r"seed must be an integer, got 'x'"),
-    (["timeout=-1"], r"timeout must be a positive number"),
+    (["timeout=-1"], r"timeout must be a positive finite number"),
+    (["timeout=nan"], r"timeout must be a positive finite number of seconds or none, got 'nan'"),
+    (["timeout=inf"], r"timeout must be a positive finite number"),
+    (["seed=-1"], r"seed must be in 0 \.\. 2\*\*32 - 1 \(numpy's range\), got -1"),
+    (["seed=1", "seed=2"], r"override seed is given twice \(seed=1 and seed=2\); give it once, "
+                           r"with every value: seed=1,2"),
     (["steps"], r"override 'steps' is not KEY=VALUE"),
 ])
 def test_bad_overrides_name_the_valid_choices(task_installed, overrides, message):

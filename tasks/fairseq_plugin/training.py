@@ -20,6 +20,8 @@ from typing import Any
 
 _LOG_RECORD = re.compile(r"\| (train_inner|train|valid) \| (\{.*\})\s*$")
 _ROOT = Path(__file__).resolve().parents[2]
+_EXCEPTION = re.compile(r"^[\w.]*(Error|Exception)\b: ")
+"""A line of a Python traceback that names the exception (the last such line is the cause)."""
 
 TrainingLog = dict[str, list[dict[str, float]]]
 
@@ -57,6 +59,51 @@ def train_command(arguments: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "tasks.fairseq_train", *arguments]
 
 
+def attention_shapes(
+    arch: str, fairseq_args: str, sides: Sequence[str], owner: str
+) -> dict[str, tuple[int, int]]:
+    """``{side: (heads, head_dim)}`` of the ``encoder``/``decoder`` attention of fairseq model
+    ``arch`` with the width and head flags of ``fairseq_args``, as fairseq-train builds it (the
+    architecture's own function fills in what the flags leave out). Imports fairseq."""
+    import argparse
+
+    from fairseq.models import ARCH_CONFIG_REGISTRY
+
+    import tasks.fairseq_plugin  # noqa: F401  (registers the zoo architectures)
+    from attention_zoo import AttentionConfigError
+    from tasks.base import split_heads
+
+    if arch not in ARCH_CONFIG_REGISTRY:
+        zoo = ", ".join(sorted(name for name in ARCH_CONFIG_REGISTRY if name.startswith("zoo_")))
+        raise AttentionConfigError(f"{owner}: unknown fairseq architecture {arch!r}; the zoo's: {zoo}")
+    args = argparse.Namespace()
+    tokens = shlex.split(fairseq_args)
+    for side in sides:
+        for name in ("embed_dim", "attention_heads"):
+            flag = f"--{side}-{name.replace('_', '-')}"
+            for value in _flag_values(tokens, flag):
+                try:
+                    setattr(args, f"{side}_{name}", int(value))
+                except ValueError:
+                    raise AttentionConfigError(f"{owner}: fairseq_args {flag} takes an integer, "
+                                               f"got {value!r}") from None
+    ARCH_CONFIG_REGISTRY[arch](args)
+    return {side: split_heads(getattr(args, f"{side}_embed_dim"), getattr(args, f"{side}_attention_heads"),
+                              f"{owner}: {arch} {side}_embed_dim / {side}_attention_heads")
+            for side in sides}
+
+
+def _flag_values(tokens: Sequence[str], flag: str) -> list[str]:
+    """The values given to ``flag`` in ``tokens`` (``--flag V`` or ``--flag=V``), in order."""
+    values = []
+    for index, token in enumerate(tokens):
+        if token.startswith(flag + "="):
+            values.append(token.partition("=")[2])
+        elif token == flag and index + 1 < len(tokens):
+            values.append(tokens[index + 1])
+    return values
+
+
 def run_fairseq_train(
     arguments: Sequence[str], *, workdir: Path, device: str, threads: int = 0
 ) -> tuple[TrainingLog, dict[str, Any]]:
@@ -79,8 +126,10 @@ def run_fairseq_train(
     output = completed.stdout + completed.stderr
     (workdir / "train.log").write_text(output)
     if completed.returncode != 0:
-        tail = "\n".join(output.splitlines()[-25:])
-        raise RuntimeError(f"fairseq-train failed (exit {completed.returncode}); "
-                           f"log: {workdir / 'train.log'}\n{tail}")
+        lines = output.splitlines()
+        causes = [line.strip() for line in lines if _EXCEPTION.match(line.strip())]
+        cause = f": {causes[-1]}" if causes else ""
+        raise RuntimeError(f"fairseq-train failed (exit {completed.returncode}){cause}; "
+                           f"log: {workdir / 'train.log'}\n" + "\n".join(lines[-25:]))
     memory = json.loads(report.read_text()) if report.exists() else {}
     return parse_training_log(output.splitlines()), memory

@@ -27,6 +27,8 @@ from filelock import FileLock
 from tokenizers import Tokenizer
 from tokenizers.implementations import ByteLevelBPETokenizer
 
+from tasks.base import DataError
+
 SPLITS = ("train", "validation", "test")
 FAIRSEQ_SPLIT = {"train": "train", "validation": "valid", "test": "test"}
 SAMPLE_DIR = Path(__file__).parent / "samples" / "pg19_mini"
@@ -52,12 +54,27 @@ def split_files(data_dir: Path, split: str) -> list[Path]:
         raise FileNotFoundError(
             f"no books in {folder}: expected PG-19's layout, {data_dir}/{{{','.join(SPLITS)}}}/*.txt"
         )
+    empty = [path for path in files if path.stat().st_size == 0]
+    if empty:
+        raise DataError(f"{empty[0]}: an empty book ({len(empty)} of {len(files)} in {folder} are "
+                        "empty); every book of a split needs text")
     return files
 
 
 def book_lines(path: Path) -> list[str]:
-    """The lines of one book, without line breaks (UTF-8, byte-order mark dropped)."""
-    return path.read_text(encoding="utf-8-sig").splitlines()
+    """The lines of one book, without line breaks (UTF-8, byte-order mark dropped); a
+    :class:`DataError` names the file and the position of a byte that is not UTF-8, or a book
+    without text."""
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise DataError(f"{path}: not UTF-8 text: byte {error.start} (line {line}) is "
+                        f"{error.object[error.start:error.start + 1]!r} ({error.reason}); books are "
+                        "read as UTF-8 (convert, e.g. `iconv -f latin1 -t utf-8`)") from None
+    if not any(text.strip() for text in lines):
+        raise DataError(f"{path}: a book without text (only blank lines); every book needs text")
+    return lines
 
 
 def text_bytes(lines: list[str]) -> int:

@@ -20,6 +20,7 @@ import torch
 from attention_zoo import Pattern, attention_spec
 from tasks.base import AttentionChoice, Metric, Task, TaskResult, torch_threads
 from tasks.fairseq_plugin.training import attention_args_text, run_fairseq_train
+from tasks.fairseq_plugin.training import attention_shapes as fairseq_shapes
 from tasks.lm import data as lm_data
 
 
@@ -130,6 +131,11 @@ class LanguageModelingTask(Task):
                description="fairseq's training words (tokens) per second"),
     )
     Config = LMConfig
+
+    @classmethod
+    def attention_shapes(cls, config: LMConfig) -> dict[str, tuple[int, int]]:
+        shapes = fairseq_shapes(config.arch, config.fairseq_args, ["decoder"], f"task {cls.name}")
+        return {"self": shapes["decoder"]}
 
     def run(
         self,

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from tasks.base import DatasetUnavailable
+from tasks.base import DataError, DatasetUnavailable
 from tasks.point_cloud.pcd import read_pcd
 
 SAMPLES = Path(__file__).parent / "samples"
@@ -129,9 +129,19 @@ class PCNDataset(Dataset):
         return len(self.items)
 
     @staticmethod
-    def _read(path: Path) -> np.ndarray:
+    def _read(path: Path, *, complete: bool = False) -> np.ndarray:
+        """The finite points of a partial cloud (rows with NaN or inf are dropped), or every
+        point of a complete cloud, which must all be finite; a :class:`DataError` names the
+        file otherwise."""
         points = read_pcd(path)
-        return points[np.isfinite(points).all(axis=1)]
+        finite = np.isfinite(points).all(axis=1)
+        if complete and not finite.all():
+            raise DataError(f"{path}: point {int(np.argmin(finite))} of {len(points)} has a NaN or "
+                            "infinite coordinate; a complete (ground-truth) cloud must be finite")
+        if not finite.any():
+            raise DataError(f"{path}: none of its {len(points)} points is finite (NaN or infinite "
+                            "coordinates); a partial cloud needs at least one point")
+        return points[finite]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, str]:
         item = self.items[index]
@@ -142,7 +152,8 @@ class PCNDataset(Dataset):
             rng = np.random.default_rng([self.seed, index])
         view = int(rng.integers(len(item.partials))) if self.training else 0
         partial = resample(self._read(item.partials[view]), self.partial_points, rng)
-        return torch.from_numpy(partial), torch.from_numpy(self._read(item.complete)), item.taxonomy_name
+        complete = self._read(item.complete, complete=True)
+        return torch.from_numpy(partial), torch.from_numpy(complete), item.taxonomy_name
 
 
 def fetch_pcn(destination: Path) -> Path:

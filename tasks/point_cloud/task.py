@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from tasks.base import AttentionChoice, Metric, Task, TaskResult, resolve_attention
+from tasks.base import AttentionChoice, Metric, Task, TaskResult, resolve_attention, split_heads
 from tasks.point_cloud.data import REAL_SCANS, SYNTHETIC_SAMPLE, PCNDataset, resample
 from tasks.point_cloud.figure import FigureRow, completion_figure
 from tasks.point_cloud.geometry import resolve_backend
@@ -73,6 +73,11 @@ class PointCloudCompletion(Task):
         Metric("f_score", higher_is_better=True, description="F-Score@1%, mean over categories"),
     )
     Config = PointCloudConfig
+
+    @classmethod
+    def attention_shapes(cls, config: PointCloudConfig) -> dict[str, tuple[int, int]]:
+        shape = split_heads(config.dim, config.heads, f"task {cls.name}: dim / heads")
+        return dict.fromkeys(cls.roles, shape)
 
     def run(
         self,

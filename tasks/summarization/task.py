@@ -22,6 +22,7 @@ import torch
 from attention_zoo import Pattern
 from tasks.base import AttentionChoice, Metric, Task, TaskResult, resolve_attention, torch_threads
 from tasks.fairseq_plugin.training import attention_args_text, run_fairseq_train
+from tasks.fairseq_plugin.training import attention_shapes as fairseq_shapes
 from tasks.summarization import data as sum_data
 
 ROLE_OPTIONS = {"encoder_self": "encoder", "decoder_self": "decoder", "cross": "cross"}
@@ -128,6 +129,12 @@ class SummarizationTask(Task):
                description="generated tokens per second of beam search"),
     )
     Config = SummarizationConfig
+
+    @classmethod
+    def attention_shapes(cls, config: SummarizationConfig) -> dict[str, tuple[int, int]]:
+        shapes = fairseq_shapes(config.arch, config.fairseq_args, ["encoder", "decoder"], f"task {cls.name}")
+        return {"encoder_self": shapes["encoder"], "decoder_self": shapes["decoder"],
+                "cross": shapes["decoder"]}
 
     def run(
         self,

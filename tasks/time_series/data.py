@@ -31,7 +31,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from attention_zoo import AttentionConfigError
-from tasks.base import DatasetUnavailable
+from tasks.base import DataError, DatasetUnavailable
 
 SAMPLES = Path(__file__).parent / "samples"
 Split = Literal["train", "val", "test"]
@@ -194,6 +194,46 @@ class PreparedData:
     output_dims: int
 
 
+def count_rows(path: Path) -> int:
+    """Data rows of a CSV file (its lines but the header), without parsing it."""
+    lines, last = 0, b"\n"
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            lines, last = lines + chunk.count(b"\n"), chunk[-1:]
+    return max(0, lines + (last != b"\n") - 1)
+
+
+def read_series(path: Path) -> pd.DataFrame:
+    """A time-series CSV: a ``date`` column (parsed) and numeric variables, every value finite;
+    a :class:`DataError` names the file, the line and the column of the first bad value."""
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not a CSV table ({error})") from None
+    if "date" not in frame.columns:
+        raise DataError(f"{path}: no 'date' column (columns: {', '.join(frame.columns)}); "
+                        "a time series file has a 'date' column and one column per variable")
+    if len(frame.columns) < 2:
+        raise DataError(f"{path}: no variable besides 'date'")
+    dates = pd.to_datetime(frame["date"], errors="coerce")
+    if dates.isna().any():
+        row = int(dates.isna().to_numpy().argmax())
+        raise DataError(f"{path}: line {row + 2}, column 'date': {frame['date'].iloc[row]!r} is not a "
+                        "date (or not in the format of the first rows)")
+    values = {}
+    for column in frame.columns.drop("date"):
+        numbers = pd.to_numeric(frame[column].str.strip(), errors="coerce")
+        bad = ~np.isfinite(numbers.to_numpy(dtype=np.float64))
+        if bad.any():
+            row = int(bad.argmax())
+            text = frame[column].iloc[row]
+            hint = " (a decimal comma? numbers use '.')" if "," in text else ""
+            raise DataError(f"{path}: line {row + 2}, column {column!r}: {text!r} is not a finite "
+                            f"number{hint}")
+        values[column] = numbers.astype(np.float64)
+    return pd.DataFrame({"date": dates, **values})
+
+
 def prepare(
     name: str,
     *,
@@ -210,7 +250,7 @@ def prepare(
     spec = dataset_spec(name)
     if features not in ("M", "S", "MS"):
         raise AttentionConfigError(f"unknown features {features!r}; valid: M, S, MS")
-    frame = pd.read_csv(locate(name, data_dir))
+    frame = read_series(locate(name, data_dir))
     target = target or spec.target
     if target not in frame.columns:
         raise AttentionConfigError(
@@ -222,7 +262,7 @@ def prepare(
     borders = split_borders(len(frame), seq_len, spec.split)
     train_start, train_end = borders["train"]
     scaler = StandardScaler().fit(raw[train_start:train_end])
-    marks = time_features(pd.DatetimeIndex(pd.to_datetime(frame["date"])), spec.freq)
+    marks = time_features(pd.DatetimeIndex(frame["date"]), spec.freq)
     return PreparedData(
         values=scaler.transform(raw),
         marks=marks,

@@ -16,13 +16,17 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from tasks.base import AttentionChoice, Metric, Task, TaskResult, resolve_attention
+from attention_zoo import AttentionConfigError
+from tasks.base import AttentionChoice, Metric, Task, TaskResult, resolve_attention, split_heads
 from tasks.time_series.data import (
     ForecastWindows,
     PreparedData,
+    count_rows,
     dataset_spec,
+    locate,
     n_time_features,
     prepare,
+    split_borders,
 )
 from tasks.time_series.model import ROLES, Informer, InformerShape
 
@@ -230,6 +234,32 @@ class TimeSeriesTask(Task):
         Metric("mae", higher_is_better=False, description="test MAE, standardised values"),
     )
     Config = TimeSeriesConfig
+
+    @classmethod
+    def check_settings(cls, config: TimeSeriesConfig) -> None:
+        """The windows fit every split of the dataset's file, when the file is at hand (on a
+        machine without it, the run checks as it reads)."""
+        if config.label_len > config.seq_len:
+            raise AttentionConfigError(f"task {cls.name}: label_len={config.label_len} must not exceed "
+                                       f"seq_len={config.seq_len}")
+        try:
+            path = locate(config.dataset, config.data_dir)
+        except FileNotFoundError:
+            return
+        try:
+            borders = split_borders(count_rows(path), config.seq_len, dataset_spec(config.dataset).split)
+        except ValueError as error:
+            raise AttentionConfigError(f"task {cls.name}: {path}: {error}") from None
+        for split, (start, end) in borders.items():
+            if end - start < config.seq_len + config.pred_len:
+                raise AttentionConfigError(
+                    f"task {cls.name}: {path}: the {split} split has {end - start} rows, fewer than "
+                    f"seq_len + pred_len = {config.seq_len + config.pred_len}")
+
+    @classmethod
+    def attention_shapes(cls, config: TimeSeriesConfig) -> dict[str, tuple[int, int]]:
+        shape = split_heads(config.d_model, config.n_heads, f"task {cls.name}: d_model / n_heads")
+        return dict.fromkeys(cls.roles, shape)
 
     def run(
         self,

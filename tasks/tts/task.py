@@ -26,7 +26,8 @@ import soundfile as sf
 import torch
 from torch import Tensor, nn
 
-from tasks.base import AttentionChoice, Metric, Task, TaskResult
+from attention_zoo import AttentionConfigError
+from tasks.base import AttentionChoice, Metric, Task, TaskResult, split_heads
 from tasks.tts import metrics as tts_metrics
 from tasks.tts.adapter import EspnetAttentionAdapter
 from tasks.tts.align import attach_durations, read_durations, run_aligner, write_durations
@@ -34,6 +35,7 @@ from tasks.tts.data import (
     FEATURES,
     SAMPLE_ROOT,
     CharacterVocabulary,
+    Clip,
     Normaliser,
     Utterance,
     extract,
@@ -102,16 +104,23 @@ class Corpus:
     energy: Normaliser | None = None
 
 
+def checked_splits(data: Path, config: TTSConfig) -> dict[str, list[Clip]]:
+    """CAB's split of the LJSpeech folder ``data``; a ``ValueError`` naming the folder if it has
+    no training clip or fewer test clips than ``eval_clips``."""
+    splits = split_clips(read_ljspeech(data))
+    if not splits["train"] or len(splits["test"]) < config.eval_clips:
+        raise ValueError(f"{data}: {len(splits['train'])} training and {len(splits['test'])} test clips; "
+                         f"eval_clips={config.eval_clips} asks for more")
+    return splits
+
+
 def load_corpus(config: TTSConfig) -> Corpus:
     """Read the dataset, split it, extract features of the training and evaluated test clips."""
     data = Path(config.data).expanduser() if config.data else SAMPLE_ROOT
-    splits = split_clips(read_ljspeech(data))
+    splits = checked_splits(data, config)
     train_clips = splits["train"]
     if config.train_clips:
         train_clips = sorted(train_clips, key=lambda c: sf.info(c.audio).frames)[: config.train_clips]
-    if not train_clips or len(splits["test"]) < config.eval_clips:
-        raise ValueError(f"{data}: {len(splits['train'])} training and {len(splits['test'])} test clips; "
-                         f"eval_clips={config.eval_clips} asks for more")
     vocabulary = CharacterVocabulary()
     train = [extract(c, vocabulary) for c in train_clips]
     test = [extract(c, vocabulary) for c in splits["test"][: config.eval_clips]]
@@ -131,6 +140,21 @@ class _TTSTask(Task):
     )
     Config = TTSConfig
     model_name: ClassVar[str]
+
+    @classmethod
+    def check_settings(cls, config: TTSConfig) -> None:
+        """The clips asked for exist, when the LJSpeech folder is at hand."""
+        data = Path(config.data).expanduser() if config.data else SAMPLE_ROOT
+        if (data / "metadata.csv").is_file():
+            try:
+                checked_splits(data, config)
+            except (FileNotFoundError, ValueError) as error:
+                raise AttentionConfigError(f"task {cls.name}: {error}") from None
+
+    @classmethod
+    def attention_shapes(cls, config: TTSConfig) -> dict[str, tuple[int, int]]:
+        shape = split_heads(config.adim, config.aheads, f"task {cls.name}: adim / aheads")
+        return dict.fromkeys(cls.roles, shape)
 
     def run(self, config: TTSConfig, attention: Mapping[str, AttentionChoice], *, seed: int,
             device: str, workdir: Path) -> TaskResult:
