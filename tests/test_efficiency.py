@@ -68,3 +68,19 @@ def test_records_carry_spread_and_load_and_the_profiler_stays_quiet(tmp_path, ca
         assert len(metrics["load_average"]["after"]) == 3
     output = capfd.readouterr()
     assert "USDT" not in output.out and "profiler_start" not in output.err
+
+
+def test_gpu_suite_commands_parse_and_it_refuses_to_start_without_cuda(tmp_path, monkeypatch, capsys):
+    from runners import gpu_suite
+    from runners.cli import build_parser
+
+    runs = gpu_suite._efficiency_arguments(tmp_path, gpu_suite.SUITE_LENGTHS)
+    assert len(runs) == len(gpu_suite.LAVO_BACKENDS)
+    for arguments in runs:
+        parsed = build_parser().parse_args(arguments)
+        assert parsed.attention == "lavo,sdpa" and parsed.lengths[-1] == 131072
+    assert [build_parser().parse_args(a).compare_fla for a in runs] == [True, False, False, False]
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert gpu_suite.main(["--out", str(tmp_path / "figures.md")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "figures.md").exists()
