@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -136,18 +137,19 @@ def _pattern(name: str) -> str:
         raise InputError(str(error)) from None
 
 
-def _parse_per_attention_args(items: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``["lavo:r=32,w=16", ...]`` -> {"lavo": {"r": 32, "w": 16}}, typed and checked."""
+def _parse_per_attention_args(items: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """``["lavo:r=32,w=16", "lavo:r=8", ...]`` -> {"lavo": [{"r": 32, "w": 16}, {"r": 8}]}, typed
+    and checked: a name given again is another variant of that mechanism."""
     from attention_zoo import AttentionConfigError, parse_attention_args
 
-    parsed: dict[str, dict[str, Any]] = {}
+    parsed: dict[str, list[dict[str, Any]]] = {}
     for item in items:
         name, sep, text = item.partition(":")
         if not sep:
             raise AttentionConfigError(
                 f"--attention-args takes NAME:key=value,..., got {item!r}"
             )
-        parsed[name] = parse_attention_args(name, text)
+        parsed.setdefault(name, []).append(parse_attention_args(name, text))
     return parsed
 
 
@@ -171,10 +173,10 @@ def _efficiency_cells(args: argparse.Namespace, device: str) -> list[Any]:
         if not supported:
             raise InputError(f"{name} supports none of the patterns {', '.join(patterns)} (it supports "
                              f"{', '.join(sorted(p.value for p in attention_spec(name).patterns))})")
-        for pattern in supported:
+        for pattern, variant in itertools.product(supported, hyperparameters.get(name) or [{}]):
             try:
                 build_attention(name, pattern=pattern, heads=args.heads, head_dim=args.head_dim,
-                                **hyperparameters.get(name, {}))
+                                **variant)
             except AttentionConfigError as error:
                 raise InputError(f"{name} at {args.heads} heads x {args.head_dim}, {pattern}: "
                                  f"{error}") from None
@@ -552,7 +554,9 @@ def build_parser() -> argparse.ArgumentParser:
         "efficiency", help="time and peak memory of each mechanism versus sequence length")
     efficiency.add_argument("--attention", help="comma-separated names (default: all registered)")
     efficiency.add_argument("--attention-args", action="append", default=[],
-                            metavar="NAME:K=V,...", help="hyperparameters, e.g. lavo:r=32,w=16")
+                            metavar="NAME:K=V,...",
+                            help="hyperparameters, e.g. lavo:r=32,w=16; the same NAME again adds "
+                                 "a variant, measured beside the first")
     efficiency.add_argument("--preset", default="default",
                             help="default: batch 1, 8 x 64, 256..4096, self patterns; cab: CAB's "
                                  "setting, batch 4, d 512 in 8 heads, 256..8192, every pattern. "

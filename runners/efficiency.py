@@ -506,20 +506,21 @@ def default_cells(
     patterns: Sequence[str],
     lengths: Sequence[int],
     *,
-    attention_args: dict[str, dict[str, Any]] | None = None,
+    attention_args: dict[str, list[dict[str, Any]]] | None = None,
     **shape: Any,
 ) -> list[EfficiencyCell]:
-    """The cross product of mechanisms x patterns x lengths, skipping unsupported patterns."""
+    """The cross product of mechanisms (each variant of its hyperparameters in
+    ``attention_args``) x patterns x lengths, skipping unsupported patterns."""
     cells = []
     for name in attentions:
         spec = attention_spec(name)
         for pattern in patterns:
             if not spec.supports(pattern):
                 continue
-            for length in lengths:
+            for length, variant in itertools.product(lengths, (attention_args or {}).get(name) or [{}]):
                 cells.append(EfficiencyCell(
                     attention=name, pattern=Pattern.parse(pattern).value, length=length,
-                    attention_args=dict((attention_args or {}).get(name, {})), **shape,
+                    attention_args=dict(variant), **shape,
                 ))
     return cells
 

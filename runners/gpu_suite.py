@@ -7,8 +7,8 @@
    bf16, fp16, lengths that are multiples of neither chunk nor window); every task's smoke
    settings on CUDA for a few steps (:func:`run_task_smoke`); the decoding state of a LAVO layer
    over a token-by-token stream of 131,072 tokens;
-2. ``attnbench efficiency`` for LAVO (each backend), SDPA and flash-linear-attention's kernels,
-   causal, bf16, batch 1, 8 heads x 64, from 4K to 128K tokens, all in one run;
+2. one ``attnbench efficiency`` run of LAVO (each backend), SDPA and flash-linear-attention's
+   kernels side by side, causal, bf16, batch 1, 8 heads x 64, from 4K to 128K tokens;
 3. writes the test summary, the efficiency table and the machine into one Markdown file.
 
 Without CUDA it refuses to start (the tests themselves skip cleanly, so CI collects them).
@@ -71,17 +71,14 @@ def run_task_smoke(name: str, *, device: str, dtype: torch.dtype | None, workdir
     return result.metrics
 
 
-def _efficiency_arguments(results_dir: Path, lengths: Sequence[int]) -> list[list[str]]:
-    """One efficiency run per LAVO backend, each beside SDPA (the same run, interleaved), the
-    first also beside flash-linear-attention's kernels."""
-    common = ["efficiency", "--patterns", "causal_self", "--device", "cuda", "--dtype", "bfloat16",
-              "--batch", "1", "--heads", "8", "--head-dim", "64",
-              "--lengths", ",".join(map(str, lengths))]
-    runs = []
-    for index, backend in enumerate(LAVO_BACKENDS):
-        runs.append([*common, "--attention", "lavo,sdpa", "--attention-args", f"lavo:backend={backend}",
-                     *(["--compare-fla"] if index == 0 else []), "--results-dir", str(results_dir)])
-    return runs
+def _efficiency_arguments(results_dir: Path, lengths: Sequence[int]) -> list[str]:
+    """One efficiency run: every LAVO backend, SDPA and flash-linear-attention's kernels side by
+    side (interleaved at each length)."""
+    variants = [x for backend in LAVO_BACKENDS for x in ("--attention-args", f"lavo:backend={backend}")]
+    return ["efficiency", "--attention", "lavo,sdpa", *variants, "--compare-fla",
+            "--patterns", "causal_self", "--device", "cuda", "--dtype", "bfloat16",
+            "--batch", "1", "--heads", "8", "--head-dim", "64",
+            "--lengths", ",".join(map(str, lengths)), "--results-dir", str(results_dir)]
 
 
 def _run_cli(arguments: list[str]) -> str:
@@ -120,9 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sections.append("## Tests marked gpu\n\n```\n" + tests.stdout[-20000:] + "\n```\n")
     lengths = [int(x) for x in args.lengths.split(",")]
     with tempfile.TemporaryDirectory() as results:
-        for arguments in _efficiency_arguments(Path(results), lengths):
-            command = "attnbench " + " ".join(arguments[:-2])
-            sections.append(f"## `{command}`\n\n```\n{_run_cli(arguments)}\n```\n")
+        arguments = _efficiency_arguments(Path(results), lengths)
+        command = "attnbench " + " ".join(arguments[:-2])
+        sections.append(f"## `{command}`\n\n```\n{_run_cli(arguments)}\n```\n")
     sections.append(f"Whole suite: {time.perf_counter() - started:.0f} s.\n")
     args.out.write_text("\n".join(sections))
     print(f"gpu_suite: figures in {args.out} (tests exit status {status})")

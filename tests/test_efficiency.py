@@ -74,13 +74,20 @@ def test_gpu_suite_commands_parse_and_it_refuses_to_start_without_cuda(tmp_path,
     from runners import gpu_suite
     from runners.cli import build_parser
 
-    runs = gpu_suite._efficiency_arguments(tmp_path, gpu_suite.SUITE_LENGTHS)
-    assert len(runs) == len(gpu_suite.LAVO_BACKENDS)
-    for arguments in runs:
-        parsed = build_parser().parse_args(arguments)
-        assert parsed.attention == "lavo,sdpa" and parsed.lengths[-1] == 131072
-    assert [build_parser().parse_args(a).compare_fla for a in runs] == [True, False, False, False]
+    parsed = build_parser().parse_args(gpu_suite._efficiency_arguments(tmp_path, gpu_suite.SUITE_LENGTHS))
+    assert parsed.attention == "lavo,sdpa" and parsed.lengths[-1] == 131072 and parsed.compare_fla
+    assert parsed.attention_args == [f"lavo:backend={b}" for b in gpu_suite.LAVO_BACKENDS]
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert gpu_suite.main(["--out", str(tmp_path / "figures.md")]) == 2
     assert "no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "figures.md").exists()
+
+
+def test_variants_of_one_mechanism_are_measured_side_by_side(tmp_path):
+    code = main(["efficiency", "--attention", "lavo", "--attention-args", "lavo:backend=torch",
+                 "--attention-args", "lavo:backend=chunked", "--patterns", "causal_self",
+                 "--lengths", "16", "--heads", "2", "--head-dim", "8", "--repeats", "1",
+                 "--warmup", "0", "--device", "cpu", "--results-dir", str(tmp_path)])
+    assert code == 0
+    records = [json.loads(p.read_text()) for p in tmp_path.rglob("*.json")]
+    assert sorted(r["cell"]["attention_args"]["backend"] for r in records) == ["chunked", "torch"]
