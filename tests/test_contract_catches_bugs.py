@@ -43,6 +43,9 @@ def test_lavo_with_a_global_mean_in_causal_mode_leaks(scratch_registry):
     class LeakyLAVO(LAVOAttention):
         """LAVO whose causal memory is the mean over the whole sequence."""
 
+        def _backend(self, q, key_padding_mask):
+            return "torch"  # the plain path, whose memory this class breaks
+
         def _memory(self, q, k, v, bases, key_padding_mask):
             pattern = self.pattern
             self.pattern = Pattern.NONCAUSAL_SELF
@@ -59,6 +62,9 @@ def test_lavo_with_a_global_mean_in_causal_mode_leaks(scratch_registry):
 def test_batch_mixing_is_caught(scratch_registry):
     class BatchMixer(LAVOAttention):
         """LAVO whose memory is shared across the batch (statistics over the batch)."""
+
+        def _backend(self, q, key_padding_mask):
+            return "torch"  # the plain path, whose memory this class breaks
 
         def _memory(self, q, k, v, bases, key_padding_mask):
             logits, has_memory, values = super()._memory(q, k, v, bases, key_padding_mask)
