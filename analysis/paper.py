@@ -21,7 +21,7 @@ CAB_FALLBACK = {
     "tts_fastspeech2": ((Pattern.NONCAUSAL_SELF,), ("mcd", "msd")),
     "tts_transformer": ((Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF, Pattern.CAUSAL_CROSS),
                         ("mcd", "msd")),
-    "summarization": ((Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF, Pattern.NONCAUSAL_CROSS),
+    "summarization": ((Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF, Pattern.CAUSAL_CROSS),
                       ("rouge1", "rouge2", "rougeL")),
     "time_series": ((Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF, Pattern.NONCAUSAL_CROSS), ("mse", "mae")),
     "point_cloud": ((Pattern.NONCAUSAL_SELF, Pattern.NONCAUSAL_CROSS), ("cd_l1", "cd_l2", "f_score")),
@@ -30,8 +30,9 @@ CAB_FALLBACK = {
 """Patterns and metrics of a CAB task that is not installed here (an installed task's own
 ``roles`` and ``metrics`` take precedence), so its columns still appear, marked missing."""
 
-LAVO_EXTRAPOLATION_FACTORS = (1, 2, 4, 8)
-"""LAVO's extrapolation table: evaluation at 1, 2, 4 and 8 times the training context."""
+LAVO_EXTRAPOLATION_FACTORS = (1, 1.5, 2, 4, 8)
+"""LAVO's extrapolation table: evaluation at 1 to 8 times the training context (1.5x and 2x are
+CAB's multiples, 4x and 8x ours)."""
 
 
 def cab_columns(pattern: Pattern) -> list[tuple[str, str]]:
@@ -71,7 +72,7 @@ def cab_tables(summary: pd.DataFrame) -> list[Table]:
 
 def extrapolation_table(curves: pd.DataFrame) -> Table:
     """LAVO's length extrapolation table: LM perplexity per causal attention at each evaluated
-    context (the records' lengths, else the paper's 1x..8x of the training context)."""
+    context (the records' lengths, else 1x..8x of the training context)."""
     lengths = sorted(curves["x"].unique()) if not curves.empty else []
     header = ["attention", *([f"{int(n)}" for n in lengths] if lengths
                              else [f"{f}L" for f in LAVO_EXTRAPOLATION_FACTORS])]

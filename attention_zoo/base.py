@@ -20,7 +20,10 @@ The four attention patterns (CAB's taxonomy):
 - ``noncausal_self``: every query sees every (valid) key of the same sequence.
 - ``causal_self``: query t sees keys s <= t of the same sequence.
 - ``noncausal_cross``: queries of one sequence see every (valid) key of another.
-- ``causal_cross``: query t sees source positions s <= t of another sequence (index-aligned).
+- ``causal_cross``: a decoder's cross attention: every query sees every (valid) position of
+  another sequence (the source, of any length), and causality is over the queries: the output
+  at query t does not change when queries after t change (CAB's definition and probe).
+  Decoding feeds one query at a time against the whole source.
 
 Padding: ``key_padding_mask`` may mark any key in cross attention. In self attention padding is
 trailing (right padding); mechanisms whose result depends on absolute position (windows) are
@@ -57,6 +60,12 @@ class Pattern(enum.StrEnum):
     @property
     def cross(self) -> bool:
         return self in (Pattern.NONCAUSAL_CROSS, Pattern.CAUSAL_CROSS)
+
+    @property
+    def triangular(self) -> bool:
+        """Whether query t sees only keys s <= t: causal self attention (in causal cross
+        attention every query sees the whole source)."""
+        return self is Pattern.CAUSAL_SELF
 
     @classmethod
     def parse(cls, value: str | Pattern) -> Pattern:
@@ -202,16 +211,15 @@ class AttentionSpec:
     Attributes:
         name: registry name (``"lavo"``).
         cls: the :class:`Attention` subclass.
-        patterns: the attention patterns it supports.
+        patterns: the attention patterns it supports. Supporting ``causal_cross`` means that a
+            query's cross-attention output depends on that query and the source alone (so a
+            decoder can feed its queries one at a time); a mechanism that pools statistics over
+            its queries (landmarks, top-u selection, position re-weighting) supports
+            ``noncausal_cross`` only.
         decoding: whether it supports token-by-token decoding in ``causal_self``
             (:meth:`Attention.init_state` / :meth:`Attention.step`).
         uses_layer_input: whether it reads the layer's input and projections
             (:class:`LayerInput`) besides the per-head q, k, v.
-        mixes_queries: whether, in ``noncausal_cross``, a query's output depends on the other
-            queries or on its position among them (landmarks or top-u selection pooled over
-            queries, position re-weighting). Such a mechanism gives
-            different results when a decoder feeds its queries one at a time, and inside a
-            causal decoder it lets later positions reach earlier ones.
         complexity: time complexity class in sequence length.
         hyperparameters: typed hyperparameters with defaults, in declaration order.
         summary: first line of the class docstring.
@@ -223,7 +231,6 @@ class AttentionSpec:
     patterns: frozenset[Pattern]
     decoding: bool
     uses_layer_input: bool
-    mixes_queries: bool
     complexity: Complexity
     hyperparameters: tuple[HyperParameter, ...]
     summary: str
@@ -290,8 +297,8 @@ class Attention(nn.Module):
     """Base class of every zoo mechanism: the attention core between projections.
 
     A subclass declares, as class attributes, ``Config`` (a frozen dataclass: the one typed
-    source of its hyperparameters), ``patterns``, ``decoding``, ``uses_layer_input``,
-    ``mixes_queries`` (see :class:`AttentionSpec`), ``complexity`` and ``reference``,
+    source of its hyperparameters), ``patterns``, ``decoding``, ``uses_layer_input`` (see
+    :class:`AttentionSpec`), ``complexity`` and ``reference``,
     implements :meth:`attend`, and, if ``decoding`` is true, :meth:`init_state` and :meth:`step`.
     It is registered with :func:`attention_zoo.register_attention`.
 
@@ -310,7 +317,6 @@ class Attention(nn.Module):
     patterns: ClassVar[frozenset[Pattern]] = frozenset()
     decoding: ClassVar[bool] = False
     uses_layer_input: ClassVar[bool] = False
-    mixes_queries: ClassVar[bool] = False
     complexity: ClassVar[Complexity] = Complexity.QUADRATIC
     reference: ClassVar[str] = ""
     spec: ClassVar[AttentionSpec]
@@ -360,7 +366,7 @@ class Attention(nn.Module):
             [B, Lq, H, D], same dtype as ``q``.
         """
         self._check_inputs(q, k, v, key_padding_mask)
-        if self.uses_layer_input:
+        if self.needs_layer_input:
             self.require_layer_input(layer_input, q, k)
         return self.attend(q, k, v, key_padding_mask, layer_input)
 
@@ -375,11 +381,17 @@ class Attention(nn.Module):
         """The mechanism itself, on checked inputs (see :meth:`forward` for shapes)."""
         raise NotImplementedError
 
+    @property
+    def needs_layer_input(self) -> bool:
+        """Whether this instance reads :class:`LayerInput`: ``uses_layer_input``, unless its
+        configuration does without (a subclass may override it, as LAVO's ``memory="kv"``)."""
+        return self.uses_layer_input
+
     def require_layer_input(self, layer_input: LayerInput | None, q: Tensor, k: Tensor) -> LayerInput:
         """``layer_input``, checked against q [B, Lq, H, D] and k [B, Lk, H, D]; raises if absent.
 
-        :meth:`forward` calls it for mechanisms that declare ``uses_layer_input``; their
-        :meth:`step` calls it too.
+        :meth:`forward` calls it when :attr:`needs_layer_input`; such a mechanism's :meth:`step`
+        calls it too.
         """
         if layer_input is None:
             raise ValueError(
@@ -462,9 +474,16 @@ def allowed_keys(
 ) -> Tensor | None:
     """Which keys each query may see, as a bool mask [B or 1, 1, Lq, Lk] (True = visible).
 
-    Returns None when every query sees every key. Causal masks are index-aligned (query t sees
-    keys s <= t), which is CAB's definition for both causal self and causal cross attention.
+    ``causal`` is causal self attention's triangle (query t sees keys s <= t; pass
+    ``pattern.triangular``): in causal cross attention every query sees the whole source, so
+    the triangle with Lq != Lk is refused. Returns None when every query sees every key.
     """
+    if causal and query_length != key_length:
+        raise ValueError(
+            f"a causal mask needs as many queries as keys (causal self attention), got "
+            f"{query_length} and {key_length}; causal cross attention sees the whole source "
+            "(pass causal=pattern.triangular)"
+        )
     mask = None
     if causal:
         t = torch.arange(query_length, device=device)[:, None]

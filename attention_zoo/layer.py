@@ -62,7 +62,7 @@ class MultiHeadAttention(nn.Module):
             attention, pattern=self.pattern, heads=num_heads, head_dim=self.head_dim,
             input_dim=embed_dim, source_dim=kdim or embed_dim, **args
         )
-        if self.attention.uses_layer_input and (vdim or embed_dim) != (kdim or embed_dim):
+        if self.attention.needs_layer_input and (vdim or embed_dim) != (kdim or embed_dim):
             raise ValueError(
                 f"{attention} reads the layer's key/value input, so keys and values must come "
                 f"from one source: got kdim={kdim or embed_dim}, vdim={vdim or embed_dim}"
@@ -92,9 +92,9 @@ class MultiHeadAttention(nn.Module):
 
     def _layer_input(self, query: Tensor, key: Tensor, value: Tensor) -> LayerInput | None:
         """The layer's input for mechanisms that declare ``uses_layer_input`` (None otherwise)."""
-        if not self.attention.uses_layer_input:
+        if not self.attention.needs_layer_input:
             return None
-        if value is not key:
+        if not _same_tensor(value, key):
             raise ValueError(
                 f"{self.attention.name} reads the layer's key/value input, so keys and values "
                 "must come from one source tensor (pass value=None or the key tensor itself)"
@@ -111,8 +111,14 @@ class MultiHeadAttention(nn.Module):
     def step(self, x: Tensor, state: Any) -> tuple[Tensor, Any]:
         """Decode one position: x [B, 1, E] -> ([B, 1, E], new state)."""
         q, k, v = (self._split(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        if self.attention.uses_layer_input:
+        if self.attention.needs_layer_input:
             out, state = self.attention.step(q, k, v, state, layer_input=self._layer_input(x, x, x))
         else:
             out, state = self.attention.step(q, k, v, state)
         return self.out_proj(out.reshape(*out.shape[:2], self.embed_dim)), state
+
+
+def _same_tensor(a: Tensor, b: Tensor) -> bool:
+    """Whether a and b are the same tensor, or views of the same data with the same layout."""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape
+                      and a.stride() == b.stride() and a.dtype == b.dtype)

@@ -114,7 +114,6 @@ def _make_spec(name: str, cls: type[Attention]) -> AttentionSpec:
         patterns=patterns,
         decoding=bool(cls.decoding),
         uses_layer_input=bool(cls.uses_layer_input),
-        mixes_queries=bool(cls.mixes_queries),
         complexity=Complexity(cls.complexity),
         hyperparameters=tuple(hyperparameters),
         summary=doc.splitlines()[0] if doc else "",

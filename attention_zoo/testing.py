@@ -116,7 +116,7 @@ def run(
     """``attention(q, k, v, key_padding_mask)``; for a mechanism that ``uses_layer_input``, q (and
     in cross attention k) [B, L, H, D] are read as the layer's input [B, L, H*D] and projected
     (v is then unused: values come from the same source as keys)."""
-    if not attention.uses_layer_input:
+    if not attention.needs_layer_input:
         return attention(q, k, v, key_padding_mask)
     q, k, v, layer_input = _through_layer(attention, q, k)
     return attention(q, k, v, key_padding_mask, layer_input=layer_input)
@@ -132,7 +132,7 @@ def _through_layer(attention: Attention, q: Tensor, k: Tensor) -> tuple[Tensor, 
 
 def _used_inputs(attention: Attention) -> tuple[str, ...]:
     """Which of the drawn q, k, v a check's call reads (see :func:`run`)."""
-    if not attention.uses_layer_input:
+    if not attention.needs_layer_input:
         return ("q", "k", "v")
     return ("q", "k") if attention.pattern.cross else ("q",)
 
@@ -181,15 +181,15 @@ def check_gradients(name: str, pattern: Pattern, **config: Any) -> None:
 
 
 def check_no_future_leak(name: str, pattern: Pattern, **config: Any) -> None:
-    """Causal patterns: changing positions >= t0 (queries, keys, values) never changes outputs < t0."""
-    if not pattern.causal:
+    """Causal self attention: changing positions >= t0 (queries, keys, values) never changes
+    outputs < t0. (Causal cross attention: :func:`check_causal_cross`.)"""
+    if pattern != Pattern.CAUSAL_SELF:
         return
     attention = build_for_test(name, pattern, **config)
-    q_len, k_len = _lengths(pattern, 17)
-    q, k, v = random_inputs(2, q_len, k_len)
+    q, k, v = random_inputs(2, 17, 17)
     before = run(attention, q, k, v)
     for cut in (1, 6, 12):
-        q2, k2, v2 = random_inputs(2, q_len, k_len, seed=100 + cut)
+        q2, k2, v2 = random_inputs(2, 17, 17, seed=100 + cut)
         q2[:, :cut], k2[:, :cut], v2[:, :cut] = q[:, :cut], k[:, :cut], v[:, :cut]
         after = run(attention, q2, k2, v2)
         difference = (after[:, :cut] - before[:, :cut]).abs().max().item()
@@ -199,31 +199,50 @@ def check_no_future_leak(name: str, pattern: Pattern, **config: Any) -> None:
         )
 
 
-def check_query_independence(name: str, pattern: Pattern, **config: Any) -> None:
-    """Non-causal cross attention: a query's output depends neither on the other queries nor on
-    its position among them, so one query alone gives its row of the whole pass (a decoder's
-    cross attention, trained on whole sequences and decoded one query at a time, relies on it),
-    unless the mechanism declares ``mixes_queries``."""
-    if pattern != Pattern.NONCAUSAL_CROSS:
-        return  # causal cross: check_no_future_leak already perturbs later queries
-    if attention_spec(name).mixes_queries:
+PROBE_TARGET, PROBE_SOURCE = 50, 100
+"""Query and source lengths of CAB's causal-cross probe."""
+PROBE_QUERIES = (0, 1, 24, 25, 37, 48, 49)
+"""The queries whose prefix pass is compared (CAB's probe compares queries 25 to 49)."""
+
+
+def _probe_padding() -> Tensor:
+    """[2, PROBE_SOURCE] source padding: scattered in sample 0, trailing in sample 1."""
+    padding = torch.zeros(2, PROBE_SOURCE, dtype=torch.bool)
+    padding[0, 3::7] = True
+    padding[1, 60:] = True
+    return padding
+
+
+def check_causal_cross(name: str, pattern: Pattern, **config: Any) -> None:
+    """Causal cross attention, CAB's probe: with 50 queries on a source of 100 positions, with
+    and without source padding, the output at query i equals row i of the pass over queries
+    0..i alone (queries after i change nothing), and the last valid source position reaches
+    query 0 (every query sees the whole source; an index-aligned mask would hide it). The
+    prefix pass is run for the queries in ``PROBE_QUERIES``."""
+    if pattern != Pattern.CAUSAL_CROSS:
         return
     attention = build_for_test(name, pattern, **config)
-    q, k, v = random_inputs(2, 9, 12)
-    before = run(attention, q, k, v)
-    for position in (0, 4, 8):
-        changed = random_inputs(2, 9, 12, seed=200 + position)[0]
-        changed[:, position] = q[:, position]
-        difference = (run(attention, changed, k, v)[:, position] - before[:, position]).abs().max().item()
-        assert difference < TOLERANCE, (
-            f"{name}/{pattern}: query {position}'s output moves by {difference:.3g} when the "
-            "other queries change (declare mixes_queries = True if that is the design)"
-        )
-        alone = run(attention, q[:, position : position + 1], k, v)[:, 0]
-        difference = (alone - before[:, position]).abs().max().item()
-        assert difference < TOLERANCE, (
-            f"{name}/{pattern}: query {position} alone differs by {difference:.3g} from its row "
-            "of the whole pass (declare mixes_queries = True if that is the design)"
+    q, k, v = random_inputs(2, PROBE_TARGET, PROBE_SOURCE)
+    for padding in (None, _probe_padding()):
+        where = "without" if padding is None else "with"
+        whole = run(attention, q, k, v, padding)
+        for i in PROBE_QUERIES:
+            prefix = run(attention, q[:, : i + 1], k, v, padding)[:, i]
+            difference = (prefix - whole[:, i]).abs().max().item()
+            assert difference < TOLERANCE, (
+                f"{name}/{pattern}: query {i} moves by {difference:.3g} when the queries after it "
+                f"are removed (CAB's causal-cross probe, {where} source padding)"
+            )
+        valid = torch.ones(2, PROBE_SOURCE, dtype=torch.bool) if padding is None else ~padding
+        last = torch.arange(PROBE_SOURCE).masked_fill(~valid, -1).amax(dim=1)  # [B]
+        moved_k, moved_v = k.clone(), v.clone()
+        moved_k[torch.arange(2), last] += 2.0
+        moved_v[torch.arange(2), last] += 2.0
+        change = (run(attention, q, moved_k, moved_v, padding)[:, 0] - whole[:, 0]).abs()
+        reached = change.flatten(1).amax(dim=1)  # [B]
+        assert bool((reached > 1e-6).all()), (
+            f"{name}/{pattern}: the last source position does not reach query 0 ({where} source "
+            f"padding; change {reached.tolist()}): causal cross attention sees the whole source"
         )
 
 
@@ -256,7 +275,7 @@ def check_batch_invariance(name: str, pattern: Pattern, **config: Any) -> None:
 
 def check_padding_invariance(name: str, pattern: Pattern, **config: Any) -> None:
     """Padded keys (any values) change nothing: right padding in self attention, and padding at
-    arbitrary positions in non-causal cross attention."""
+    arbitrary positions in cross attention."""
     attention = build_for_test(name, pattern, **config)
     q_len, k_len = _lengths(pattern, 10)
     q, k, v = random_inputs(2, q_len, k_len)
@@ -264,7 +283,7 @@ def check_padding_invariance(name: str, pattern: Pattern, **config: Any) -> None
     extra = 5
     junk_q, junk_k, junk_v = random_inputs(2, extra, extra, seed=11)
     junk_k, junk_v = junk_k * 10, junk_v * 10  # loud garbage
-    if pattern == Pattern.NONCAUSAL_CROSS:
+    if pattern.cross:
         positions = torch.randperm(k_len + extra, generator=torch.Generator().manual_seed(3))
         real, fake = positions[:k_len].sort().values, positions[k_len:]
         k_padded = torch.empty(2, k_len + extra, HEADS, HEAD_DIM, dtype=k.dtype)
@@ -290,7 +309,11 @@ def check_padding_invariance(name: str, pattern: Pattern, **config: Any) -> None
 
 
 def check_decoding(name: str, pattern: Pattern, **config: Any) -> None:
-    """Where decoding is declared, token-by-token steps equal the parallel causal pass."""
+    """Decoding equals the parallel pass: token-by-token steps in causal self attention (where
+    decoding is declared); in causal cross attention, each query alone against the whole
+    (padded) source gives its row of the whole pass."""
+    if pattern == Pattern.CAUSAL_CROSS:
+        _check_cross_decoding(name, pattern, **config)
     if pattern != Pattern.CAUSAL_SELF or not attention_spec(name).decoding:
         return
     attention = build_for_test(name, pattern, **config)
@@ -300,7 +323,7 @@ def check_decoding(name: str, pattern: Pattern, **config: Any) -> None:
     steps = []
     for t in range(q.shape[1]):
         q_t, k_t, v_t = q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1]
-        if attention.uses_layer_input:
+        if attention.needs_layer_input:
             q_t, k_t, v_t, layer_input = _through_layer(attention, q_t, k_t)
             out, state = attention.step(q_t, k_t, v_t, state, layer_input=layer_input)
         else:
@@ -310,6 +333,21 @@ def check_decoding(name: str, pattern: Pattern, **config: Any) -> None:
     assert difference < 1e-8, (
         f"{name}: decoding differs from the parallel causal pass by {difference:.3g}"
     )
+
+
+def _check_cross_decoding(name: str, pattern: Pattern, **config: Any) -> None:
+    attention = build_for_test(name, pattern, **config)
+    q, k, v = random_inputs(2, 9, 14)
+    padding = torch.zeros(2, 14, dtype=torch.bool)
+    padding[0, 2::5], padding[1, 10:] = True, True
+    whole = run(attention, q, k, v, padding)
+    for t in range(q.shape[1]):
+        alone = run(attention, q[:, t : t + 1], k, v, padding)[:, 0]
+        difference = (alone - whole[:, t]).abs().max().item()
+        assert difference < TOLERANCE, (
+            f"{name}/{pattern}: query {t} decoded alone against the whole source differs by "
+            f"{difference:.3g} from its row of the whole pass"
+        )
 
 
 def check_unsupported_patterns(name: str, pattern: Pattern, **config: Any) -> None:
@@ -350,7 +388,7 @@ CHECKS: dict[str, Callable[..., None]] = {
     "shapes_and_dtypes": check_shapes_and_dtypes,
     "gradients": check_gradients,
     "no_future_leak": check_no_future_leak,
-    "query_independence": check_query_independence,
+    "causal_cross": check_causal_cross,
     "batch_invariance": check_batch_invariance,
     "padding_invariance": check_padding_invariance,
     "decoding": check_decoding,

@@ -72,7 +72,7 @@ def capability_rows() -> list[dict[str, Any]]:
             "name": name,
             **{p.value: p in spec.patterns for p in Pattern},
             "decoding": spec.decoding,
-            "mixes_queries": spec.mixes_queries,
+            "uses_layer_input": spec.uses_layer_input,
             "complexity": spec.complexity.value,
             "hyperparameters": {hp.name: {"type": hp.type_name, "default": hp.default}
                                 for hp in spec.hyperparameters},
@@ -85,7 +85,7 @@ def capability_markdown() -> str:
     """The zoo's capability table in Markdown (the README embeds this, generated)."""
     from attention_zoo import Pattern
 
-    header = ["attention", *(p.value for p in Pattern), "decoding", "cross mixes queries",
+    header = ["attention", *(p.value for p in Pattern), "decoding", "layer input",
               "complexity", "hyperparameters (default)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in capability_rows():
@@ -93,7 +93,7 @@ def capability_markdown() -> str:
         hps = ", ".join(f"`{k}`={v['default']!r}" for k, v in row["hyperparameters"].items())
         lines.append("| " + " | ".join([
             f"`{row['name']}`", *marks, "yes" if row["decoding"] else "-",
-            "yes" if row["mixes_queries"] else "-", row["complexity"],
+            "yes" if row["uses_layer_input"] else "-", row["complexity"],
             hps or "-",
         ]) + " |")
     return "\n".join(lines) + "\n"
@@ -399,7 +399,8 @@ def _plan_run(args: argparse.Namespace, console: Console) -> tuple[Any, list[Any
                          "--executor submitit-local runs the same jobs here")
     expansion = plan(args.preset, args.overrides)
     try:
-        devices = resolve_devices(args.device, args.jobs)
+        # A SLURM job's device is decided against the partition (runners.cluster), not here.
+        devices = resolve_devices(args.device, args.jobs) if args.executor != "slurm" else []
     except ValueError as error:
         raise InputError(str(error)) from None
     if args.executor != "local":
@@ -418,7 +419,8 @@ def _plan_run(args: argparse.Namespace, console: Console) -> tuple[Any, list[Any
     _record_problems(console, args.results_dir)
     todo = [c for c in cells if not is_finished(args.results_dir, c, retry_failed=args.retry_failed)]
     in_flight = {c.key: job for c in todo if (job := submitted_job(args.results_dir, c))}
-    if in_flight and not args.resubmit:
+    # For a SLURM run, SLURM says what became of each earlier job (command_run asks it).
+    if in_flight and not args.resubmit and (args.executor != "slurm" or args.dry_run):
         console.print(f"[yellow]{len(in_flight)} cells were submitted earlier and have no record yet "
                       f"(jobs {', '.join(sorted(set(in_flight.values()))[:10])}): not submitted again; "
                       "--resubmit submits them again (after those jobs died)[/]")
@@ -440,8 +442,15 @@ def command_run(args: argparse.Namespace) -> int:
     console = _console()
     expansion, cells, todo, devices = _plan_run(args, console)
     preset = Path(args.preset).stem
+    following: dict[str, Any] = {}
+    if args.executor == "slurm" and not args.dry_run:
+        from runners.cluster import earlier_submissions
+
+        todo, following = earlier_submissions(todo, args.results_dir, preset=preset,
+                                              resubmit=args.resubmit,
+                                              say=lambda line: console.print(f"[yellow]{escape(line)}[/]"))
     console.print(f"[bold]attnbench run {preset}[/]: {expansion.description}".rstrip(": "))
-    console.print(f"{len(cells)} cells, {len(cells) - len(todo)} already finished in "
+    console.print(f"{len(cells)} cells, {len(cells) - len(todo) - len(following)} already finished in "
                   f"{args.results_dir / 'runs'}, {len(todo)} to run "
                   f"({args.executor}" + (f", {args.jobs} at once on {', '.join(devices)})"
                                          if args.executor == "local" else ")"))
@@ -457,14 +466,15 @@ def command_run(args: argparse.Namespace) -> int:
                   TextColumn("{task.fields[ok]} ok, [red]{task.fields[failed]} failed[/], "
                              "{task.fields[remaining]} remaining"),
                   TextColumn("ETA"), TimeRemainingColumn(), console=console,
-                  disable=not todo) as progress:
-        bar = progress.add_task(preset, total=len(todo), ok=0, failed=0, remaining=len(todo))
+                  disable=not todo and not following) as progress:
+        total = len(todo) + len(following)
+        bar = progress.add_task(preset, total=total, ok=0, failed=0, remaining=total)
 
         def on_done(cell: Any, status: str, seconds: float) -> None:
             counts["ok" if status == "ok" else "failed"] += 1
             done = counts["ok"] + counts["failed"]
             progress.update(bar, advance=1, ok=counts["ok"], failed=counts["failed"],
-                            remaining=len(todo) - done)
+                            remaining=total - done)
             colour = "green" if status == "ok" else "red"
             progress.console.print(f"  [{colour}]{status:>7}[/] {seconds:7.1f} s  "
                                    f"{escape(describe_cell(cell.to_json()))}  ({cell.key})")
@@ -485,9 +495,14 @@ def command_run(args: argparse.Namespace) -> int:
                 return 130
             finally:
                 signal.signal(signal.SIGTERM, previous)
+        elif args.executor == "slurm":
+            code = _run_on_slurm(args, todo, following, preset=preset, on_done=on_done,
+                                 say=progress.console.print)
+            if code is not None:
+                progress.stop()
+                return code
         else:
-            cluster = "slurm" if args.executor == "slurm" else "local"
-            jobs = run_submitit(todo, args.results_dir, cluster=cluster, preset=preset,
+            jobs = run_submitit(todo, args.results_dir, cluster="local", preset=preset,
                                 parameters=args.slurm_parameters, wait=not args.no_wait,
                                 on_done=on_done)
             if args.no_wait:
@@ -516,8 +531,29 @@ def _run_summary(console: Console, results_dir: Path, cells: Sequence[Any]) -> i
         console.print(f"[red]failed[/]: {escape(line)}")
     missing = len(wanted) - len(records)
     console.print(f"{len(records)} records in {results_dir / 'runs'}"
-                  + (f"; {missing} cells of this sweep have none yet" if missing else ""))
-    return 1 if any(r.get("status") != "ok" for r in records) else 0
+                  + (f"; {missing} cells of this sweep have none yet (run the same command again "
+                     "to run them)" if missing else ""))
+    return 1 if missing or any(r.get("status") != "ok" for r in records) else 0
+
+
+def _run_on_slurm(args: argparse.Namespace, todo: list[Any], following: dict[str, Any], *, preset: str,
+                  on_done: Any, say: Any) -> int | None:
+    """The SLURM executor (runners.cluster); an exit code where the command ends here."""
+    from rich.markup import escape
+
+    from runners.cluster import ClusterError, run_on_slurm
+
+    try:
+        run_on_slurm(todo, following, args.results_dir, device=args.device, preset=preset,
+                     overrides=args.slurm_parameters, wait=not args.no_wait,
+                     say=lambda line: say(escape(line)), on_done=on_done)
+    except ClusterError as error:
+        print(f"attnbench: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        say("stopped following: the jobs go on; run the same command again to collect them")
+        return 130
+    return 0 if args.no_wait else None
 
 
 def command_report(args: argparse.Namespace) -> int:
@@ -595,7 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "local executor (the SLURM path on this machine)")
     run.add_argument("--jobs", type=integer(1), default=1, help="cells at once (local executor)")
     run.add_argument("--device", default="auto",
-                     help="auto (every GPU round-robin, else CPU), cpu, or cuda:0,cuda:1")
+                     help="auto (every GPU round-robin, else CPU), cpu, or cuda:0,cuda:1; with "
+                          "--executor slurm: cpu (no GPU asked for) or cuda (one GPU per job), and "
+                          "auto is cuda where the partition has GPUs (see docs/cluster.md)")
     run.add_argument("--threads", type=integer(0, "0: cores / jobs"), default=0,
                      help="CPU threads per cell (default: cores / jobs)")
     run.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)

@@ -37,7 +37,14 @@ from typing import Any
 
 import torch
 
-from attention_zoo import MultiHeadAttention, Pattern, attention_spec, build_attention
+from attention_zoo import (
+    Attention,
+    LayerInput,
+    MultiHeadAttention,
+    Pattern,
+    attention_spec,
+    build_attention,
+)
 from runners.provenance import provenance
 from runners.records import write_record
 
@@ -258,12 +265,33 @@ def _module_under_test(cell: EfficiencyCell) -> tuple[Callable[..., torch.Tensor
             cell.heads * cell.head_dim, cell.heads, cell.attention, pattern=cell.pattern,
             attention_args=cell.attention_args)
     elif cell.scope == "core":
-        module = build_attention(cell.attention, pattern=cell.pattern, heads=cell.heads,
-                                 head_dim=cell.head_dim, **cell.attention_args)
+        attention = build_attention(cell.attention, pattern=cell.pattern, heads=cell.heads,
+                                    head_dim=cell.head_dim, **cell.attention_args)
+        module = _CoreWithLayerInput(attention) if attention.needs_layer_input else attention
     else:
         raise ValueError(f"unknown scope {cell.scope!r}; valid: {', '.join(SCOPES)}")
     module.to(device=torch.device(cell.device), dtype=getattr(torch, cell.dtype))
-    return module, list(module.parameters())
+    parameters = (module.attention if isinstance(module, _CoreWithLayerInput) else module).parameters()
+    return module, list(parameters)
+
+
+class _CoreWithLayerInput(torch.nn.Module):
+    """A mechanism that reads the layer's input, timed alone: the core inputs q and k
+    [B, L, H, D] double as the layer's input [B, L, H*D] (query side, and source in cross
+    attention), and the projections it reads are never run on them (their weights still get
+    gradients). ``parameters`` of the cell count the mechanism's own only."""
+
+    def __init__(self, attention: Attention) -> None:
+        super().__init__()
+        self.attention = attention
+        width = attention.heads * attention.head_dim
+        self.q_proj, self.k_proj, self.v_proj = (torch.nn.Linear(width, width) for _ in range(3))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        query = q.flatten(2)  # [B, L, H*D]
+        source = k.flatten(2) if self.attention.pattern.cross else query
+        layer_input = LayerInput(query, source, self.q_proj, self.k_proj, self.v_proj)
+        return self.attention(q, k, v, layer_input=layer_input)
 
 
 @dataclass

@@ -39,6 +39,11 @@ KIND = "run"
 FAILED = ("error", "oom", "timeout", "crashed")
 
 
+class CellTimeout(Exception):
+    """Raised inside a running cell whose time is up (a cluster job's time limit is near): the
+    cell is recorded as ``timeout``, not ``error``."""
+
+
 def record_path(results_dir: Path, cell: Cell) -> Path:
     return Path(results_dir) / "runs" / f"{cell.key}.json"
 
@@ -196,7 +201,8 @@ def _compute_cell(cell: Cell, results_dir: Path, *, device: str, preset: str, th
                              "eval_seconds": result.eval_seconds}
     except Exception as error:
         out_of_memory = isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-        record.update(status="oom" if out_of_memory else "error",
+        status = "timeout" if isinstance(error, CellTimeout) else "oom" if out_of_memory else "error"
+        record.update(status=status,
                       error=f"{type(error).__name__}: {error}"[:4000],
                       traceback=traceback.format_exc()[-8000:])
     record.setdefault("timings", {})["total_seconds"] = time.time() - started
@@ -442,14 +448,17 @@ class _Queue:
 def _submitit_job(cell: dict[str, Any], results_dir: str, preset: str) -> str:
     """What a submitit job runs: the cell on the job's GPU if it has one."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return run_cell(cell, results_dir, device=device, preset=preset)
+    status = run_cell(cell, results_dir, device=device, preset=preset)
+    submitted_path(Path(results_dir), Cell.from_json(cell)).unlink(missing_ok=True)
+    return status
 
 
 def run_submitit(cells: Sequence[Cell], results_dir: Path, *, cluster: str = "slurm",
                  parameters: Mapping[str, Any] | None = None, preset: str = "", wait: bool = True,
                  on_done: Callback | None = None) -> list[Any]:
     """Submit one job per cell (a job array) through submitit; ``cluster="local"`` runs the same
-    jobs as local subprocesses (submitit's LocalExecutor), ``"slurm"`` on a SLURM cluster.
+    jobs as local subprocesses (submitit's LocalExecutor). SLURM runs go through
+    :mod:`runners.cluster`, which sizes the jobs to the partition and follows them through sacct.
 
     ``parameters`` go to ``AutoExecutor.update_parameters`` (``slurm_partition``,
     ``gpus_per_node``, ``cpus_per_task``, ``mem_gb``, ``timeout_min``, ``slurm_array_parallelism``
@@ -464,8 +473,6 @@ def run_submitit(cells: Sequence[Cell], results_dir: Path, *, cluster: str = "sl
     longest = max((c.timeout for c in cells if c.timeout is not None), default=None)
     defaults: dict[str, Any] = {"name": f"attnbench-{preset or 'run'}",
                                 "timeout_min": math.ceil(longest / 60) + 5 if longest else 24 * 60}
-    if cluster == "slurm":
-        defaults.update(gpus_per_node=1, cpus_per_task=8, tasks_per_node=1, nodes=1)
     executor.update_parameters(**{**defaults, **(parameters or {})})
     jobs = executor.map_array(_submitit_job, [c.to_json() for c in cells],
                               [str(results_dir)] * len(cells), [preset] * len(cells))

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from attention_zoo import AttentionConfigError, MultiHeadAttention, Pattern
+from attention_zoo import AttentionConfigError, MultiHeadAttention, Pattern, attention_spec
 from attention_zoo.mechanisms.softmax import softmax_attention
 from attention_zoo.testing import build_for_test, random_inputs
 
@@ -52,13 +52,12 @@ def local_reference(q, k, v, *, window, kind, causal, key_padding_mask):
     return out
 
 
-@pytest.mark.parametrize("pattern", [*SELF_PATTERNS, Pattern.CAUSAL_CROSS])
+@pytest.mark.parametrize("pattern", SELF_PATTERNS)
 @pytest.mark.parametrize(("kind", "window"), [("sliding", 1), ("sliding", 3), ("blocked", 4)])
 def test_local_matches_loop_reference(pattern, kind, window):
     attention = build_for_test("local", pattern, window=window, kind=kind)
-    q_len, k_len = (9, 7) if pattern.cross else (11, 11)
-    q, k, v = random_inputs(2, q_len, k_len)
-    padding = _right_padding(2, k_len, 3)
+    q, k, v = random_inputs(2, 11, 11)
+    padding = _right_padding(2, 11, 3)
     padding[0, 1] = True  # a hole inside a window as well
     expected = local_reference(q, k, v, window=window, kind=kind, causal=pattern.causal,
                                key_padding_mask=padding)
@@ -161,10 +160,10 @@ def test_abc_matches_its_definition(pattern, chunk_size):
     q_len, k_len = (13, 10) if pattern.cross else (14, 14)
     q, k, v = random_inputs(2, q_len, k_len)
     padding = _right_padding(2, k_len, 3)
-    if pattern == Pattern.NONCAUSAL_CROSS:
+    if pattern.cross:
         padding[0, 2] = True
     with torch.no_grad():
-        expected = abc_reference(attention, q, k, v, causal=pattern.causal,
+        expected = abc_reference(attention, q, k, v, causal=pattern.triangular,
                                  key_padding_mask=padding)
         torch.testing.assert_close(attention(q, k, v, padding), expected, rtol=0, atol=1e-12)
 
@@ -273,7 +272,7 @@ def probsparse_reference(q, k, v, *, factor, pattern, key_padding_mask):
     return out
 
 
-@pytest.mark.parametrize("pattern", list(Pattern))
+@pytest.mark.parametrize("pattern", sorted(attention_spec("probsparse").patterns))
 @pytest.mark.parametrize("factor", [1, 2])
 def test_probsparse_matches_its_definition(pattern, factor):
     attention = build_for_test("probsparse", pattern, factor=factor)
@@ -290,13 +289,13 @@ def test_probsparse_matches_its_definition(pattern, factor):
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("pattern", list(Pattern))
+@pytest.mark.parametrize("pattern", sorted(attention_spec("probsparse").patterns))
 def test_probsparse_with_every_query_active_is_softmax(pattern):
     q_len, k_len = (12, 15) if pattern.cross else (14, 14)
     q, k, v = random_inputs(2, q_len, k_len)
     padding = _right_padding(2, k_len, 3)
     attention = build_for_test("probsparse", pattern, factor=k_len)
-    expected = softmax_attention(q, k, v, causal=pattern.causal, key_padding_mask=padding)
+    expected = softmax_attention(q, k, v, causal=pattern.triangular, key_padding_mask=padding)
     out = attention(q, k, v, padding)
     if not pattern.cross:
         out, expected = out[:, : k_len - 3], expected[:, : k_len - 3]
@@ -370,6 +369,56 @@ def test_longshort_matches_its_definition(pattern, config):
         out = attention(q, k, v, padding)
     torch.testing.assert_close(out[0], expected[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(out[1, :10], expected[1, :10], rtol=0, atol=1e-12)
+
+
+# lara ---------------------------------------------------------------------------------------
+
+def lara_reference(q, k, v, *, landmarks, real, query_axis=True):
+    """LARA in evaluation (omega_c = mu_c) as the authors' "mis-opt" code computes it, one
+    sample and head at a time over its ``real`` first positions: t_cn is a softmax over the
+    queries n (``query_axis=False``: over the landmarks c instead), centred on its mean over the
+    landmarks. Returns [B, L, H, D] (zeros at padded positions)."""
+    out = torch.zeros_like(q)
+    dim = q.shape[-1]
+    for b in range(q.shape[0]):
+        n = int(real[b])
+        segment = torch.arange(n) * landmarks // n
+        used = sorted(set(segment.tolist()))  # non-empty landmarks
+        for h in range(q.shape[2]):
+            qs, ks, vs = q[b, :n, h] * dim**-0.25, k[b, :n, h] * dim**-0.25, v[b, :n, h]
+            q_bar = torch.stack([qs[segment == c].mean(0) for c in used])  # [C, D]
+            mu = q_bar + torch.stack([ks[segment == c].mean(0) for c in used])
+
+            def log_xi(x, w):  # [X, D], [C, D] -> [C, X]
+                return w @ x.T - (x * x).sum(-1) / 2
+
+            log_k = log_xi(ks, mu)
+            f = torch.softmax(log_k, dim=-1) @ vs  # [C, D]
+            log_mu = log_xi(mu, mu)  # [C (sample), C (proposal)]
+            log_proposal = torch.diagonal(log_mu)[:, None]
+            balance = torch.exp(log_proposal - torch.logsumexp(log_mu, dim=-1, keepdim=True))
+            t = torch.softmax(q_bar @ qs.T, dim=-1 if query_axis else 0)  # [C, N]
+            alpha = balance + t - t.mean(0, keepdim=True)
+            log_ratio = (torch.log(alpha.clamp(min=1e-8)) + log_xi(qs, mu)
+                         + torch.logsumexp(log_k, dim=-1, keepdim=True) - log_proposal)
+            out[b, :n, h] = torch.softmax(log_ratio, dim=0).T @ f
+    return out
+
+
+@pytest.mark.parametrize("landmarks", [3, 4, 16])  # 16 > the shorter sample: empty landmarks
+def test_lara_matches_the_authors_computation(landmarks):
+    attention = build_for_test("lara", Pattern.NONCAUSAL_SELF, landmarks=landmarks)
+    q, k, v = random_inputs(2, 14, 14)
+    padding = _right_padding(2, 14, 4)
+    real = (~padding).sum(1)
+    with torch.no_grad():
+        out = attention(q, k, v, padding)
+        expected = lara_reference(q, k, v, landmarks=landmarks, real=real)
+        other_axis = lara_reference(q, k, v, landmarks=landmarks, real=real, query_axis=False)
+    torch.testing.assert_close(out[0], expected[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(out[1, :10], expected[1, :10], rtol=0, atol=1e-12)
+    # The test tells the axes apart: t_nc normalised over the landmarks gives another output.
+    assert (other_axis[0] - expected[0]).abs().max() > 1e-3
 
 
 # through the multi-head layer the backbones use --------------------------------------------

@@ -16,6 +16,8 @@ VARIANTS = [(name, {}) for name in list_attentions()] + [
     ("lavo", {"position": "none", "w": 5, "r": 3}),
     ("lavo", {"w": 1}),
     ("lavo", {"w": 64}),  # one window longer than every test sequence
+    ("lavo", {"memory": "kv"}),
+    ("lavo", {"memory": "kv", "combine": "joint", "bases": "learned"}),
     ("local", {"window": 3}),
     ("local", {"window": 4, "kind": "blocked"}),
     ("longshort", {"window": 4, "rank": 3, "segment": 3, "segment_rank": 2}),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -10,11 +12,11 @@ from attention_zoo.mechanisms.lavo import LAVOAttention
 from attention_zoo.mechanisms.softmax import SoftmaxAttention, softmax_attention
 from attention_zoo.testing import (
     check_batch_invariance,
+    check_causal_cross,
     check_decoding,
     check_gradients,
     check_no_future_leak,
     check_padding_invariance,
-    check_query_independence,
 )
 
 SELF = Pattern.CAUSAL_SELF
@@ -46,13 +48,10 @@ def test_lavo_with_a_global_mean_in_causal_mode_leaks(scratch_registry):
         def _backend(self, q, key_padding_mask):
             return "torch"  # the plain path, whose memory this class breaks
 
-        def _memory(self, q, k, v, bases, key_padding_mask):
-            pattern = self.pattern
-            self.pattern = Pattern.NONCAUSAL_SELF
-            try:
-                return super()._memory(q, k, v, bases, key_padding_mask)
-            finally:
-                self.pattern = pattern
+        def _memory(self, k, v, layer_input, dtype):
+            memory = super()._memory(k, v, layer_input, dtype)
+            coeffs = memory.key_coeffs.mean(1, keepdim=True).expand_as(memory.key_coeffs)
+            return dataclasses.replace(memory, key_coeffs=coeffs)
 
     name = _register(scratch_registry, "leaky_lavo", LeakyLAVO)
     with pytest.raises(AssertionError, match="future leaks"):
@@ -66,9 +65,10 @@ def test_batch_mixing_is_caught(scratch_registry):
         def _backend(self, q, key_padding_mask):
             return "torch"  # the plain path, whose memory this class breaks
 
-        def _memory(self, q, k, v, bases, key_padding_mask):
-            logits, has_memory, values = super()._memory(q, k, v, bases, key_padding_mask)
-            return logits.mean(0, keepdim=True).expand_as(logits), has_memory, values
+        def _memory(self, k, v, layer_input, dtype):
+            memory = super()._memory(k, v, layer_input, dtype)
+            coeffs = memory.key_coeffs.mean(0, keepdim=True).expand_as(memory.key_coeffs)
+            return dataclasses.replace(memory, key_coeffs=coeffs)
 
     name = _register(scratch_registry, "batch_mixer", BatchMixer)
     with pytest.raises(AssertionError, match=r"batched with others|other samples change"):
@@ -111,7 +111,25 @@ def test_dead_parameter_is_caught(scratch_registry):
         check_gradients(name, SELF)
 
 
-def test_query_mixing_in_cross_attention_is_caught_unless_declared(scratch_registry):
+def test_index_aligned_causal_cross_is_caught(scratch_registry):
+    class IndexAligned(SoftmaxAttention):
+        """Causal cross attention as query t seeing source positions s <= t."""
+
+        def attend(self, q, k, v, key_padding_mask, layer_input=None):
+            if not self.pattern.cross:
+                return super().attend(q, k, v, key_padding_mask)
+            visible = torch.arange(k.shape[1])[None, :] <= torch.arange(q.shape[1])[:, None]
+            scores = torch.einsum("bqhd,bkhd->bhqk", q, k).masked_fill(~visible, float("-inf"))
+            if key_padding_mask is not None:
+                scores = scores.masked_fill(key_padding_mask[:, None, None], float("-inf"))
+            return torch.einsum("bhqk,bkhd->bqhd", torch.softmax(scores, -1).nan_to_num(), v)
+
+    name = _register(scratch_registry, "index_aligned", IndexAligned)
+    with pytest.raises(AssertionError, match="does not reach query 0"):
+        check_causal_cross(name, Pattern.CAUSAL_CROSS)
+
+
+def test_query_pooling_in_causal_cross_attention_is_caught(scratch_registry):
     class PoolsQueries(SoftmaxAttention):
         """Cross attention whose queries are centred on their mean over positions."""
 
@@ -119,13 +137,18 @@ def test_query_mixing_in_cross_attention_is_caught_unless_declared(scratch_regis
             return super().attend(q - q.mean(1, keepdim=True), k, v, key_padding_mask)
 
     name = _register(scratch_registry, "pools_queries", PoolsQueries)
-    with pytest.raises(AssertionError, match="other queries change"):
-        check_query_independence(name, Pattern.NONCAUSAL_CROSS)
+    with pytest.raises(AssertionError, match="queries after it are removed"):
+        check_causal_cross(name, Pattern.CAUSAL_CROSS)
 
-    class DeclaresIt(PoolsQueries):
-        """The same, declared."""
+    class PoolsQueryPrefix(SoftmaxAttention):
+        """Queries centred on the running mean of the queries so far: causal, not decodable
+        one query at a time."""
 
-        mixes_queries = True
+        def attend(self, q, k, v, key_padding_mask, layer_input=None):
+            counts = torch.arange(1, q.shape[1] + 1, dtype=q.dtype)[None, :, None, None]
+            return super().attend(q - q.cumsum(1) / counts, k, v, key_padding_mask)
 
-    check_query_independence(_register(scratch_registry, "declares_it", DeclaresIt),
-                             Pattern.NONCAUSAL_CROSS)
+    name = _register(scratch_registry, "pools_query_prefix", PoolsQueryPrefix)
+    check_causal_cross(name, Pattern.CAUSAL_CROSS)
+    with pytest.raises(AssertionError, match="decoded alone against the whole source"):
+        check_decoding(name, Pattern.CAUSAL_CROSS)

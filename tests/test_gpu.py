@@ -32,7 +32,7 @@ STREAM_TOKENS = 131_072
 def _backend_against_plain(backend: str, pattern: str, combine: str, dtype: torch.dtype,
                            length: int) -> None:
     torch.manual_seed(0)
-    config = {"combine": combine}
+    config = {"combine": combine, "memory": "kv"}
     plain = build_attention("lavo", pattern=pattern, heads=4, head_dim=64, backend="torch",
                             **config).cuda()
     fast = build_attention("lavo", pattern=pattern, heads=4, head_dim=64, backend=backend,

@@ -215,10 +215,10 @@ def test_failed_cells_are_named_by_what_they_ran():
 def test_hyperparameters_are_checked_against_the_task_shapes(shaped, capsys):
     preset = preset_file(shaped, attention="lavo")
     with pytest.raises(MatrixConfigError, match=r"task shaped_value steps=3: lavo cannot run in role 'self' "
-                       r"\(2 heads of dimension 8\): lavo: r=16 exceeds head_dim=8"):
-        plan(preset, ["attention.r=4,16"])
-    assert main(["run", str(preset), "attention.r=16", "--dry-run"]) == 2
-    assert "r=16 exceeds head_dim=8" in capsys.readouterr().err
+                       r"\(2 heads of dimension 8\): lavo: r=32 exceeds the layer input width=16"):
+        plan(preset, ["attention.r=4,32"])
+    assert main(["run", str(preset), "attention.r=32", "--dry-run"]) == 2
+    assert "r=32 exceeds the layer input width=16" in capsys.readouterr().err
     with pytest.raises(MatrixConfigError, match=r"a width of 16 does not split into 3 heads"):
         plan(preset, ["heads=3"])
 
@@ -226,8 +226,8 @@ def test_hyperparameters_are_checked_against_the_task_shapes(shaped, capsys):
 def test_equal_models_get_equal_keys_however_spelled(shaped):
     preset = preset_file(shaped, attention="lavo")
     default, explicit, other = (plan(preset, extra).cells[0] for extra in
-                                ([], ["attention.r=8"], ["attention.r=4"]))
-    # r defaults to min(64, head_dim) = 8 at 2 heads x 8: r=8 is the default model.
+                                ([], ["attention.r=16"], ["attention.r=4"]))
+    # r defaults to min(64, input width) = 16 at 2 heads x 8 (memory="input"): r=16 is the default.
     assert explicit.key == default.key and explicit.attention_args == {}
     assert other.key != default.key and other.attention_args == {"r": 4}
 

@@ -16,7 +16,7 @@ HEADS, DIM = 2, 8
 
 def _lavo(backend: str, **config) -> torch.nn.Module:
     attention = build_attention("lavo", pattern="causal_self", heads=HEADS, head_dim=DIM,
-                                backend=backend, **config).double()
+                                memory="kv", backend=backend, **config).double()
     if attention.position_bias is not None:
         torch.nn.init.normal_(attention.position_bias)
     return attention
@@ -80,7 +80,7 @@ def test_saves_only_its_inputs_and_the_chunk_states():
 
 def test_half_precision_inputs_accumulate_in_float32():
     attention = build_attention("lavo", pattern="causal_self", heads=HEADS, head_dim=DIM, w=4,
-                                backend="chunked")
+                                memory="kv", backend="chunked")
     q, k, v = (torch.randn(1, 37, HEADS, DIM) for _ in range(3))
     want = attention(q, k, v)
     for dtype in (torch.bfloat16, torch.float16):
@@ -108,7 +108,8 @@ def test_auto_takes_the_chunked_pass_on_cpu_where_it_applies(monkeypatch):
         ("causal_cross", None, []),
     ]:
         calls.clear()
-        build_attention("lavo", pattern=pattern, heads=HEADS, head_dim=DIM)(q, q, q, mask)
+        build_attention("lavo", pattern=pattern, heads=HEADS, head_dim=DIM, memory="kv")(
+            q, q, q, mask)
         assert calls == expected, pattern
 
 
@@ -122,7 +123,7 @@ def test_choice_per_device_and_clear_refusals():
     assert "memory='input'" in backends.chunked_unsupported(
         causal=True, cross=False, masked=False, empty=False, memory="input")
     attention = build_attention("lavo", pattern="noncausal_self", heads=HEADS, head_dim=DIM,
-                                backend="chunked")
+                                memory="kv", backend="chunked")
     q = torch.randn(1, 5, HEADS, DIM)
     with pytest.raises(ValueError, match=r"backend='chunked' cannot run this call: non-causal"):
         attention(q, q, q, None)

@@ -16,9 +16,9 @@ def test_compiled_equals_eager_forward_and_gradients_without_recompiling_per_len
     torch._dynamo.reset()
     counters.clear()
     compiled = build_attention("lavo", pattern="causal_self", heads=2, head_dim=8, r=4, w=4,
-                               backend="compile")
+                               memory="kv", backend="compile")
     eager = build_attention("lavo", pattern="causal_self", heads=2, head_dim=8, r=4, w=4,
-                            backend="torch")
+                            memory="kv", backend="torch")
     eager.load_state_dict(compiled.state_dict())
     with torch.no_grad():
         compiled.position_bias.normal_()

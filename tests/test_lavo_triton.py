@@ -52,7 +52,7 @@ def _torch_path(q, k, v, bases, bias, *, w, causal, combine):
     attention = build_attention(
         "lavo", pattern="causal_self" if causal else "noncausal_self", heads=heads, head_dim=dim,
         r=r, w=w, combine=combine, position="none" if bias is None else "relative",
-        backend="torch",
+        backend="torch", memory="kv",
     ).double()
     attention.fixed_bases.copy_(bases)
     parameters = {} if bias is None else {"position_bias": bias}
@@ -125,7 +125,8 @@ def test_triton_backend_matches_torch_backend(pattern, combine):
     for backend in ("torch", "triton"):
         torch.manual_seed(0)
         attentions[backend] = build_attention("lavo", pattern=pattern, heads=2, head_dim=16,
-                                              r=8, w=16, combine=combine, backend=backend)
+                                              r=8, w=16, combine=combine, backend=backend,
+                                              memory="kv")
     with torch.no_grad():
         attentions["torch"].position_bias.normal_()
         attentions["triton"].position_bias.copy_(attentions["torch"].position_bias)
@@ -146,9 +147,20 @@ def test_auto_uses_pytorch_on_cpu(monkeypatch):
         raise AssertionError("backend='auto' ran the Triton kernels on a CPU tensor")
 
     monkeypatch.setattr(triton_kernels, "lavo_triton", refuse)
-    attention = build_attention("lavo", pattern="causal_self", heads=2, head_dim=8)
+    attention = build_attention("lavo", pattern="causal_self", heads=2, head_dim=8, memory="kv",
+                                backend="auto")
     q = torch.randn(1, 9, 2, 8)
     assert attention(q, q, q, None).shape == q.shape
+
+
+def test_auto_states_why_the_input_memory_runs_on_pytorch():
+    """The kernels implement the per-head key and value memories: with memory='input' (the
+    default), backend='auto' falls back to PyTorch and says so (with a warning on CUDA)."""
+    attention = build_attention("lavo", pattern="causal_self", heads=2, head_dim=8, backend="auto")
+    q = torch.randn(1, 9, 2, 8)
+    assert "memory='input'" in attention.triton_unsupported(q, None)
+    with pytest.raises(AttentionConfigError, match=r"memory='kv'; got .* memory='input'"):
+        build_attention("lavo", pattern="causal_self", heads=2, head_dim=8, backend="triton")
 
 
 def test_triton_backend_rejects_what_it_cannot_run():
@@ -156,11 +168,11 @@ def test_triton_backend_rejects_what_it_cannot_run():
         build_attention("lavo", pattern="causal_cross", heads=2, head_dim=8, backend="triton")
     with pytest.raises(AttentionConfigError, match="bases='learned'"):
         build_attention("lavo", pattern="causal_self", heads=2, head_dim=8, backend="triton",
-                        bases="learned")
+                        bases="learned", memory="kv")
     with pytest.raises(AttentionConfigError, match="backend"):
         build_attention("lavo", pattern="causal_self", heads=2, head_dim=8, backend="cuda")
     attention = build_attention("lavo", pattern="causal_self", heads=2, head_dim=8,
-                                backend="triton")
+                                backend="triton", memory="kv")
     q = torch.randn(1, 9, 2, 8)
     with pytest.raises(ValueError, match=r"key_padding_mask.*backend='auto'"):
         attention(q, q, q, torch.zeros(1, 9, dtype=torch.bool))

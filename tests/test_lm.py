@@ -25,7 +25,7 @@ from tasks.base import AttentionChoice, get_fetcher, get_task, resolve_attention
 from tasks.fairseq_plugin import USER_DIR, ZooAttention, state_bytes
 from tasks.lm import data as lm_data
 from tasks.lm import evaluate
-from tasks.lm.task import extrapolation_multiples
+from tasks.lm.task import evaluation_length, extrapolation_multiples
 
 CAUSAL = list_attentions(Pattern.CAUSAL_SELF)
 DECODING = [name for name in CAUSAL if attention_spec(name).decoding]
@@ -178,7 +178,7 @@ def test_streaming_equals_the_parallel_pass(lm_run: dict[str, Any]) -> None:
 
 
 ADAPTER_CASES = [(name, pattern) for pattern in (Pattern.CAUSAL_SELF, Pattern.NONCAUSAL_SELF,
-                                                  Pattern.NONCAUSAL_CROSS)
+                                                  Pattern.NONCAUSAL_CROSS, Pattern.CAUSAL_CROSS)
                  for name in list_attentions(pattern)]
 
 
@@ -204,12 +204,16 @@ def test_adapter_equals_zoo_layer(name: str, pattern: Pattern) -> None:
     expected = layer(x, source, source, padding) if pattern.cross else layer(
         x, key_padding_mask=padding)
     torch.testing.assert_close(out.transpose(0, 1), expected)
-    if pattern == Pattern.NONCAUSAL_CROSS and not attention_spec(name).mixes_queries:
+    if pattern == Pattern.CAUSAL_CROSS:
         # Encoder-decoder attention during generation: one new query, static keys and values.
         step, _ = adapter(x[:, 4:5].transpose(0, 1), source.transpose(0, 1),
                           source.transpose(0, 1), key_padding_mask=padding,
                           incremental_state={}, static_kv=True)
         torch.testing.assert_close(step.transpose(0, 1), expected[:, 4:5])
+    elif pattern == Pattern.NONCAUSAL_CROSS:
+        with pytest.raises(NotImplementedError, match="needs the causal_cross pattern"):
+            adapter(x[:, 4:5].transpose(0, 1), source.transpose(0, 1), source.transpose(0, 1),
+                    incremental_state={}, static_kv=True)
 
 
 @pytest.mark.parametrize("name", CAUSAL)
@@ -270,6 +274,11 @@ def test_bad_attention_gives_clear_errors(lm_run: dict[str, Any]) -> None:
         task.make_config({"tokenizer": "wordpiece"})
     with pytest.raises(ValueError, match=r"got '2,x'"):
         extrapolation_multiples("2,x")
+    assert extrapolation_multiples("2,1.5,4.0") == [1, 1.5, 2, 4]
+    with pytest.raises(ValueError, match=r"got '0,2'"):
+        extrapolation_multiples("0,2")
+    with pytest.raises(ValueError, match=r"1.5 x seq_len 33 = 49.5 is not a whole number"):
+        evaluation_length(1.5, 33)
 
 
 def test_compat_patches_stay_local() -> None:

@@ -369,6 +369,7 @@ def test_submitit_local_executor_writes_the_same_records(task_installed, capsys)
         # Each ran in a submitit job process of its own, not in this one.
         assert "submitit" in " ".join(record["provenance"]["argv"])
     assert list((results / "logs" / "submitit").rglob("*_log.out"))
+    assert not list((results / "runs").rglob("*.submitted"))  # each job's note goes with its record
     log = (task_installed / "executions.log").read_text().splitlines()
     assert sorted(line.split()[1] for line in log) == ["lavo(r=4,w=4)", "softmax"]
 

@@ -36,9 +36,9 @@ def test_matches_reference(name, pattern):
     q, k, v = random_inputs(2, q_len, k_len)
     padding = torch.zeros(2, k_len, dtype=torch.bool)
     padding[0, 0] = padding[1, -3:] = True  # query 0 of sample 0 sees nothing when causal
-    expected = reference(q, k, v, causal=pattern.causal, key_padding_mask=padding)
+    expected = reference(q, k, v, causal=pattern.triangular, key_padding_mask=padding)
     torch.testing.assert_close(attention(q, k, v, padding), expected, rtol=0, atol=1e-12)
-    expected = reference(q, k, v, causal=pattern.causal, key_padding_mask=None)
+    expected = reference(q, k, v, causal=pattern.triangular, key_padding_mask=None)
     torch.testing.assert_close(attention(q, k, v), expected, rtol=0, atol=1e-12)
 
 

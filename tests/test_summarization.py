@@ -156,7 +156,8 @@ def test_multi_news_fetch_is_a_dataset_entry_point() -> None:
 
 @pytest.mark.parametrize(("role", "name", "pattern"), [
     ("decoder_self", "nystrom", "causal_self"),
-    ("cross", "local", "noncausal_cross"),
+    ("cross", "local", "causal_cross"),
+    ("cross", "nystrom", "causal_cross"),
 ])
 def test_a_pattern_the_mechanism_lacks_is_refused(role: str, name: str, pattern: str) -> None:
     task = get_task("summarization")
@@ -178,7 +179,7 @@ def test_the_model_refuses_a_pattern_the_mechanism_lacks(tmp_path: Path) -> None
         str(tmp_path), "--user-dir", USER_DIR, "--task", "translation",
         "--arch", "zoo_transformer_tiny", "--cross-attention", "local",
     ])
-    with pytest.raises(AttentionConfigError, match=r"'local' does not support noncausal_cross.*lavo"):
+    with pytest.raises(AttentionConfigError, match=r"'local' does not support causal_cross.*lavo"):
         ZooTransformerModel.build_model(args, task=None)
 
 
@@ -242,7 +243,7 @@ def test_every_slot_holds_the_chosen_mechanism(run: dict[str, Any]) -> None:
     model, _ = _model(run)
     slots = [(layer.self_attn, "noncausal_self") for layer in model.encoder.layers]
     for layer in model.decoder.layers:
-        slots += [(layer.self_attn, "causal_self"), (layer.encoder_attn, "noncausal_cross")]
+        slots += [(layer.self_attn, "causal_self"), (layer.encoder_attn, "causal_cross")]
     for module, pattern in slots:
         assert isinstance(module, ZooAttention)
         assert module.spec.name == run["name"]
@@ -266,13 +267,13 @@ def test_incremental_decoding_matches_the_full_pass(run: dict[str, Any]) -> None
 
 
 def test_lavo_cross_attention_reads_its_memory_of_the_source(run: dict[str, Any]) -> None:
-    """LAVO's noncausal cross attention reads only its orthogonal memory, a mean over the valid
+    """LAVO's causal cross attention reads only its orthogonal memory, a mean over the valid
     source positions: the output ignores the source's order and its padding, but not its content."""
     if run["name"] != "lavo":
         pytest.skip("a LAVO property")
     model, _ = _model(run)
     cross = model.decoder.layers[0].encoder_attn
-    assert cross.pattern is Pattern.NONCAUSAL_CROSS
+    assert cross.pattern is Pattern.CAUSAL_CROSS
     torch.manual_seed(0)
     query = torch.randn(5, 2, 32)  # [T, B, C]
     source = torch.randn(11, 2, 32)  # [S, B, C]

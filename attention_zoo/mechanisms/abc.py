@@ -43,8 +43,10 @@ class ABCAttention(Attention):
     phi_{s,l} = exp(a_{s,l}) / sum_{s' visible} exp(a_{s',l}): each slot is a softmax-weighted
     average of the visible tokens. The memories are K~ = sum_s phi_s (x) k_s and
     V~ = sum_s phi_s (x) v_s (n x D each), and out_t = softmax(q_t K~^T / sqrt(D)) V~.
-    Visible: every valid key (non-causal), or s <= t (causal: the control is normalised over
-    the prefix, as in the paper's causal ABC, so the memory at t is K~_t). Default n = 32.
+    Visible: every valid key (non-causal, and cross attention, causal or not: each query reads
+    the memory of the whole source), or s <= t (causal self attention: the control is
+    normalised over the prefix, as in the paper's causal ABC, so the memory at t is K~_t).
+    Default n = 32.
 
     The paper computes the control from the layer input x; at the zoo boundary only q, k, v
     exist, so the control reads the key (a linear function of x in the usual layer). The causal
@@ -83,7 +85,7 @@ class ABCAttention(Attention):
         layer_input: LayerInput | None = None,
     ) -> Tensor:
         valid = None if key_padding_mask is None else ~key_padding_mask  # [B, Lk]
-        if self.pattern.causal:
+        if self.pattern.triangular:
             return self._causal(q, k, v, valid)
         logits = self.control_logits(k, valid).transpose(2, 3)  # [B, H, n, Lk]
         allowed = None if valid is None else valid[:, None, None, :]
@@ -98,12 +100,11 @@ class ABCAttention(Attention):
     def _causal(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None) -> Tensor:
         batch, q_len, heads, dim = q.shape
         c = self.chunk_size
-        length = -(-max(q_len, k.shape[1]) // c) * c
+        length = -(-q_len // c) * c
         chunks = length // c
         if valid is None:
             valid = torch.ones(batch, k.shape[1], dtype=torch.bool, device=q.device)
-        # Index-aligned: query t reads the memory of source positions s <= t, so both sides are
-        # padded to one length (padded keys are invalid and never enter the memory).
+        # Padded to whole chunks (padded keys are invalid and never enter the memory).
         valid = F.pad(valid, (0, length - k.shape[1]), value=False)
         q, k, v = (F.pad(x, (0, 0, 0, 0, 0, length - x.shape[1])) for x in (q, k, v))
         logits = self.control_logits(k, valid)  # [B, H, L, n]

@@ -70,17 +70,19 @@ class CosFormerAttention(Attention):
     out_i = sum_j s(q_i, k_j) v_j / (sum_j s(q_i, k_j) + 1e-6) over the visible keys. Positions
     are 1-based. Non-causal patterns use, as the paper, M = the sequence length: the number of
     real keys (self), max(Lq, real keys) (cross), with key positions counted among the real keys
-    so that padding changes nothing. Causal patterns need an M that does not depend on the
-    future, so they use ``max_length`` (default 4096) and refuse longer sequences; this also
+    so that padding changes nothing. Causal self attention needs an M that does not depend on
+    the future, so it uses ``max_length`` (default 4096) and refuses longer sequences; this also
     makes decoding possible (prefix sums, O(D^2) numbers per head). Time O(n D^2).
+    In cross attention a query's weight depends on its index i among the queries, so a query
+    alone (a decoder's cross attention, one query at a time) does not give its row of the whole
+    pass: ``noncausal_cross`` only.
 
     Qin et al., cosFormer: Rethinking Softmax in Attention, ICLR 2022.
     """
 
     Config = CosFormerConfig
-    patterns = frozenset(Pattern)
+    patterns = frozenset({Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF, Pattern.NONCAUSAL_CROSS})
     decoding = True
-    mixes_queries = True  # non-causal cross: a query's weight depends on its index i / M
     complexity = Complexity.LINEAR
     reference = "Qin et al., cosFormer: Rethinking Softmax in Attention, ICLR 2022 (arXiv 2202.08791)"
 

@@ -36,30 +36,6 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-def align_causal_keys(
-    query_length: int, tensors: tuple[Tensor, ...], key_valid: Tensor | None
-) -> tuple[tuple[Tensor, ...], Tensor]:
-    """Cut or pad key-side tensors [B, Lk, ...] to the query length for index-aligned causality.
-
-    Query t sees source positions s <= t, so keys past the last query are never visible and a
-    short source is padded with invalid keys.
-
-    Returns:
-        The aligned tensors [B, Lq, ...] and the validity mask [B, Lq] (True = a real key).
-    """
-    batch, key_length = tensors[0].shape[:2]
-    device = tensors[0].device
-    if key_valid is None:
-        key_valid = torch.ones(batch, key_length, dtype=torch.bool, device=device)
-    if key_length >= query_length:
-        return tuple(t[:, :query_length] for t in tensors), key_valid[:, :query_length]
-    extra = query_length - key_length
-    padded = tuple(
-        torch.cat([t, t.new_zeros((batch, extra, *t.shape[2:]))], dim=1) for t in tensors
-    )
-    return padded, F.pad(key_valid, (0, extra), value=False)
-
-
 def _exp_below(exponent: Tensor, keep: Tensor) -> Tensor:
     """exp(exponent) where ``keep`` (where the exponent is finite and <= 0), 0 elsewhere."""
     return torch.exp(exponent.masked_fill(~keep, float("-inf")))
@@ -81,7 +57,7 @@ def kernelized_attention(
         phi_q: [B, Lq, H, m] nonnegative query features.
         phi_k: [B, Lk, H, m] nonnegative key features (in [0, 1] when ``key_log_scale`` is given).
         v: [B, Lk, H, D] values.
-        causal: query t sees keys s <= t (index-aligned, also for Lq != Lk).
+        causal: query t sees keys s <= t (causal self attention: Lq == Lk).
         key_valid: [B, Lk] bool, False at padded keys, or None.
         key_log_scale: [B, Lk, H] or None: the true key feature is phi_k * exp(key_log_scale).
             Treated as a constant for autograd (it only fixes a scale that cancels).
@@ -99,10 +75,9 @@ def kernelized_attention(
         log_scale = key_log_scale.detach().to(dtype)
     ones = v_acc.new_ones(batch, key_length, heads, 1)
     values = torch.cat([v_acc, ones], dim=-1)  # [B, Lk, H, D + 1]: the last column normalises
-    if causal:
-        (phi_k, values, log_scale), key_valid = align_causal_keys(
-            phi_q.shape[1], (phi_k, values, log_scale), key_valid
-        )
+    if causal and phi_q.shape[1] != key_length:
+        raise ValueError(f"causal feature-map attention needs as many queries as keys, got "
+                         f"{phi_q.shape[1]} and {key_length}")
     if key_valid is not None:
         log_scale = log_scale.masked_fill(~key_valid[:, :, None], float("-inf"))
         phi_k = phi_k * key_valid[:, :, None, None]

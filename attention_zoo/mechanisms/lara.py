@@ -60,15 +60,18 @@ class LinearRandomizedAttention(Attention):
     - the target of query n, up to a constant, p~_n(w) = N(w; 0, I) xi(q~_n, w) sum_m xi(k~_m, w),
       over the proposal density N(w; mu_c, I) = N(w; 0, I) xi(mu_c, w) gives the importance ratio
       r_nc = xi(q~_n, omega_c) sum_m xi(k~_m, omega_c) / xi(mu_c, omega_c);
-    - multiple-importance weights (the paper's query-specific choice, the official "mis-opt"
-      with coefficient 1): a_nc = xi(mu_c, omega_c) / sum_c' xi(mu_c', omega_c)
-      + t_nc - 1/C, t_nc = softmax_c(q~_n . qbar~_c), floored at 1e-8;
+    - multiple-importance weights (the paper's query-specific choice, computed as the official
+      "mis-opt" with coefficient 1): a_nc = xi(mu_c, omega_c) / sum_c' xi(mu_c', omega_c)
+      + t_nc - mean_c' t_c'n, with t_nc = softmax_n(q~_n . qbar~_c), normalised over the
+      queries n (the last axis of the official [batch, heads, landmarks, queries] tensor), and
+      the mean taken over the landmarks; floored at 1e-8;
     - out_n = sum_c softmax_c(log a_nc + log r_nc) f(omega_c).
 
     Default C = 16 (the official ViT recipe uses 49). Segment means here are plain means of the
     real positions (the official code's parameter-free "no-param-pool" option; its default adds
-    a learned linear layer and LayerNorm). Time O(n C D). Non-causal self attention only, as in
-    the paper.
+    a learned linear layer and LayerNorm); the softmax over queries and the mean over landmarks
+    run over the real queries and the non-empty landmarks (the official code has no padding).
+    Time O(n C D). Non-causal self attention only, as in the paper.
 
     Zheng, Wang and Kong, Linear Complexity Randomized Self-attention Mechanism, ICML 2022.
     """
@@ -113,11 +116,8 @@ class LinearRandomizedAttention(Attention):
         balance = torch.exp(log_own_proposal - proposal_logits.logsumexp(-1))  # [B, H, C]
 
         landmark_visible = proposal_valid[:, None, None, :]  # [B, 1, 1, C]
-        query_landmarks = masked_softmax(
-            torch.einsum("bnhd,bchd->bhnc", q, query_means), landmark_visible
-        )  # t_nc: [B, H, N, C]
-        proposals = proposal_valid.sum(-1).clamp(min=1)[:, None, None, None]
-        mis = balance[:, :, None, :] + query_landmarks - 1.0 / proposals
+        mis = balance[:, :, None, :] + self._centred_query_weights(q, query_means, valid,
+                                                                   proposal_valid)
         log_ratio = (
             mis.clamp(min=MIN_MIS_WEIGHT).log()
             + query_logits.transpose(-1, -2)
@@ -125,3 +125,22 @@ class LinearRandomizedAttention(Attention):
         )  # [B, H, N, C]
         weights = masked_softmax(log_ratio, landmark_visible & torch.isfinite(log_ratio))
         return torch.einsum("bhnc,bhcd->bnhd", weights, f).to(dtype)
+
+    @staticmethod
+    def _centred_query_weights(
+        q: Tensor, query_means: Tensor, valid: Tensor, proposal_valid: Tensor
+    ) -> Tensor:
+        """t_nc - mean_c' t_c'n with t_nc = softmax over the real queries n of q~_n . qbar~_c.
+
+        Args:
+            q: [B, N, H, D] scaled queries; query_means: [B, C, H, D]; valid: [B, N];
+            proposal_valid: [B, C] (non-empty landmarks).
+
+        Returns:
+            [B, H, N, C].
+        """
+        logits = torch.einsum("bchd,bnhd->bhcn", query_means, q)  # [B, H, C, N]
+        t = masked_softmax(logits, valid[:, None, None, :])  # over the queries
+        landmarks = proposal_valid[:, None, :, None].to(t.dtype)  # [B, 1, C, 1]
+        mean = (t * landmarks).sum(dim=2, keepdim=True) / landmarks.sum(dim=2, keepdim=True).clamp(min=1)
+        return (t - mean).transpose(-1, -2)

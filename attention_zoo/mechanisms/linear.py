@@ -45,7 +45,7 @@ class LinearAttention(Attention):
         valid = None if key_padding_mask is None else ~key_padding_mask
         return kernelized_attention(
             elu_feature_map(q), elu_feature_map(k), v,
-            causal=self.pattern.causal, key_valid=valid, eps=EPS,
+            causal=self.pattern.triangular, key_valid=valid, eps=EPS,
         )
 
     def init_state(

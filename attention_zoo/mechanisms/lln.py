@@ -13,7 +13,6 @@ from attention_zoo.base import Attention, Complexity, LayerInput, Pattern, maske
 from attention_zoo.mechanisms.kernelized import (
     RunningSums,
     accumulation_dtype,
-    align_causal_keys,
     kernelized_attention,
 )
 from attention_zoo.registry import register_attention
@@ -115,8 +114,9 @@ class LLNAttention(Attention):
     - Causal patterns use prefix statistics: query t's alpha_t uses queries <= t, key s's
       beta_s uses positions <= s (fixed once the key has arrived), so decoding token by token
       gives the parallel result; the official code uses whole-sequence statistics.
-    - In non-causal cross attention s_q pools every query, so a query's output depends on the
-      other queries (declared as ``mixes_queries``); causal cross pools the query prefix only.
+    - In cross attention s_q pools every query, so a query's output depends on the other
+      queries: ``noncausal_cross`` only (a decoder feeding its queries one at a time would get
+      other statistics, so there is no ``causal_cross``).
     - The official key stabiliser subtracts the maximum over all keys (the future, causally);
       here key sums are kept relative to the running maximum (see ``kernelized``), which is
       exact and prefix-only. No eps is added to the normaliser.
@@ -128,8 +128,7 @@ class LLNAttention(Attention):
     """
 
     Config = LLNConfig
-    patterns = frozenset(Pattern)
-    mixes_queries = True  # non-causal cross: s_q pools every query (causal cross: the prefix)
+    patterns = frozenset({Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF, Pattern.NONCAUSAL_CROSS})
     decoding = True
     complexity = Complexity.LINEAR
     reference = (
@@ -160,8 +159,6 @@ class LLNAttention(Attention):
         causal = self.pattern.causal
         dtype = accumulation_dtype(q.dtype)
         q_acc, k_acc = q.to(dtype), k.to(dtype)
-        if causal:
-            (k_acc, v), valid = align_causal_keys(q.shape[1], (k_acc, v), valid)
         query_valid = None if self.pattern.cross else valid
         with torch.no_grad():
             query_moments = moments(q_acc, query_valid, causal=causal)

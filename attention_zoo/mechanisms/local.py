@@ -173,16 +173,16 @@ class LocalAttention(Attention):
     - ``blocked``: the block of w positions holding t (only s <= t when causal), as in the
       blockwise local attention of Image Transformer / Liu et al.'s memory-compressed attention.
 
-    Defaults: w = 16, sliding. Windows are index-aligned, so the mechanism serves self attention
-    and causal cross attention (query t and source position s aligned by index, as in CAB);
-    non-causal cross attention has no alignment between the two sequences and is not declared.
-    With w >= the length it equals softmax attention. Queries are processed in blocks of w
-    against one span of keys per block: time and memory O(n w D). Decodes with a
-    cache of the last w - 1 keys (sliding) or the current block (blocked).
+    Defaults: w = 16, sliding. Windows need one sequence, so the mechanism serves self attention
+    only: a query of another sequence has no window in the source (CAB's local attention
+    refuses cross attention too). With w >= the length it equals softmax attention. Queries
+    are processed in blocks of w against one span of keys per block: time and memory
+    O(n w D). Decodes with a cache of the last w - 1 keys (sliding) or the current block
+    (blocked).
     """
 
     Config = LocalConfig
-    patterns = frozenset({Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF, Pattern.CAUSAL_CROSS})
+    patterns = frozenset({Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF})
     decoding = True
     complexity = Complexity.LINEAR
     reference = (

@@ -88,6 +88,11 @@ class LongShortAttention(Attention):
     (the declared complexity class is the non-causal one).
     Self attention only: the window needs aligned positions. Decodes causally, keeping the
     last w - 1 keys, the current segment, and the projected tokens of the complete segments.
+
+    Departure from the authors' code: LN_S and LN_L normalise each head's D features (one
+    LayerNorm of width D, shared by the heads), where the authors' DualLN normalises over all
+    heads' features at once (width H * D); a head's output here does not depend on the other
+    heads' keys and values.
     """
 
     Config = LongShortConfig

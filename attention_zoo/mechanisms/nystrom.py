@@ -84,11 +84,15 @@ class NystromAttention(Attention):
     initial scale is per sample and head rather than a max over the batch, and the optional
     depthwise convolution skip on V (a separate module in the paper) is not part of the core.
     Half-precision inputs are computed in float32. Time and memory O(n m + m^2) per head.
+    With as many landmarks as tokens (m >= n) it is still not exactly softmax attention: the
+    pseudo-inverse is the ``pinv_iterations``-th (default 6) Newton-Schulz iterate, not the exact
+    inverse, as in the official code.
     """
 
     Config = NystromConfig
     patterns = frozenset({Pattern.NONCAUSAL_SELF, Pattern.NONCAUSAL_CROSS})
-    mixes_queries = True  # query landmarks are segment means over every query
+    # Query landmarks are segment means over every query: in cross attention a query alone does
+    # not give its row of the whole pass, so there is no causal_cross (nor any causal pattern).
     complexity = Complexity.LINEAR
     reference = (
         "Xiong et al., Nystromformer: A Nystrom-Based Algorithm for Approximating "

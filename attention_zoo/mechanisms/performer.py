@@ -107,7 +107,7 @@ class PerformerAttention(Attention):
         phi_k, scale = self._key_features(k)
         return kernelized_attention(
             self._query_features(q), phi_k, v,
-            causal=self.pattern.causal,
+            causal=self.pattern.triangular,
             key_valid=None if key_padding_mask is None else ~key_padding_mask,
             key_log_scale=scale,
         )

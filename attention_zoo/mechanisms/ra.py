@@ -48,6 +48,11 @@ class RandomizedAttention(Attention):
     deterministic: omega_n = E[p_n] = q~_n + sum_m pi_nm k~_m (a biased plug-in, not a sample).
     Quadratic: it needs pi. Non-causal self attention only, as in the paper.
 
+    Departure from the authors' code: the N(0, I) noise is added to q~_n + k~_m, after the
+    D^(-1/4) scaling, which is the proposal the estimator's unbiasedness needs. The authors' code
+    adds it to the unscaled q_n + k_m, which amounts to omega ~ N(q~_n + k~_m, D^(-1/2) I) in the
+    scaled space: their training-time estimate is biased (for D > 1), this one is not.
+
     Zheng, Wang and Kong, Linear Complexity Randomized Self-attention Mechanism, ICML 2022.
     """
 

@@ -23,7 +23,7 @@ def sdpa_attention(
     """
     qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, L, D]
     if key_padding_mask is None:
-        # is_causal is top-left aligned (query t sees keys s <= t): our definition, and the
+        # is_causal is top-left aligned (query t sees keys s <= t): causal self attention, and the
         # flash kernel's fast path on GPU.
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal)
         return out.transpose(1, 2)

@@ -26,7 +26,7 @@ def softmax_attention(
 
     Args:
         q: [B, Lq, H, D]; k, v: [B, Lk, H, D]; key_padding_mask: [B, Lk] bool (True = pad).
-        causal: query t sees keys s <= t.
+        causal: query t sees keys s <= t (causal self attention: Lq == Lk).
 
     Returns:
         [B, Lq, H, D]. A query that sees no key gets zeros.
@@ -66,7 +66,7 @@ class SoftmaxAttention(Attention):
         layer_input: LayerInput | None = None,
     ) -> Tensor:
         return self.exact_attention(
-            q, k, v, causal=self.pattern.causal, key_padding_mask=key_padding_mask
+            q, k, v, causal=self.pattern.triangular, key_padding_mask=key_padding_mask
         )
 
     def init_state(

@@ -180,7 +180,7 @@ class ZooAttention(nn.Module):
         """
         if before_softmax:
             raise ValueError(f"{self.spec.name}: zoo attention has no attention scores to return")
-        if attn_mask is not None and not self.pattern.causal:
+        if attn_mask is not None and not self.pattern.triangular:
             raise ValueError(
                 f"{self.spec.name}: an attn_mask was given to {self.pattern.value} attention; "
                 "zoo mechanisms apply only their own pattern's mask"
@@ -190,12 +190,15 @@ class ZooAttention(nn.Module):
             if key is None:
                 raise ValueError(f"{self.pattern.value} attention needs key and value inputs")
             source = key.transpose(0, 1)  # [B, S, kdim]
-            source_values = source if value is None else value.transpose(0, 1)  # [B, S, vdim]
-            if incremental_state is not None and self.pattern.causal:
+            # fairseq passes the encoder output as both key and value: keep it one tensor.
+            source_values = source if value is None or value is key else value.transpose(0, 1)
+            if incremental_state is not None and not self.pattern.causal:
                 raise NotImplementedError(
-                    f"{self.spec.name}: incremental decoding is supported for causal_self and "
-                    "noncausal_cross attention, not causal_cross"
+                    f"{self.spec.name}: incremental decoding of cross attention feeds queries "
+                    "one at a time, which needs the causal_cross pattern (a query's output then "
+                    f"depends on it and the source alone), not {self.pattern.value}"
                 )
+            # causal_cross decodes by feeding the new queries alone against the whole source.
             out = self.layer(x, source, source_values, key_padding_mask)  # [B, T, C]
         elif incremental_state is not None:
             out = self._decode(x, incremental_state)
@@ -205,7 +208,7 @@ class ZooAttention(nn.Module):
 
     def _decode(self, x: Tensor, incremental_state: IncrementalState) -> Tensor:
         """Continue decoding from the state in ``incremental_state``: x [B, T, C] -> [B, T, C]."""
-        if not self.pattern.causal:
+        if not self.pattern.triangular:
             raise ValueError(
                 f"{self.spec.name}: incremental decoding needs causal self attention, "
                 f"not {self.pattern.value}"

@@ -15,7 +15,8 @@ choose the attention::
 Slots and their patterns: encoder self-attention ``noncausal_self``, decoder self-attention
 ``causal_self`` (decoded token by token through ``incremental_state``; a mechanism without
 incremental decoding recomputes its causal pass over the tokens so far at each step), decoder
-encoder-attention ``noncausal_cross`` (the source is fixed while decoding: ``static_kv``).
+encoder-attention ``causal_cross`` (CAB's pattern for a decoder's cross attention: every query
+sees the whole source, and the query decoded at each step is fed alone against it).
 Each name and its hyperparameters are checked by the zoo's registry before the model is built,
 and a mechanism without the slot's pattern is refused with the list of those that have it.
 
@@ -35,7 +36,7 @@ from tasks.fairseq_plugin.attention import ZooAttention, checked_attention
 SLOTS = {
     "encoder": (Pattern.NONCAUSAL_SELF, "the encoder's self-attention"),
     "decoder": (Pattern.CAUSAL_SELF, "the decoder's self-attention"),
-    "cross": (Pattern.NONCAUSAL_CROSS, "the decoder's cross attention"),
+    "cross": (Pattern.CAUSAL_CROSS, "the decoder's cross attention"),
 }
 """Option prefix -> (pattern, what it is): ``--{prefix}-attention`` and ``--{prefix}-attention-args``."""
 
@@ -94,7 +95,7 @@ class ZooTransformerModel(TransformerModel):
             if layer.encoder_attn is not None:
                 layer.encoder_attn = ZooAttention(
                     decoder_dim, args.decoder_attention_heads, *choices["cross"],
-                    pattern=Pattern.NONCAUSAL_CROSS, kdim=encoder_dim, vdim=encoder_dim,
+                    pattern=Pattern.CAUSAL_CROSS, kdim=encoder_dim, vdim=encoder_dim,
                 )
         return model
 

@@ -52,8 +52,8 @@ class LMConfig:
     dropout: float = field(default=0.0, metadata={"help": "dropout", "min": 0})
     precision: Literal["fp32", "fp16", "bf16"] = field(default="fp32", metadata={
         "help": "training precision (fp16/bf16 are fairseq's, on GPU)"})
-    extrapolation: str = field(default="1,2,4,8", metadata={
-        "help": "evaluation contexts as multiples of L"})
+    extrapolation: str = field(default="1,1.5,2,4,8", metadata={
+        "help": "evaluation contexts as multiples of L (1.5 and 2 are CAB's; 4 and 8 ours)"})
     eval_batch_size: int = field(default=8, metadata={"help": "eval-lm batch", "min": 1})
     stream_tokens: int = field(default=2048, metadata={
         "help": "tokens of the test split streamed token by token (0: skip)", "min": 0})
@@ -65,15 +65,27 @@ class LMConfig:
         "min": 0})
 
 
-def extrapolation_multiples(text: str) -> list[int]:
-    """``"2,4,8"`` -> [1, 2, 4, 8] (L itself is always evaluated); bad text raises."""
+def extrapolation_multiples(text: str) -> list[int | float]:
+    """``"1.5,2,4"`` -> [1, 1.5, 2, 4] (L itself is always evaluated); bad text raises.
+
+    Whole multiples come back as ints (``2``, not ``2.0``)."""
+    message = f"extrapolation must be positive numbers like '1,1.5,2,4,8', got {text!r}"
     try:
-        multiples = sorted({1} | {int(part) for part in text.split(",") if part.strip()})
+        values = {float(part) for part in text.split(",") if part.strip()}
     except ValueError:
-        raise ValueError(f"extrapolation must be positive integers like '1,2,4,8', got {text!r}") from None
-    if multiples[0] < 1:
-        raise ValueError(f"extrapolation must be positive integers like '1,2,4,8', got {text!r}")
-    return multiples
+        raise ValueError(message) from None
+    if any(not value > 0 or value == float("inf") for value in values):
+        raise ValueError(message)
+    return sorted({1} | {int(v) if v.is_integer() else v for v in values})
+
+
+def evaluation_length(multiple: int | float, seq_len: int) -> int:
+    """The evaluation context ``multiple`` x L in tokens; it must be a whole number."""
+    length = multiple * seq_len
+    if not float(length).is_integer():
+        raise ValueError(f"extrapolation multiple {multiple} x seq_len {seq_len} = {length} is not "
+                         "a whole number of tokens; choose another multiple or seq_len")
+    return int(length)
 
 
 def train_command(
@@ -163,6 +175,8 @@ class LanguageModelingTask(Task):
 
         choice = attention["self"]
         multiples = extrapolation_multiples(config.extrapolation)
+        for multiple in multiples:  # before training: a bad multiple fails now, not after it
+            evaluation_length(multiple, config.seq_len)
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(seed)
@@ -235,19 +249,19 @@ class LanguageModelingTask(Task):
 
     @staticmethod
     def _evaluate(
-        config: LMConfig, prepared: lm_data.PreparedData, checkpoint: Path, multiple: int,
+        config: LMConfig, prepared: lm_data.PreparedData, checkpoint: Path, multiple: int | float,
         device: str,
     ) -> dict[str, Any]:
         """fairseq-eval-lm at ``multiple`` x L: perplexity and bits per byte (or the OOM)."""
         from tasks.lm import evaluate
 
-        length = multiple * config.seq_len
+        length = evaluation_length(multiple, config.seq_len)
         # "length" is the key the report reads (results/README.md, analysis EXTRAPOLATION_KEY).
         row: dict[str, Any] = {"multiple": multiple, "context": length, "length": length}
         try:
             scores = evaluate.eval_lm(
                 prepared.data_bin, checkpoint, tokens_per_sample=length, device=device,
-                batch_size=max(1, config.eval_batch_size // multiple),
+                batch_size=max(1, int(config.eval_batch_size // multiple)),
                 fp16=config.precision == "fp16",
             )
         except (torch.OutOfMemoryError, MemoryError) as error:
@@ -299,7 +313,7 @@ class LanguageModelingTask(Task):
 def extrapolation_table(rows: Mapping[str, list[dict[str, float]]], context: int) -> str:
     """Markdown: one row per attention, test perplexity (bits per byte) at each eval context."""
     multiples = sorted({r["multiple"] for runs in rows.values() for r in runs})
-    header = ["attention", *(f"{m}L = {m * context}" if m > 1 else f"L = {context}"
+    header = ["attention", *(f"{m}L = {evaluation_length(m, context)}" if m != 1 else f"L = {context}"
                              for m in multiples)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, runs in rows.items():

@@ -1,6 +1,6 @@
 """Long-document summarization on fairseq's encoder-decoder transformer with zoo attention in
 its three slots: encoder self (``noncausal_self``), decoder self (``causal_self``) and decoder
-cross attention (``noncausal_cross``), each any zoo member with that pattern.
+cross attention (``causal_cross``, CAB's pattern for it), each any zoo member with that pattern.
 
 One run: prepare the data (cached), train ``zoo_transformer`` with ``fairseq-train`` (the
 ``translation`` task, label-smoothed cross entropy) in a child process, then decode the test
@@ -119,7 +119,7 @@ class SummarizationTask(Task):
     roles = {
         "encoder_self": Pattern.NONCAUSAL_SELF,
         "decoder_self": Pattern.CAUSAL_SELF,
-        "cross": Pattern.NONCAUSAL_CROSS,
+        "cross": Pattern.CAUSAL_CROSS,
     }
     metrics = (
         Metric("rouge1", higher_is_better=True, description="ROUGE-1 F1 x100 of beam search (rouge-score)"),

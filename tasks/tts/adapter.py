@@ -88,9 +88,10 @@ class EspnetAttentionAdapter(nn.Module):
         q = self.linear_q(query).view(batch, -1, self.h, self.d_k)  # [B, T1, H, D]
         k = self.linear_k(key).view(batch, -1, self.h, self.d_k)  # [B, T2, H, D]
         v = self.linear_v(value).view(batch, -1, self.h, self.d_k)  # [B, T2, H, D]
-        padding = key_padding_mask(mask, query.shape[1], key.shape[1], causal=self.pattern.causal)
+        padding = key_padding_mask(mask, query.shape[1], key.shape[1],
+                                   causal=self.pattern.triangular)
         layer_input = None
-        if self.attention.uses_layer_input:
+        if self.attention.needs_layer_input:
             if value is not key:
                 raise ValueError(f"{self.attention.name} reads the layer's key/value input, so "
                                  "keys and values must be one tensor")
@@ -106,7 +107,8 @@ def key_padding_mask(mask: Tensor | None, query_length: int, key_length: int, *,
 
     ESPnet's mask is True where a query may see a key. A ``[B, 1, T2]`` mask is key padding
     alone. A ``[B, T1, T2]`` mask must be key padding combined with the pattern's own
-    causality (ESPnet's ``subsequent_mask`` for causal patterns, nothing for the others): any
+    causality (ESPnet's ``subsequent_mask`` for causal self attention, nothing for the others;
+    ``causal`` is the pattern's triangle, ``Pattern.triangular``): any
     other shape of mask cannot be expressed to a zoo member, and is an error rather than being
     silently ignored. Returns None when no key is padding.
     """

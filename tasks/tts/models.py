@@ -22,9 +22,8 @@ from tasks.base import AttentionChoice
 from tasks.tts.adapter import swap_attention
 
 FASTSPEECH2_ROLES = {"encoder_self": Pattern.NONCAUSAL_SELF, "decoder_self": Pattern.NONCAUSAL_SELF}
-# CAB's Transformer-TTS pattern: the decoder's cross attention is causal (index-aligned: frame t
-# sees characters s <= t). A monotonic alignment gives every character at least one frame, so the
-# character frame t is aligned to always has index <= t and the restriction never hides it.
+# CAB's Transformer-TTS pattern: the decoder's cross attention is causal cross attention (every
+# frame sees every character; frame t's output does not depend on later frames).
 TRANSFORMER_ROLES = {"encoder_self": Pattern.NONCAUSAL_SELF, "decoder_self": Pattern.CAUSAL_SELF,
                      "cross": Pattern.CAUSAL_CROSS}
 

@@ -1,14 +1,15 @@
 """LAVO: Linear Attention Via Orthogonal memory (Zhang et al., arXiv 2312.11135).
 
-The project's definition is ``specs/lavo.md`` (copied into the docstring below): an orthogonal
-memory of r slots for global context, context dissection into windows of w for local context,
-a relative position bias inside the windows, and the two reads combined.
+``SPEC.md`` beside this file is the definition, and says which parts are the paper's: an
+orthogonal memory of r slots for global context, context dissection into windows of w for local
+context, a relative position bias inside the windows, and the two reads combined.
 
-This is the plain PyTorch path. It keeps the causal global read factorised, so that it only
-ever builds [B, L, H, r] tensors, never the [B, L, H, r, D] tensor of per-position memories.
-The other backends (``backends.py``): causal self-attention chunk by chunk (``chunked.py``),
-the plain path under ``torch.compile``, and the fused Triton kernels (``triton_kernels.py``);
-``backend="auto"`` (the default) picks per device the fastest one verified there.
+This is the plain PyTorch path. It keeps the causal global read factorised (``memory.py``), so
+that it only ever builds [B, L, H, r] tensors, never the [B, L, H, r, D] tensor of per-position
+memories. The other backends (``backends.py``): causal self-attention with ``memory="kv"`` chunk
+by chunk (``chunked.py``), the plain path under ``torch.compile``, and the fused Triton kernels
+(``triton_kernels.py``, ``memory="kv"``); ``backend="auto"`` (the default) picks per device the
+fastest one verified there.
 """
 
 from __future__ import annotations
@@ -34,19 +35,36 @@ from attention_zoo.base import (
 )
 from attention_zoo.mechanisms.lavo import backends
 from attention_zoo.mechanisms.lavo.chunked import lavo_causal_chunked
+from attention_zoo.mechanisms.lavo.memory import (
+    OrthogonalMemory,
+    global_read,
+    input_memory,
+    kv_memory,
+    memory_logits,
+    memory_values,
+)
 from attention_zoo.registry import register_attention
 
 
 @dataclass(frozen=True)
 class LAVOConfig:
-    """Hyperparameters of LAVO (defaults from specs/lavo.md section 7)."""
+    """Hyperparameters of LAVO (SPEC.md section 7 says which defaults are whose)."""
 
     r: int | None = field(
         default=None,
-        metadata={"help": "orthogonal memory slots, r <= head_dim (None: min(64, head_dim))",
+        metadata={"help": "orthogonal memory slots, at most the memory's width (the layer input "
+                          "for memory='input', head_dim for 'kv'); None: 64 or that width if "
+                          "smaller (our choice, the paper's r is not known)",
                   "min": 1},
     )
-    w: int = field(default=16, metadata={"help": "window size of the local attention", "min": 1})
+    w: int = field(default=16, metadata={"help": "window size of the local attention (the seeds' "
+                                                 "value)", "min": 1})
+    memory: Literal["input", "kv"] = field(
+        default="input",
+        metadata={"help": "input: one memory of the layer input, projected like any context "
+                          "(the paper); kv: per-head memories of the projected keys and values "
+                          "(an ablation)"},
+    )
     bases: Literal["fixed", "learned"] = field(
         default="fixed",
         metadata={"help": "fixed: QR of a Gaussian, a buffer; learned: kept orthogonal"},
@@ -61,8 +79,9 @@ class LAVOConfig:
     backend: Literal["auto", "torch", "chunked", "compile", "triton"] = field(
         default="auto",
         metadata={"help": "auto: per device the fastest backend verified there (backends.py); "
-                          "torch: the plain path; chunked: causal self-attention chunk by chunk; "
-                          "compile: the plain path under torch.compile; triton: fused kernels"},
+                          "torch: the plain path; chunked: causal self-attention chunk by chunk "
+                          "(memory='kv'); compile: the plain path under torch.compile; triton: "
+                          "fused kernels (memory='kv')"},
     )
 
 
@@ -71,15 +90,18 @@ class LAVOState:
     """Decoding state of one LAVO layer: O(r + w D) numbers per head, whatever the context.
 
     Attributes:
-        key_sum: [B, H, r] running sum of the key coefficients B k_s (fp32 or wider).
-        value_sum: [B, H, r] running sum of the value coefficients.
+        key_sum: [B, G, r] running sum of the coefficients (fp32 or wider): of the layer input,
+            B x_s, shared by the heads (G = 1, ``memory="input"``), or of the keys, B k_s, per
+            head (G = H, ``memory="kv"``).
+        value_sum: [B, H, r] running sum of the value coefficients B v_s (``memory="kv"``), or
+            None (``memory="input"``: keys and values read one memory).
         count: tokens seen so far (the position of the next token).
         window_keys: [B, j, H, D] keys of the current window before the next token, j < w.
         window_values: [B, j, H, D].
     """
 
     key_sum: Tensor
-    value_sum: Tensor
+    value_sum: Tensor | None
     count: int
     window_keys: Tensor
     window_values: Tensor
@@ -125,27 +147,67 @@ class _Bases(nn.Module):
         self.weight = nn.Parameter(initial.clone())
 
 
+@dataclass(frozen=True)
+class _Windows:
+    """The local attention of a self-attention pass, cut into N windows of w (the last padded).
+
+    Attributes:
+        scores: [B, N, H, w, w] q_i . k_j / sqrt(D) (+ the relative bias) inside each window.
+        allowed: [B, N, 1 or H, w, w] bool, which keys each query of the window sees.
+        values: [B, N, w, H, D] the window's values.
+        length: the sequence length L before padding.
+    """
+
+    scores: Tensor
+    allowed: Tensor
+    values: Tensor
+    length: int
+
+    def split(self, x: Tensor) -> Tensor:
+        """[B, L, H, r] -> [B, N, H, w, r]."""
+        batch, windows, w = self.values.shape[:3]
+        x = F.pad(x, (0, 0, 0, 0, 0, windows * w - self.length))
+        return x.view(batch, windows, w, x.shape[2], x.shape[3]).transpose(2, 3)
+
+    def merge(self, x: Tensor) -> Tensor:
+        """[B, N, H, w, r] -> [B, L, H, r]."""
+        batch, windows, heads, w, width = x.shape
+        return x.transpose(2, 3).reshape(batch, windows * w, heads, width)[:, : self.length]
+
+    def read(self, probs: Tensor) -> Tensor:
+        """sum_j p_ij v_j in each window: probs [B, N, H, w, w] -> [B, L, H, D]."""
+        out = torch.einsum("bnhij,bnjhd->bnihd", probs, self.values.to(probs.dtype))
+        return out.reshape(out.shape[0], -1, *out.shape[3:])[:, : self.length]
+
+
 @register_attention("lavo")
 class LAVOAttention(Attention):
     """LAVO: orthogonal memory (global) + windowed attention with relative bias (local).
 
-    Per head, with bases B in R^{r x d} (orthonormal rows), c^k_s = B k_s and c^v_s = B v_s:
+    Global read, ``memory="input"`` (the default; the paper's single memory): one memory per
+    layer of its key/value-side input x. With bases B in R^{r x E} (orthonormal rows),
+    c_s = B x_s and H_t the mean of c_s over the visible positions (all valid source positions,
+    or s <= t in causal self attention), the memory X~_t = B (.) H_t is projected like any
+    context: slot j's key is H_tj W_k b_j (+ the key bias) and its value H_tj W_v b_j (+ the
+    value bias), split into heads. F_global(t) = sum_j softmax_j(q_t . key_tj / sqrt(d)) value_tj.
+    ``memory="kv"`` (an ablation): per head, B_h in R^{r x d}, separate memories of the
+    projected keys and values, key_tj = mean(B_h k_s)_j b_j and value_tj = mean(B_h v_s)_j b_j.
 
-    - Global: H^k_t = mean of c^k_s over visible s (all valid keys, or s <= t when causal);
-      slots m^k_j = H^k_{t,j} b_j. F_global(t) = sum_j softmax_j(q_t . m^k_j / sqrt(d)) m^v_j,
-      computed as (alpha_t * H^v_t) B with alpha_tj = softmax_j(H^k_tj (q_t . b_j) / sqrt(d)).
-    - Local (self only): windows of w; query t sees its window (up to t when causal):
-      F_local(t) = softmax_s(q_t . k_s / sqrt(d) + P[t - s + w - 1]) v_s.
-    - out = (F_global + F_local) / 2 (``combine="average"``), or one softmax over both sets of
-      logits (``combine="joint"``). Cross attention: out = F_global.
+    Local read (self attention only): windows of w; query t sees its window (up to t when
+    causal): F_local(t) = softmax_s(q_t . k_s / sqrt(d) + P[t - s + w - 1]) v_s.
+    out = (F_global + F_local) / 2 (``combine="average"``), or one softmax over both sets of
+    logits (``combine="joint"``). Cross attention (causal or not) reads the memory of the whole
+    source: out = F_global.
 
-    Causal cross attention uses the running mean over source positions s <= t. Time
-    O(n (r + w) d), activations O(n (r + w)). Decoding state O(r + w d) per head.
+    Time O(n (r + w) d), activations O(n (r + w)): the causal pass builds [B, L, H, r] tensors
+    and the r x d projected bases, never the n x r x d per-position memories. Decoding state
+    O(r + w d) per head.
     """
 
     Config = LAVOConfig
     patterns = frozenset(Pattern)
     decoding = True
+    uses_layer_input = True  # memory="input"; an instance with memory="kv" does without
     complexity = Complexity.LINEAR
     reference = "Zhang et al., Linear Attention via Orthogonal Memory, arXiv 2312.11135 (2023)"
 
@@ -155,20 +217,13 @@ class LAVOAttention(Attention):
     ) -> None:
         super().__init__(config, pattern=pattern, heads=heads, head_dim=head_dim,
                          input_dim=input_dim, source_dim=source_dim)
-        r = config.r if config.r is not None else min(64, head_dim)
-        if r > head_dim:
-            raise AttentionConfigError(
-                f"lavo: r={r} exceeds head_dim={head_dim}: no {r} orthonormal rows exist in "
-                f"R^{head_dim}; choose r <= {head_dim}"
-            )
-        if config.backend == "triton" and (pattern.cross or config.bases == "learned"):
-            raise AttentionConfigError(
-                f"lavo: backend='triton' supports self-attention with bases='fixed'; got pattern "
-                f"{pattern.value!r}, bases={config.bases!r}; use backend='auto' or 'torch'"
-            )
-        self.r = r
+        self._check_config(config, pattern)
+        width = self.source_dim if config.memory == "input" else head_dim
+        self.r = config.r if config.r is not None else min(64, width)
         self.w = config.w
-        initial = orthonormal_rows(heads, r, head_dim)  # [H, r, D]
+        # [r, E]: one memory of the layer input; [H, r, D]: a key and a value memory per head.
+        initial = (orthonormal_rows(1, self.r, width)[0] if config.memory == "input"
+                   else orthonormal_rows(heads, self.r, width))
         self.learned_bases: _Bases | None = None
         if config.bases == "learned":
             self.learned_bases = _Bases(initial)
@@ -188,9 +243,30 @@ class LAVOAttention(Attention):
                 "relative_index", window[:, None] - window[None, :] + self.w - 1, persistent=False
             )
 
+    def _check_config(self, config: LAVOConfig, pattern: Pattern) -> None:
+        width, what = ((self.source_dim, "the layer input width") if config.memory == "input"
+                       else (self.head_dim, "head_dim"))
+        if config.r is not None and config.r > width:
+            raise AttentionConfigError(
+                f"lavo: r={config.r} exceeds {what}={width} (memory={config.memory!r}): no "
+                f"{config.r} orthonormal rows exist in R^{width}; choose r <= {width}"
+            )
+        if config.backend == "triton" and (
+            pattern.cross or config.bases == "learned" or config.memory == "input"
+        ):
+            raise AttentionConfigError(
+                f"lavo: backend='triton' supports self-attention with bases='fixed' and "
+                f"memory='kv'; got pattern {pattern.value!r}, bases={config.bases!r}, "
+                f"memory={config.memory!r}; use backend='auto' or 'torch'"
+            )
+
+    @property
+    def needs_layer_input(self) -> bool:
+        return self.config.memory == "input"
+
     @property
     def bases(self) -> Tensor:
-        """[H, r, D] orthonormal rows."""
+        """[r, E] (``memory="input"``) or [H, r, D] (``memory="kv"``) orthonormal rows."""
         if self.learned_bases is not None:
             return self.learned_bases.weight
         return self.fixed_bases
@@ -211,27 +287,74 @@ class LAVOAttention(Attention):
             return lavo_causal_chunked(q, k, v, bases=self.bases, position_bias=self.position_bias,
                                        w=self.w, joint=self.config.combine == "joint")
         if backend == "compile":
-            return backends.compiled(LAVOAttention._attend_torch)(self, q, k, v, key_padding_mask)
-        return self._attend_torch(q, k, v, key_padding_mask)
+            return backends.compiled(LAVOAttention._attend_torch)(
+                self, q, k, v, key_padding_mask, layer_input)
+        return self._attend_torch(q, k, v, key_padding_mask, layer_input)
 
     def _attend_torch(
-        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+        layer_input: LayerInput | None,
     ) -> Tensor:
-        """The plain path: every pattern, vectorised over the whole sequence."""
+        """The plain path: every pattern and memory, vectorised over the whole sequence."""
         acc = _accumulation_dtype(q.dtype)
-        bases = self.bases.to(acc)  # [H, r, D]
-        memory_logits, has_memory, value_coeffs = self._memory(
-            q.to(acc), k.to(acc), v.to(acc), bases, key_padding_mask
-        )
+        memory = self._memory(k, v, layer_input, acc)
+        valid = None if key_padding_mask is None else ~key_padding_mask
+        causal = self.pattern.triangular
+        query = q.to(acc)
         if not self.local:
-            probs = masked_softmax(memory_logits, has_memory)  # [B, Lq, H, r]
-            return torch.einsum("blhr,hrd->blhd", probs * value_coeffs, bases).to(q.dtype)
-        return self._with_local(
-            q, k, v, key_padding_mask, memory_logits, has_memory, value_coeffs, bases
-        )
+            return global_read(query, memory, valid, causal=False).to(q.dtype)
+        windows = self._windows(q, k, v, key_padding_mask, acc)
+        if self.config.combine == "average":
+            local = windows.read(masked_softmax(windows.scores, windows.allowed))
+            return ((global_read(query, memory, valid, causal=causal) + local) / 2).to(q.dtype)
+        read = memory_logits(query, memory, valid, causal=causal)
+        logits = torch.cat([windows.split(read.logits), windows.scores], dim=-1)
+        batch, length, heads = q.shape[:3]
+        visible = torch.cat([
+            windows.split(read.visible.expand(batch, length, heads, self.r)),
+            windows.allowed.expand_as(windows.scores),
+        ], dim=-1)
+        probs = masked_softmax(logits, visible)  # [B, N, H, w, r + w]
+        global_part = memory_values(windows.merge(probs[..., : self.r]), read.value_means, memory)
+        return (global_part + windows.read(probs[..., self.r :])).to(q.dtype)
 
-    def _triton_unsupported(self, q: Tensor, key_padding_mask: Tensor | None) -> str | None:
+    def _memory(
+        self, k: Tensor, v: Tensor, layer_input: LayerInput | None, dtype: torch.dtype
+    ) -> OrthogonalMemory:
+        """The memory of the context: of the layer input (``memory="input"``) or of k and v."""
+        bases = self.bases.to(dtype)
+        if self.config.memory == "kv":
+            return kv_memory(k.to(dtype), v.to(dtype), bases)
+        assert layer_input is not None  # forward() checked it
+        return input_memory(layer_input.source.to(dtype), bases, layer_input.k_proj,
+                            layer_input.v_proj, self.heads)
+
+    def _windows(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, dtype: torch.dtype
+    ) -> _Windows:
+        batch, length, heads, dim = q.shape
+        w = self.w
+        pad = (-length) % w
+        padding = torch.zeros(batch, length, dtype=torch.bool, device=q.device)
+        if key_padding_mask is not None:
+            padding = key_padding_mask
+        if pad:
+            q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
+            padding = F.pad(padding, (0, pad), value=True)
+        windows = (length + pad) // w
+        qw, kw, vw = (x.view(batch, windows, w, heads, dim) for x in (q, k, v))
+        scores = (torch.einsum("bnihd,bnjhd->bnhij", qw, kw) / math.sqrt(dim)).to(dtype)
+        if self.position_bias is not None:
+            scores = scores + self.position_bias[:, self.relative_index].to(dtype)
+        allowed = ~padding.view(batch, windows, 1, 1, w)  # [B, N, 1, 1, w]
+        if self.pattern.causal:
+            allowed = allowed & torch.ones(w, w, dtype=torch.bool, device=q.device).tril()
+        return _Windows(scores, allowed, vw, length)
+
+    def triton_unsupported(self, q: Tensor, key_padding_mask: Tensor | None) -> str | None:
         """Why this call cannot run on the Triton kernels, or None when it can."""
+        if self.config.memory == "input":
+            return "memory='input' (the kernels implement the per-head key and value memories)"
         if self.pattern.cross:
             return "cross attention"
         if key_padding_mask is not None:
@@ -249,128 +372,38 @@ class LAVOAttention(Attention):
         if self.config.backend == "torch":
             return "torch"
         reasons = {
-            "triton": self._triton_unsupported(q, key_padding_mask),
+            "triton": self.triton_unsupported(q, key_padding_mask),
             "chunked": backends.chunked_unsupported(
                 causal=self.pattern.causal, cross=self.pattern.cross,
                 masked=key_padding_mask is not None, empty=q.shape[1] == 0,
-                memory=getattr(self.config, "memory", "kv")),
+                memory=self.config.memory),
         }
         return backends.choose(self.config.backend, q.device, reasons)
-
-    def _memory(
-        self, q: Tensor, k: Tensor, v: Tensor, bases: Tensor, key_padding_mask: Tensor | None
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """The global read's logits and its value coefficients, factorised.
-
-        Returns:
-            memory_logits: [B, Lq, H, r] = H^k_t * (q_t . b_j) / sqrt(d).
-            has_memory: [B, Lq or 1, 1, 1] bool, whether query t sees any key.
-            value_coeffs: [B, Lq or 1, H, r] = H^v_t.
-        """
-        key_coeffs = torch.einsum("blhd,hrd->blhr", k, bases)  # [B, Lk, H, r]
-        value_coeffs = torch.einsum("blhd,hrd->blhr", v, bases)
-        counts = torch.ones(k.shape[0], k.shape[1], 1, 1, dtype=k.dtype, device=k.device)
-        if key_padding_mask is not None:
-            counts = (~key_padding_mask).to(k.dtype)[:, :, None, None]  # [B, Lk, 1, 1]
-            key_coeffs = key_coeffs * counts
-            value_coeffs = value_coeffs * counts
-        if self.pattern.causal:
-            counts = counts.cumsum(dim=1)
-            key_coeffs = key_coeffs.cumsum(dim=1)
-            value_coeffs = value_coeffs.cumsum(dim=1)
-            if self.pattern.cross:  # index-aligned: query t reads the source prefix s <= t
-                aligned = torch.arange(q.shape[1], device=q.device).clamp(max=k.shape[1] - 1)
-                counts, key_coeffs, value_coeffs = (
-                    x[:, aligned] for x in (counts, key_coeffs, value_coeffs)
-                )
-        else:
-            counts = counts.sum(dim=1, keepdim=True)
-            key_coeffs = key_coeffs.sum(dim=1, keepdim=True)
-            value_coeffs = value_coeffs.sum(dim=1, keepdim=True)
-        safe_counts = counts.clamp(min=1)
-        key_means = key_coeffs / safe_counts
-        value_means = value_coeffs / safe_counts
-        query_coeffs = torch.einsum("blhd,hrd->blhr", q, bases)  # [B, Lq, H, r]
-        memory_logits = query_coeffs * key_means / math.sqrt(q.shape[-1])
-        return memory_logits, counts > 0, value_means
-
-    def _with_local(
-        self,
-        q: Tensor,
-        k: Tensor,
-        v: Tensor,
-        key_padding_mask: Tensor | None,
-        memory_logits: Tensor,
-        has_memory: Tensor,
-        value_coeffs: Tensor,
-        bases: Tensor,
-    ) -> Tensor:
-        batch, length, heads, dim = q.shape
-        w = self.w
-        pad = (-length) % w
-        windows = (length + pad) // w
-        padding = torch.zeros(batch, length, dtype=torch.bool, device=q.device)
-        if key_padding_mask is not None:
-            padding = key_padding_mask
-        if pad:
-            q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
-            padding = F.pad(padding, (0, pad), value=True)
-        qw, kw, vw = (x.view(batch, windows, w, heads, dim) for x in (q, k, v))
-        scores = torch.einsum("bnihd,bnjhd->bnhij", qw, kw) / math.sqrt(dim)  # [B, N, H, w, w]
-        scores = scores.to(memory_logits.dtype)
-        if self.position_bias is not None:
-            scores = scores + self.position_bias[:, self.relative_index].to(scores.dtype)
-        allowed = ~padding.view(batch, windows, 1, 1, w)  # [B, N, 1, 1, w]
-        if self.pattern.causal:
-            allowed = allowed & torch.ones(w, w, dtype=torch.bool, device=q.device).tril()
-        value_dtype = memory_logits.dtype
-
-        def to_windows(x: Tensor) -> Tensor:  # [B, L, H, r] -> [B, N, H, w, r]
-            x = F.pad(x, (0, 0, 0, 0, 0, pad)) if pad else x
-            return x.view(batch, windows, w, heads, x.shape[-1]).transpose(2, 3)
-
-        def from_windows(x: Tensor) -> Tensor:  # [B, N, H, w, r] -> [B, L, H, r]
-            return x.transpose(2, 3).reshape(batch, windows * w, heads, x.shape[-1])[:, :length]
-
-        if self.config.combine == "joint":
-            has_memory = has_memory.expand(batch, length, heads, self.r)
-            logits = torch.cat([to_windows(memory_logits), scores], dim=-1)
-            visible = torch.cat(
-                [to_windows(has_memory), allowed.expand(batch, windows, heads, w, w)], dim=-1
-            )
-            probs = masked_softmax(logits, visible)
-            memory_probs, local_probs = from_windows(probs[..., : self.r]), probs[..., self.r :]
-            scale = 1.0
-        else:
-            memory_probs = masked_softmax(memory_logits, has_memory)
-            local_probs = masked_softmax(scores, allowed)
-            scale = 0.5
-        local = torch.einsum("bnhij,bnjhd->bnihd", local_probs, vw.to(value_dtype))
-        local = local.reshape(batch, windows * w, heads, dim)[:, :length]
-        memory = torch.einsum("blhr,hrd->blhd", memory_probs * value_coeffs, bases)
-        return ((memory + local) * scale).to(q.dtype)
 
     def init_state(
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype
     ) -> LAVOState:
         acc = _accumulation_dtype(dtype)
-        sums = torch.zeros(batch_size, self.heads, self.r, device=device, dtype=acc)
+        groups = 1 if self.config.memory == "input" else self.heads
+        key_sum = torch.zeros(batch_size, groups, self.r, device=device, dtype=acc)
+        value_sum = None if self.config.memory == "input" else key_sum.clone()
         window = torch.zeros(batch_size, 0, self.heads, self.head_dim, device=device, dtype=dtype)
-        return LAVOState(sums, sums.clone(), 0, window, window.clone())
+        return LAVOState(key_sum, value_sum, 0, window, window.clone())
 
     def step(
         self, q: Tensor, k: Tensor, v: Tensor, state: LAVOState, *,
         layer_input: LayerInput | None = None,
     ) -> tuple[Tensor, LAVOState]:
+        if self.needs_layer_input:
+            layer_input = self.require_layer_input(layer_input, q, k)
         acc = state.key_sum.dtype
-        bases = self.bases.to(acc)
         query = q[:, 0].to(acc)  # [B, H, D]
-        key_sum = state.key_sum + torch.einsum("bhd,hrd->bhr", k[:, 0].to(acc), bases)
-        value_sum = state.value_sum + torch.einsum("bhd,hrd->bhr", v[:, 0].to(acc), bases)
+        key_sum, value_sum = self._updated_sums(k, v, layer_input, state)
         count = state.count + 1
         scale = 1.0 / math.sqrt(self.head_dim)
-        memory_logits = torch.einsum("bhd,hrd->bhr", query, bases) * key_sum / count * scale
-        value_means = value_sum / count
+        key_means = key_sum / count
+        value_means = key_means if value_sum is None else value_sum / count
+        memory_logits = self._step_logits(query, key_means, layer_input) * scale  # [B, H, r]
 
         window_keys = torch.cat([state.window_keys, k], dim=1)  # [B, j+1, H, D]
         window_values = torch.cat([state.window_values, v], dim=1)
@@ -385,9 +418,55 @@ class LAVOAttention(Attention):
         else:
             memory_probs = torch.softmax(memory_logits, dim=-1)
             local_probs, scale_out = torch.softmax(scores, dim=-1), 0.5
-        memory = torch.einsum("bhr,hrd->bhd", memory_probs * value_means, bases)
+        memory = self._step_values(memory_probs, value_means, layer_input)
         local = torch.einsum("bhj,bjhd->bhd", local_probs, window_values.to(acc))
         out = ((memory + local) * scale_out).to(q.dtype)[:, None]  # [B, 1, H, D]
         if window_keys.shape[1] == self.w:  # window complete: the next token starts a new one
             window_keys, window_values = window_keys[:, :0], window_values[:, :0]
         return out, LAVOState(key_sum, value_sum, count, window_keys, window_values)
+
+    def _updated_sums(
+        self, k: Tensor, v: Tensor, layer_input: LayerInput | None, state: LAVOState
+    ) -> tuple[Tensor, Tensor | None]:
+        acc = state.key_sum.dtype
+        bases = self.bases.to(acc)
+        if state.value_sum is None:
+            assert layer_input is not None  # step() checked it
+            coeffs = torch.einsum("be,re->br", layer_input.source[:, 0].to(acc), bases)
+            return state.key_sum + coeffs[:, None], None
+        key_sum = state.key_sum + torch.einsum("bhd,hrd->bhr", k[:, 0].to(acc), bases)
+        return key_sum, state.value_sum + torch.einsum("bhd,hrd->bhr", v[:, 0].to(acc), bases)
+
+    def _step_logits(self, query: Tensor, key_means: Tensor, layer_input: LayerInput | None) -> Tensor:
+        """q . key_j of the new query [B, H, D] (unscaled): [B, H, r].
+
+        With ``memory="input"`` the slot keys are never formed: q . W_k b_j = (W_k^T q) . b_j,
+        O(E (D + r)) per head instead of the O(r E D) projection of the bases.
+        """
+        bases = self.bases.to(query.dtype)
+        if self.config.memory == "kv":
+            return key_means * torch.einsum("bhd,hrd->bhr", query, bases)
+        assert layer_input is not None
+        weight = layer_input.k_proj.weight.to(query.dtype).view(self.heads, self.head_dim, -1)
+        in_input_space = torch.einsum("bhd,hde->bhe", query, weight)  # W_k^T q: [B, H, E]
+        logits = key_means * torch.einsum("bhe,re->bhr", in_input_space, bases)
+        bias = layer_input.k_proj.bias
+        if bias is not None:
+            logits = logits + torch.einsum("bhd,hd->bh", query, bias.to(query.dtype).view(
+                self.heads, self.head_dim))[..., None]
+        return logits
+
+    def _step_values(self, probs: Tensor, value_means: Tensor, layer_input: LayerInput | None) -> Tensor:
+        """sum_j p_j value_j of the new query: probs [B, H, r] -> [B, H, D]."""
+        bases = self.bases.to(probs.dtype)
+        if self.config.memory == "kv":
+            return torch.einsum("bhr,hrd->bhd", probs * value_means, bases)
+        assert layer_input is not None
+        in_input_space = torch.einsum("bhr,re->bhe", probs * value_means, bases)  # [B, H, E]
+        weight = layer_input.v_proj.weight.to(probs.dtype).view(self.heads, self.head_dim, -1)
+        out = torch.einsum("bhe,hde->bhd", in_input_space, weight)
+        bias = layer_input.v_proj.bias
+        if bias is not None:
+            out = out + probs.sum(dim=-1, keepdim=True) * bias.to(probs.dtype).view(
+                self.heads, self.head_dim)
+        return out
