@@ -30,7 +30,11 @@ from typing import Any
 import torch
 
 SUITE_LENGTHS = (4096, 16384, 32768, 65536, 131072)
-LAVO_BACKENDS = ("torch", "chunked", "compile", "triton")
+LAVO_VARIANTS = (
+    # The default memory="input" on the backends that implement it, and memory="kv" on all.
+    "backend=torch", "backend=compile",
+    *(f"memory=kv,backend={backend}" for backend in ("torch", "chunked", "compile", "triton")),
+)
 
 TASK_SMOKE: dict[str, dict[str, Any]] = {
     # A few optimiser steps of each task's smoke model on its shipped sample.
@@ -74,7 +78,7 @@ def run_task_smoke(name: str, *, device: str, dtype: torch.dtype | None, workdir
 def _efficiency_arguments(results_dir: Path, lengths: Sequence[int]) -> list[str]:
     """One efficiency run: every LAVO backend, SDPA and flash-linear-attention's kernels side by
     side (interleaved at each length)."""
-    variants = [x for backend in LAVO_BACKENDS for x in ("--attention-args", f"lavo:backend={backend}")]
+    variants = [x for arguments in LAVO_VARIANTS for x in ("--attention-args", f"lavo:{arguments}")]
     return ["efficiency", "--attention", "lavo,sdpa", *variants, "--compare-fla",
             "--patterns", "causal_self", "--device", "cuda", "--dtype", "bfloat16",
             "--batch", "1", "--heads", "8", "--head-dim", "64",

@@ -76,7 +76,8 @@ def test_gpu_suite_commands_parse_and_it_refuses_to_start_without_cuda(tmp_path,
 
     parsed = build_parser().parse_args(gpu_suite._efficiency_arguments(tmp_path, gpu_suite.SUITE_LENGTHS))
     assert parsed.attention == "lavo,sdpa" and parsed.lengths[-1] == 131072 and parsed.compare_fla
-    assert parsed.attention_args == [f"lavo:backend={b}" for b in gpu_suite.LAVO_BACKENDS]
+    assert parsed.attention_args == [f"lavo:{v}" for v in gpu_suite.LAVO_VARIANTS]
+    assert "lavo:memory=kv,backend=triton" in parsed.attention_args
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert gpu_suite.main(["--out", str(tmp_path / "figures.md")]) == 2
     assert "no CUDA device" in capsys.readouterr().err
@@ -84,8 +85,8 @@ def test_gpu_suite_commands_parse_and_it_refuses_to_start_without_cuda(tmp_path,
 
 
 def test_variants_of_one_mechanism_are_measured_side_by_side(tmp_path):
-    code = main(["efficiency", "--attention", "lavo", "--attention-args", "lavo:backend=torch",
-                 "--attention-args", "lavo:backend=chunked", "--patterns", "causal_self",
+    code = main(["efficiency", "--attention", "lavo", "--attention-args", "lavo:memory=kv,backend=torch",
+                 "--attention-args", "lavo:memory=kv,backend=chunked", "--patterns", "causal_self",
                  "--lengths", "16", "--heads", "2", "--head-dim", "8", "--repeats", "1",
                  "--warmup", "0", "--device", "cpu", "--results-dir", str(tmp_path)])
     assert code == 0
