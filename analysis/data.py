@@ -5,9 +5,14 @@ Two frames feed every table and plot:
 - :func:`run_metrics`: one row per (run record, metric), from ``results/runs``.
 - :func:`efficiency_points`: one row per efficiency record, from ``results/efficiency``.
 
-Metric directions come from the task's own declaration (``Task.metrics``, ``higher_is_better``)
-when the task is installed, else from the record's ``metric_directions``; a scalar with neither
-(an extra measurement of the task) has no direction and stays out of the compositional index.
+Metric directions and kinds come from the record (``declared_metrics``: name, kind, direction in
+the task's declared order), else from the installed task's declaration (``Task.metrics``), else
+from the record's ``metric_directions`` (older records: every directed metric counts as quality).
+A scalar the declarations do not name (an extra measurement of the task) has kind ``extra`` and
+no direction; the metrics of a record with no declarations at all are shown as quality metrics
+without a direction (never ranked). Only ``quality`` metrics enter the leaderboards and the
+compositional index; ``cost`` metrics (throughput) go to the cost tables, ``diagnostic`` ones
+beside the quality metrics.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import pandas as pd
 from attention_zoo import AttentionConfigError, Pattern, attention_spec
 from runners.records import RecordProblem, read_records, scan_records
 from runners.summary import attention_label, settings_label
+from runners.summary import declared_metrics as declared_metrics_of
 
 RUN_KIND = "run"
 EFFICIENCY_KIND = "efficiency"
@@ -37,19 +43,39 @@ position of an unbounded stream (the end of each bucket of positions), either
 ``{"<position>": perplexity}`` or ``[{"position": n, "perplexity": p}, ...]``."""
 
 RUN_COLUMNS = ["key", "task", "settings", "attention", "label", "args", "seed", "status",
-               "metric", "value", "direction"]
+               "metric", "value", "direction", "kind", "order"]
+
+EXTRA_ORDER = 1000
+"""The ``order`` of an undeclared metric (declared ones count from 0 in declared order)."""
 
 
 @cache
-def declared_metrics(task: str) -> dict[str, str] | None:
-    """``{metric: "higher" | "lower"}`` as the installed task declares it; None if not installed."""
+def _declared(task: str) -> tuple[tuple[str, str, str], ...] | None:
+    """``((metric, direction, kind), ...)`` as the installed task declares them; None if the task
+    is not installed."""
     from tasks.base import get_task
 
     try:
         task_class = get_task(task)
     except AttentionConfigError:
         return None
-    return {m.name: "higher" if m.higher_is_better else "lower" for m in task_class.metrics}
+    return tuple((m.name, "higher" if m.higher_is_better else "lower", m.kind) for m in task_class.metrics)
+
+
+def declared_metrics(task: str) -> dict[str, str] | None:
+    """``{metric: "higher" | "lower"}`` as the installed task declares it; None if not installed."""
+    declared = _declared(task)
+    return None if declared is None else {name: direction for name, direction, _ in declared}
+
+
+def record_metric_declarations(record: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """``[(metric, direction, kind)]`` of a run record, in declared order (see the module's
+    docstring for where they come from)."""
+    if not record.get("declared_metrics"):
+        installed = _declared(record["cell"]["task"])
+        if installed is not None:
+            return list(installed)
+    return [(m["name"], m["direction"], m["kind"]) for m in declared_metrics_of(dict(record))]
 
 
 @cache
@@ -64,9 +90,9 @@ def task_patterns(task: str) -> frozenset[Pattern] | None:
 
 
 def primary_metric(task: str, metrics: Sequence[str]) -> str | None:
-    """The metric a figure or table shows for ``task``: the first the task declares among
-    ``metrics``, else the first of ``metrics`` in sorted order (None if empty)."""
-    declared = [m for m in declared_metrics(task) or {} if m in metrics]
+    """The metric a figure or table shows for ``task``: the first quality metric the task
+    declares among ``metrics``, else the first of ``metrics`` in sorted order (None if empty)."""
+    declared = [name for name, _, kind in _declared(task) or () if kind == "quality" and name in metrics]
     return declared[0] if declared else min(metrics, default=None)
 
 
@@ -147,12 +173,17 @@ def run_metrics(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
             "seed": record.get("seed", cell.get("seed")), "status": record.get("status"),
         }
         if record.get("status") != "ok":
-            rows.append({**base, "metric": None, "value": math.nan, "direction": None})
+            rows.append({**base, "metric": None, "value": math.nan, "direction": None, "kind": None,
+                         "order": EXTRA_ORDER})
             continue
-        directions = declared_metrics(task) or dict(record.get("metric_directions") or {})
+        declared = {name: (direction, kind, order) for order, (name, direction, kind)
+                    in enumerate(record_metric_declarations(record))}
+        # A record that declares nothing: its metrics are shown as the task's, with no direction.
+        undeclared = (None, "extra" if declared else "quality", EXTRA_ORDER)
         for metric, value in record["metrics"].items():
-            rows.append({**base, "metric": metric, "value": float(value),
-                         "direction": directions.get(metric)})
+            direction, kind, order = declared.get(metric, undeclared)
+            rows.append({**base, "metric": metric, "value": float(value), "direction": direction,
+                         "kind": kind, "order": order})
     return pd.DataFrame(rows, columns=RUN_COLUMNS)
 
 

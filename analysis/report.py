@@ -3,7 +3,8 @@ with an index page (``index.md`` and ``index.html``). Nothing is re-run.
 
 Layout of the report folder::
 
-    index.md, index.html      every table and figure, in order
+    index.html                one self-contained page (styles, sorting, figures inline)
+    index.md                  the same tables and figures in Markdown
     tables/<name>.md, .tex    the tables (Markdown and LaTeX)
     figures/<name>.png, .pdf  the figures
     paper/                    with ``--paper``: the LAVO paper's and CAB's layouts, the same way
@@ -11,8 +12,11 @@ Layout of the report folder::
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import html
+import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +36,15 @@ from analysis.data import (
     run_metrics,
     run_records,
 )
-from analysis.tables import Table, index_table, leaderboard_tables, metric_summary, run_counts, task_tables
+from analysis.tables import (
+    Table,
+    cost_tables,
+    index_table,
+    leaderboard_tables,
+    metric_summary,
+    run_counts,
+    task_tables,
+)
 from attention_zoo import Pattern
 from runners.records import RecordProblem
 
@@ -178,18 +190,26 @@ def build_report(results_dir: Path, out: Path, *, paper_layouts: bool = False) -
     points = efficiency_points(efficiency_records(results_dir))
 
     sections = []
-    per_task = Section("Per task: attention x metric")
-    per_task.tables = [(t, _write_table(t, tables)) for t in task_tables(summary, run_counts(metrics))]
+    counts = run_counts(metrics)
+    if not summary.empty:
+        boards = Section("Leaderboards: CAB's attention patterns and compositional index")
+        boards.tables = [(t, _write_table(t, tables)) for t in [*leaderboard_tables(summary),
+                                                                 index_table(summary)]]
+        boards.notes.append("A leaderboard holds the tasks whose roles exercise its pattern, each by its "
+                            "primary quality metric (mean ± std over seeds, ok runs in brackets; over "
+                            "settings too where a task ran several); CI is CAB's compositional index "
+                            "over those tasks' quality metrics. Time, memory and throughput are in the "
+                            "cost tables.")
+        sections.append(boards)
+    per_task = Section("Per task: quality")
+    per_task.tables = [(t, _write_table(t, tables)) for t in task_tables(summary, counts)]
     if not per_task.tables:
         per_task.notes.append("No run records (`attnbench run` writes them).")
     sections.append(per_task)
-    if not summary.empty:
-        boards = Section("CAB leaderboards (per attention pattern) and compositional index")
-        boards.tables = [(t, _write_table(t, tables)) for t in [*leaderboard_tables(summary),
-                                                                 index_table(summary)]]
-        boards.notes.append("A leaderboard holds the tasks whose roles exercise its pattern; CI is the "
-                            "compositional index over those tasks.")
-        sections.append(boards)
+    if not costs.empty:
+        cost = Section("Per task: cost")
+        cost.tables = [(t, _write_table(t, tables)) for t in cost_tables(summary, costs, counts)]
+        sections.append(cost)
     sections.append(_efficiency_sections(points, out, figures))
     sections.append(_sensitivity_section(metrics, costs, out, figures))
     lm, extrapolation = _lm_sections(records, out, figures)
@@ -230,28 +250,111 @@ def index_markdown(report: Report, results_dir: Path, runs: int, cells: int) -> 
     return "\n".join(lines)
 
 
+STYLE = """
+:root{--ink:#1d2433;--muted:#5b6475;--line:#dde1e8;--head:#f3f5f8;--best:#e3f4e8;--accent:#2456a6}
+*{box-sizing:border-box}
+body{font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--ink);margin:0;
+ background:#fbfbfd}
+main{max-width:1240px;margin:0 auto;padding:24px 28px 64px}
+h1{font-size:26px;margin:0 0 4px}h2{font-size:20px;margin:40px 0 8px;padding-top:8px;
+ border-top:2px solid var(--line)}h3{font-size:15px;margin:22px 0 6px}
+nav{columns:2 260px;font-size:14px;margin:12px 0 0;padding:10px 16px;background:#fff;
+ border:1px solid var(--line);border-radius:8px}
+nav a{color:var(--accent);text-decoration:none;display:block;padding:1px 0;break-inside:avoid}
+.meta,.note{color:var(--muted);font-size:13px;margin:4px 0}
+.scroll{overflow-x:auto;max-width:100%;background:#fff;border:1px solid var(--line);border-radius:8px}
+table{border-collapse:collapse;font-size:13px;width:max-content;min-width:100%}
+th,td{padding:5px 10px;text-align:right;white-space:nowrap;border-bottom:1px solid var(--line)}
+th:first-child,td:first-child{text-align:left;position:sticky;left:0;background:inherit}
+thead th:first-child{background:var(--head);z-index:1}
+thead th{background:var(--head);cursor:pointer;user-select:none;position:sticky;top:0}
+thead th:after{content:" \\2195";color:#aab}thead th.asc:after{content:" \\25B2"}
+thead th.desc:after{content:" \\25BC"}
+tbody tr{background:#fff}tbody tr:nth-child(even){background:#f8f9fb}
+td.best{background:var(--best);font-weight:600}td.text{text-align:left}
+figure{margin:14px 0;background:#fff;border:1px solid var(--line);border-radius:8px;padding:8px}
+figure img{display:block;max-width:100%;height:auto;margin:0 auto}
+figcaption{color:var(--muted);font-size:12px;text-align:center}
+"""
+
+SORT_SCRIPT = """
+document.querySelectorAll('table.sortable').forEach(function (table) {
+  table.querySelectorAll('thead th').forEach(function (th, column) {
+    th.addEventListener('click', function () {
+      var ascending = !th.classList.contains('asc');
+      table.querySelectorAll('thead th').forEach(function (h) { h.classList.remove('asc', 'desc'); });
+      th.classList.add(ascending ? 'asc' : 'desc');
+      var body = table.tBodies[0], rows = Array.from(body.rows);
+      var key = function (row) {
+        var cell = row.cells[column], value = cell.dataset.value;
+        return value === undefined || value === '' ? cell.textContent : parseFloat(value);
+      };
+      rows.sort(function (a, b) {
+        var x = key(a), y = key(b), order;
+        if (typeof x === 'number' && typeof y === 'number') { order = x - y; }
+        else if (typeof x === 'number') { order = -1; } else if (typeof y === 'number') { order = 1; }
+        else { order = String(x).localeCompare(String(y)); }
+        return ascending ? order : -order;
+      });
+      rows.forEach(function (row) { body.appendChild(row); });
+    });
+  });
+});
+"""
+
+
+_NUMBER = re.compile(r"^(n/a|[-+]?[\d.,/]+(e[-+]?\d+)?%?)( |$)")
+"""A cell that reads as a number (right-aligned); anything else is text (left-aligned)."""
+
+
+def _anchor(title: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in title.lower()).strip("-")
+
+
 def _html_table(table: Table) -> str:
+    """A sortable table: each cell carries its number (``data-value``); best cells are marked."""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in table.header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>"
-                   for row in table.rows)
+    body = []
+    for i, row in enumerate(table.rows):
+        values = table.values[i] if table.values else [None] * len(row)
+        cells = []
+        for j, text in enumerate(row):
+            value = values[j] if j < len(values) else None
+            data = "" if value is None else f" data-value='{json.dumps(value)}'"
+            classes = " ".join(c for c, on in (("best", (i, j) in table.best),
+                                               ("text", not _NUMBER.match(text))) if on)
+            cells.append(f"<td{data}{f' class={classes!r}' if classes else ''}>{html.escape(text)}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
     notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in table.notes)
-    return f"<h3>{html.escape(table.title)}</h3><table><tr>{head}</tr>{body}</table>{notes}"
+    return (f"<h3 id='{_anchor(table.name)}'>{html.escape(table.title)}</h3><div class='scroll'>"
+            f"<table class='sortable'><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody>"
+            f"</table></div>{notes}")
+
+
+def _html_figure(folder: Path, relative: str) -> str:
+    """A figure embedded in the page (a PNG as a data URI), so that the page stands alone."""
+    data = base64.b64encode((folder / relative).read_bytes()).decode()
+    caption = html.escape(Path(relative).stem.replace("_", " "))
+    return (f"<figure><img src='data:image/png;base64,{data}' alt='{caption}'>"
+            f"<figcaption>{caption} ({html.escape(relative)})</figcaption></figure>")
 
 
 def index_html(report: Report, results_dir: Path, runs: int, cells: int) -> str:
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>attnbench report</title>",
-             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}"
-             "table{border-collapse:collapse;font-size:13px;margin-bottom:1em}"
-             "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}"
-             "td:first-child,th:first-child{text-align:left}img{max-width:100%}.note{color:#555}</style>",
-             "</head><body><h1>attnbench report</h1>",
-             f"<p>From <code>{html.escape(str(results_dir))}</code>: {runs} run records, {cells} efficiency "
-             "cells. Nothing was re-run.</p>"]
+    """The report as one self-contained HTML page: styles, sorting and figures inline."""
+    contents = "".join(f"<a href='#{_anchor(s.title)}'>{html.escape(s.title)}</a>" for s in report.sections)
+    parts = ["<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+             "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+             f"<title>attnbench report</title><style>{STYLE}</style></head><body><main>",
+             "<h1>attnbench report</h1>",
+             f"<p class='meta'>From <code>{html.escape(str(results_dir))}</code>: {runs} run records, "
+             f"{cells} efficiency cells. Nothing was re-run. Cells read mean ± standard deviation over "
+             "seeds with the number of ok runs in brackets; the best value of each column is "
+             "highlighted; click a column's header to sort by it.</p>",
+             f"<nav>{contents}</nav>"]
     for section in report.sections:
-        parts.append(f"<h2>{html.escape(section.title)}</h2>")
-        parts += [_html_table(table) for table, _ in section.tables]
-        parts += [f"<p><img src='{html.escape(f)}' alt='{html.escape(Path(f).stem)}'></p>"
-                  for f in section.figures]
+        parts.append(f"<h2 id='{_anchor(section.title)}'>{html.escape(section.title)}</h2>")
         parts += [f"<p class='note'>{html.escape(n)}</p>" for n in section.notes]
-    parts.append("</body></html>\n")
+        parts += [_html_table(table) for table, _ in section.tables]
+        parts += [_html_figure(report.folder, f) for f in section.figures]
+    parts.append(f"</main><script>{SORT_SCRIPT}</script></body></html>\n")
     return "\n".join(parts)

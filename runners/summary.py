@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 PARAMETER_TOLERANCE = 0.10
@@ -74,6 +75,13 @@ def parameter_flags(records: Sequence[dict[str, Any]]) -> list[str]:
             if share > PARAMETER_TOLERANCE]
 
 
+TABLE_WIDTH = 100
+"""The terminal tables fit this many columns; everything else is in the records and the report."""
+
+PIPELINE_CHECK = "a pipeline check at smoke size: every cell trains and evaluates; this is no ranking"
+"""The caption of a task whose smoke size does not rank mechanisms (one line, under 100 columns)."""
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "-"
@@ -82,39 +90,74 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.fmean(values):.4g} ± {statistics.stdev(values):.2g}"
 
 
-def summary_tables(records: Sequence[dict[str, Any]]) -> list[Table]:
-    """One table per task: each metric's mean ± standard deviation over seeds, parameters and
-    their overhead over softmax (flagged beyond 10%), training time and peak memory."""
+def _count(value: int | None) -> str:
+    """``1234567`` -> ``1.23M``: a parameter count short enough for a narrow column."""
+    if value is None:
+        return "-"
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return str(value)
+
+
+def declared_metrics(record: dict[str, Any]) -> list[dict[str, str]]:
+    """A run record's metrics as its task declared them, in order: ``[{"name", "kind",
+    "direction"}]``. Records written before kinds were recorded have only ``metric_directions``:
+    their metrics count as quality metrics."""
+    if record.get("declared_metrics"):
+        return list(record["declared_metrics"])
+    return [{"name": name, "kind": "quality", "direction": direction}
+            for name, direction in (record.get("metric_directions") or {}).items()]
+
+
+def shown_metrics(records: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """``[(metric, arrow)]`` for a task's terminal table: its declared quality metrics and
+    diagnostics, in declared order; cost metrics and undeclared extras stay in the records and
+    the report."""
+    shown: list[tuple[str, str]] = []
+    for record in records:
+        if record.get("status") != "ok":
+            continue
+        for metric in declared_metrics(record):
+            if metric["kind"] == "cost" or any(metric["name"] == name for name, _ in shown):
+                continue
+            arrow = ("" if metric["kind"] == "diagnostic"
+                     else "↑" if metric["direction"] == "higher" else "↓")
+            shown.append((metric["name"], arrow))
+    return shown
+
+
+def summary_tables(records: Sequence[dict[str, Any]], *, pipeline_check: Sequence[str] = ()) -> list[Table]:
+    """One table per task and settings, within :data:`TABLE_WIDTH` columns: each shown metric's
+    mean ± standard deviation over seeds, ok/runs, parameters (with their overhead over softmax,
+    flagged beyond 10%) and training time. Tasks in ``pipeline_check`` get a caption saying that
+    their numbers check the pipeline and do not rank mechanisms."""
     rows = group(records)
     overhead = parameter_overhead(rows)
     tables = []
-    for task in sorted({r.task for r in rows}):
-        task_rows = [r for r in rows if r.task == task]
-        metrics: list[str] = []
-        directions: dict[str, str] = {}
-        for row in task_rows:
-            for record in row.ok:
-                directions.update(record.get("metric_directions", {}))
-                metrics.extend(m for m in record["metrics"] if m not in metrics)
-        table = Table(title=f"{task}: mean ± std over seeds")
-        for column in ("attention", "settings", "ok/runs",
-                       *(f"{m} {'↑' if directions.get(m) == 'higher' else '↓' if m in directions else ''}"
-                         .strip() for m in metrics),
-                       "params", "vs softmax", "train s", "peak MiB"):
-            table.add_column(column, justify="left" if column in ("attention", "settings") else "right")
+    for task, settings in sorted({(r.task, r.settings) for r in rows}):
+        task_rows = [r for r in rows if (r.task, r.settings) == (task, settings)]
+        metrics = shown_metrics([record for row in task_rows for record in row.records])
+        title = f"{task}" + (f" [{settings}]" if settings else "") + ": mean ± std over seeds"
+        table = Table(title=escape(title), caption=PIPELINE_CHECK if task in pipeline_check else None,
+                      min_width=min(len(title), TABLE_WIDTH), title_justify="left", caption_justify="left")
+        for column in ("attention", "ok/runs", *(f"{m} {arrow}".strip() for m, arrow in metrics),
+                       "params", "train s"):
+            # Long mechanism labels fold; numbers and headers stay whole.
+            table.add_column(column, justify="left" if column == "attention" else "right",
+                             overflow="fold", no_wrap=column != "attention",
+                             min_width=14 if column == "attention" else None)
         for row in task_rows:
             ok = row.ok
             share = overhead.get((row.task, row.settings, row.attention))
-            failures = sorted({r["status"] for r in row.records if r.get("status") != "ok"})
-            peaks = [r.get("peak_memory_mib") or r.get("process_peak_rss_mib") for r in ok]
+            failed = sorted({r["status"] for r in row.records if r.get("status") != "ok"})
             table.add_row(
-                row.attention, row.settings or "-",
-                f"{len(ok)}/{len(row.records)}" + (f" ({', '.join(failures)})" if failures else ""),
-                *(_mean_std([r["metrics"][m] for r in ok if m in r["metrics"]]) for m in metrics),
-                f"{row.parameters():,}" if row.parameters() is not None else "-",
-                "-" if share is None else f"{share:+.1%}" + (" FLAG" if share > PARAMETER_TOLERANCE else ""),
+                escape(row.attention),
+                f"{len(ok)}/{len(row.records)}" + (f" {','.join(failed)}" if failed else ""),
+                *(_mean_std([r["metrics"][m] for r in ok if m in r["metrics"]]) for m, _ in metrics),
+                _count(row.parameters()) + ("" if share is None or abs(share) < 0.0005 else f" {share:+.1%}")
+                + (" FLAG" if share is not None and share > PARAMETER_TOLERANCE else ""),
                 _mean_std([r["timings"].get("train_seconds", 0.0) for r in ok]),
-                _mean_std([p for p in peaks if p is not None]),
             )
         tables.append(table)
     return tables

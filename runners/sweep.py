@@ -31,6 +31,7 @@ import torch
 from runners.locks import CellLock, describe_this_run, die_with_parent, holder, kill_group, lock_path
 from runners.matrix import Cell
 from runners.provenance import provenance
+from runners.quiet import redirect_process_output
 from runners.records import RUN_SCHEMA, RecordError, load_record, write_record
 from tasks.base import AttentionChoice, get_task, resolve_attention
 
@@ -192,6 +193,9 @@ def _compute_cell(cell: Cell, results_dir: Path, *, device: str, preset: str, th
             metrics={k: float(v) for k, v in result.metrics.items()},
             metric_directions={m.name: "higher" if m.higher_is_better else "lower"
                                for m in task_class.metrics},
+            declared_metrics=[{"name": m.name, "kind": m.kind,
+                               "direction": "higher" if m.higher_is_better else "lower"}
+                              for m in task_class.metrics],
             parameters=int(result.parameters),
             attention_parameters=int(result.attention_parameters),
             peak_memory_mib=result.peak_memory_mib,
@@ -282,10 +286,14 @@ def default_threads(jobs: int) -> int:
 
 
 def _worker(connection: Connection, results_dir: str, device: str, preset: str, threads: int,
-            owner: str, retry_failed: bool) -> None:
+            owner: str, retry_failed: bool, verbose: bool = False) -> None:
     """A local worker process: runs the cells it is sent, one at a time, until it gets None.
-    It dies with its coordinator (see :func:`runners.locks.die_with_parent`)."""
+    It dies with its coordinator (see :func:`runners.locks.die_with_parent`). Unless ``verbose``,
+    what the libraries print goes to the worker's log file, not the terminal
+    (:mod:`runners.quiet`)."""
     die_with_parent()
+    if not verbose:
+        redirect_process_output(Path(results_dir), f"worker-{os.getpid()}")
     torch.set_num_threads(threads)
     try:
         while (cell := connection.recv()) is not None:
@@ -335,7 +343,8 @@ class _Slot:
 
 def run_local(cells: Sequence[Cell], results_dir: Path, *, jobs: int = 1, devices: Sequence[str] = ("cpu",),
               preset: str = "", threads: int = 0, on_done: Callback | None = None,
-              retry_failed: bool = False, on_notice: Callable[[str], None] | None = None) -> None:
+              retry_failed: bool = False, on_notice: Callable[[str], None] | None = None,
+              verbose: bool = False) -> None:
     """Run ``cells`` on ``jobs`` worker processes at once; worker i uses ``devices[i % n]`` (GPUs
     round-robin). Workers are spawned once and reused (PyTorch is imported once per worker, not
     per cell). A worker that dies, or whose cell runs past its timeout, is killed, its cell
@@ -346,7 +355,7 @@ def run_local(cells: Sequence[Cell], results_dir: Path, *, jobs: int = 1, device
     gets the record's status) or computes the cell if the other run left none."""
     context = multiprocessing.get_context("spawn")
     arguments = (str(results_dir), preset, threads or default_threads(jobs), describe_this_run(),
-                 retry_failed)
+                 retry_failed, verbose)
     queue = _Queue(list(cells), results_dir, on_notice, retry_failed)
     slots = [_Slot(device=devices[i % len(devices)]) for i in range(max(1, jobs))]
     try:

@@ -49,13 +49,28 @@ class AttentionChoice:
         return f"{self.name}({args})" if args else self.name
 
 
+METRIC_KINDS = ("quality", "cost", "diagnostic")
+
+
 @dataclass(frozen=True)
 class Metric:
-    """A metric a task reports, and which direction is better (for tables and CAB's index)."""
+    """A metric a task reports, and which direction is better (for tables and CAB's index).
+
+    ``kind`` says where it belongs: ``quality`` metrics rank mechanisms (leaderboards, CAB's
+    index; the first declared is the task's primary metric); ``cost`` metrics (throughput, time,
+    memory) go to the cost tables; a ``diagnostic`` (a generated-to-reference length ratio) is
+    shown beside the quality metrics and never ranked.
+    """
 
     name: str
     higher_is_better: bool
     description: str = ""
+    kind: str = "quality"
+
+    def __post_init__(self) -> None:
+        if self.kind not in METRIC_KINDS:
+            raise ValueError(f"metric {self.name!r}: unknown kind {self.kind!r}; "
+                             f"valid: {', '.join(METRIC_KINDS)}")
 
 
 @dataclass
@@ -88,7 +103,9 @@ class Task(abc.ABC):
     - ``roles``: the backbone's attention slots and the pattern each needs, e.g.
       ``{"encoder_self": Pattern.NONCAUSAL_SELF, "decoder_self": Pattern.CAUSAL_SELF,
       "cross": Pattern.NONCAUSAL_CROSS}``.
-    - ``metrics``: the metrics it reports.
+    - ``metrics``: the metrics it reports (quality first: the first is the primary metric).
+    - ``smoke_ranks``: True when the smoke size (the ``Config`` defaults) ranks mechanisms; by
+      default its numbers are a pipeline check and the tables say so.
     - ``Config``: a dataclass of its settings; defaults are the smoke size that runs on CPU
       with the shipped sample, and presets override fields.
 
@@ -99,6 +116,7 @@ class Task(abc.ABC):
     roles: ClassVar[Mapping[str, Pattern]]
     metrics: ClassVar[tuple[Metric, ...]]
     Config: ClassVar[type]
+    smoke_ranks: ClassVar[bool] = False
 
     @abc.abstractmethod
     def run(

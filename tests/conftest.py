@@ -24,14 +24,14 @@ def scratch_registry():
 
 
 def pytest_addoption(parser):
-    parser.addoption("--run-slow", action="store_true",
-                     help="also run the tests marked slow (minutes on 2 CPU cores)")
+    parser.addoption("--run-validation", action="store_true",
+                     help="also run the tests marked validation (minutes on 2 CPU cores)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if config.getoption("--run-slow"):
+    if config.getoption("run_validation"):
         return
-    skip = pytest.mark.skip(reason="slow: minutes on 2 CPU cores; run with --run-slow")
+    skip = pytest.mark.skip(reason="validation: minutes on 2 CPU cores; run with --run-validation")
     for item in items:
-        if "slow" in item.keywords:
+        if item.get_closest_marker("validation") is not None:
             item.add_marker(skip)

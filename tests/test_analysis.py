@@ -8,16 +8,22 @@ import re
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import pytest
 
+pytest.importorskip("pandas")
+pytest.importorskip("matplotlib")
+
+import pandas as pd
+
 from analysis import plots
-from analysis.data import efficiency_points, efficiency_records, run_metrics, run_records
+from analysis.data import efficiency_points, efficiency_records, run_costs, run_metrics, run_records
 from analysis.report import build_report
 from analysis.tables import (
     compositional_index,
+    cost_tables,
     index_table,
     leaderboard,
+    leaderboard_tables,
     metric_summary,
     representatives,
     task_scores,
@@ -27,6 +33,8 @@ from attention_zoo import Pattern, list_attentions
 from runners import efficiency, sweep
 from runners.cli import main
 from runners.records import write_record
+
+pytestmark = pytest.mark.analysis
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 SQRT_1_5 = math.sqrt(1.5)  # |z| of the outer of three equally spaced values (population std)
@@ -222,7 +230,53 @@ def test_report_writes_every_table_and_figure(results: Path, tmp_path: Path) -> 
         assert "\\begin{tabular}" in (out / "tables" / f"{name}.tex").read_text()
     index = (out / "index.md").read_text()
     assert "figures/sensitivity_toy.png" in index and "12 run records, 6 efficiency cells" in index
-    assert "<img src='figures/pareto_fixture_lm.png'" in (out / "index.html").read_text()
+    page = (out / "index.html").read_text()
+    # One self-contained page: every figure inline, nothing loaded from beside it.
+    assert page.count("<img src='data:image/png;base64,") == 9 and "src='figures/" not in page
+    assert "<table class='sortable'>" in page and "<script>" in page and "<style>" in page
+
+
+def test_tables_mark_the_best_value_of_each_column(summary) -> None:
+    table = next(t for t in task_tables(summary) if t.name == "task_time_series")
+    rows = [row[0] for row in table.rows]
+    # mse: softmax 2 < linear 3 < lavo 4; mae: linear 0.3 is least (columns 2 and 3).
+    assert table.best == {(rows.index("softmax"), 2), (rows.index("linear"), 3)}
+    assert table.values[rows.index("lavo")][2:] == [4.0, 0.9]
+    assert "| softmax | 2/2 | **2 ± 1.4 (2)** |" in table.markdown()
+    board = next(t for t in leaderboard_tables(summary) if t.name == "leaderboard_causal_self")
+    assert board.header == ["attention", "time_series mse ↓", "CI ↑"]
+    labels = [row[0] for row in board.rows]
+    softmax, linear = labels.index("softmax"), labels.index("linear")
+    assert board.rows[softmax][1] == "2 ± 1.4 (2)" and (softmax, 1) in board.best
+    assert {(softmax, 2), (linear, 2)} <= board.best  # equal CI (sqrt(1.5) / 2): both marked
+
+
+def test_cost_metrics_stay_out_of_leaderboards_and_the_index() -> None:
+    declared = [{"name": "accuracy", "kind": "quality", "direction": "higher"},
+                {"name": "tokens_per_second", "kind": "cost", "direction": "higher"},
+                {"name": "length_ratio", "kind": "diagnostic", "direction": "lower"}]
+    records = []
+    for attention, accuracy, speed in (("softmax", 0.9, 100.0), ("lavo", 0.8, 900.0)):
+        record = run_record("time_series", attention, 0, {"accuracy": accuracy, "tokens_per_second": speed,
+                                                           "length_ratio": 1.0, "other": 5.0}, {})
+        record["declared_metrics"] = declared
+        records.append(record)
+    summary = metric_summary(run_metrics(records))
+    assert dict(zip(summary.metric, summary.kind)) == {
+        "accuracy": "quality", "tokens_per_second": "cost", "length_ratio": "diagnostic", "other": "extra"}
+    # The index ranks by accuracy alone (z = +-1), although lavo is nine times faster.
+    scores = task_scores(summary).set_index("label")["score"].to_dict()
+    assert scores == pytest.approx({"lavo": -1.0, "softmax": 1.0})
+    board = leaderboard(summary, Pattern.NONCAUSAL_SELF)
+    assert list(board.columns) == [("time_series", "accuracy"), ("CI", "")]
+    quality, extra = task_tables(summary)
+    assert quality.header == ["attention", "ok/runs", "accuracy ↑", "length_ratio"]
+    assert extra.header == ["attention", "ok/runs", "other"]
+    (cost,) = cost_tables(summary, run_costs(records))
+    assert cost.header == ["attention", "ok/runs", "train s ↓", "total s ↓", "peak MiB ↓", "parameters",
+                           "tokens_per_second ↑"]
+    speeds = [row[-1] for row in cost.rows]
+    assert speeds == ["900 (1)", "100 (1)"] and (0, 6) in cost.best  # lavo (sorted first) is fastest
 
 
 def rows_of(markdown: str) -> dict[str, list[str]]:

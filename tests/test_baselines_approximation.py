@@ -23,6 +23,8 @@ from attention_zoo import Pattern, attention_spec, build_attention, masked_softm
 from attention_zoo.mechanisms.kernelized import CHUNK
 from attention_zoo.mechanisms.softmax import softmax_attention
 
+pytestmark = pytest.mark.zoo
+
 HEADS, DIM = 2, 8
 LENGTH = 2 * CHUNK + 22  # three chunks: exercises the carry across chunks
 

@@ -16,6 +16,8 @@ from attention_zoo import AttentionConfigError, MultiHeadAttention, Pattern, att
 from attention_zoo.mechanisms.softmax import softmax_attention
 from attention_zoo.testing import build_for_test, random_inputs
 
+pytestmark = pytest.mark.zoo
+
 SELF_PATTERNS = [Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF]
 
 

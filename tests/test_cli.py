@@ -10,6 +10,8 @@ import pytest
 from runners.cli import main
 from runners.efficiency import efficiency_length, scaling_exponent
 
+pytestmark = pytest.mark.runner
+
 
 def test_zoo_json_lists_every_mechanism(capsys):
     assert main(["zoo", "--format", "json"]) == 0

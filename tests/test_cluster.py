@@ -31,6 +31,8 @@ from runners.sweep import (
 )
 from tasks.base import get_task
 
+pytestmark = pytest.mark.runner
+
 CPU_NODE = Partition(name="debug", cpus=2, memory_mib=21695, gpus=0)
 GPU_NODE = Partition(name="gpu", cpus=64, memory_mib=512000, gpus=8)
 CELL = Cell(task="time_series", attention="softmax", attention_args={}, overrides={}, settings={}, seed=0)

@@ -19,6 +19,8 @@ from attention_zoo.testing import (
     check_padding_invariance,
 )
 
+pytestmark = pytest.mark.zoo
+
 SELF = Pattern.CAUSAL_SELF
 
 

@@ -4,8 +4,8 @@
   ``meta``, any tensor made without ``device=`` lands on ``meta`` and mixing it with the CPU
   inputs fails.
 - Every in-process task trains and evaluates for a few steps under bf16 autocast (dtype bugs;
-  marked slow, a minute per task on 2 cores: ``pytest tests/test_device_and_precision.py
-  --run-slow``). The fairseq tasks train in a child process that autocast does not reach.
+  marked validation, a minute per task on 2 cores: ``pytest tests/test_device_and_precision.py
+  --run-validation``). The fairseq tasks train in a child process that autocast does not reach.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def test_mechanism_creates_tensors_on_the_inputs_device(name, pattern):
 IN_PROCESS = sorted(set(TASK_SMOKE) - CHILD_PROCESS_TASKS)
 
 
-@pytest.mark.slow
+@pytest.mark.validation
 @pytest.mark.parametrize("task", IN_PROCESS)
 def test_task_smoke_under_bf16_autocast(task, tmp_path):
     from tasks.base import list_tasks

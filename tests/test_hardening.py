@@ -25,6 +25,8 @@ from runners.records import check_record, scan_records, write_record
 from runners.summary import error_line, failures
 from runners.sweep import check_metrics, is_finished, record_path
 
+pytestmark = pytest.mark.runner
+
 SHAPED_SOURCE = '''
 import os
 import time
@@ -171,6 +173,7 @@ def _record(task: str, attention: str, seed: int, status: str, **fields) -> dict
 
 
 def test_the_report_counts_failed_cells_lists_them_and_names_bad_files(tmp_path, capsys):
+    pytest.importorskip("pandas")
     results = tmp_path / "results"
     records = [_record("toy", "softmax", 0, "ok"), _record("toy", "softmax", 1, "timeout",
                                                             error="stopped after the cell's timeout of 5 s"),
@@ -219,6 +222,8 @@ def test_hyperparameters_are_checked_against_the_task_shapes(shaped, capsys):
         plan(preset, ["attention.r=4,32"])
     assert main(["run", str(preset), "attention.r=32", "--dry-run"]) == 2
     assert "r=32 exceeds the layer input width=16" in capsys.readouterr().err
+    with pytest.raises(MatrixConfigError, match=r"lavo: r=16 exceeds head_dim=8 \(memory='kv'\)"):
+        plan(preset, ["attention.r=16", "attention.memory=kv"])
     with pytest.raises(MatrixConfigError, match=r"a width of 16 does not split into 3 heads"):
         plan(preset, ["heads=3"])
 
@@ -280,8 +285,8 @@ def test_bad_numbers_are_refused_by_the_parser(argv, message, capsys):
      r"--attention-args for lavo, which --attention does not select \(softmax\)"),
     (["efficiency", "--attention", "s4d", "--patterns", "noncausal_cross"],
      r"s4d supports none of the patterns noncausal_cross"),
-    (["efficiency", "--attention", "lavo", "--attention-args", "lavo:r=128", "--head-dim", "64"],
-     r"lavo at 8 heads x 64, causal_self: lavo: r=128 exceeds head_dim=64"),
+    (["efficiency", "--attention", "lavo", "--attention-args", "lavo:r=128,memory=kv", "--head-dim",
+      "64"], r"lavo at 8 heads x 64, causal_self: lavo: r=128 exceeds head_dim=64"),
     (["efficiency", "--preset", "cabb"], r"unknown --preset 'cabb'; valid: cab, default"),
     (["zoo", "--pattern", "sideways"], r"unknown attention pattern 'sideways'"),
 ])
@@ -292,6 +297,7 @@ def test_bad_efficiency_and_zoo_inputs_are_sentences(argv, message, tmp_path, ca
 
 
 def test_results_and_report_folders_that_are_files(shaped, capsys):
+    pytest.importorskip("pandas")
     preset, file = preset_file(shaped), shaped / "a_file"
     file.write_text("x")
     assert main(["run", str(preset), "--results-dir", str(file)]) == 2
@@ -417,6 +423,7 @@ def test_two_runs_on_one_folder_compute_each_cell_once(shaped):
      r"line 3, column 'date': 'yesterday' is not a date"),
 ])
 def test_time_series_files_are_checked_naming_file_line_and_column(tmp_path, body, message):
+    pytest.importorskip("pandas")
     from tasks.base import DataError
     from tasks.time_series.data import read_series
 
@@ -427,6 +434,7 @@ def test_time_series_files_are_checked_naming_file_line_and_column(tmp_path, bod
 
 
 def test_lm_books_that_are_not_utf8_or_empty_are_named(tmp_path):
+    pytest.importorskip("fairseq")
     from tasks.base import DataError
     from tasks.lm.data import book_lines, split_files
 
@@ -481,14 +489,15 @@ def test_a_failed_fairseq_train_names_its_exception_first(tmp_path, monkeypatch)
 
 def test_the_lm_sweep_of_the_readme_is_checked_at_the_fairseq_model_shape():
     pytest.importorskip("fairseq")
-    # The smoke LM is 128 wide in 4 heads: r=64 cannot fit its head dimension of 32.
+    # The smoke LM is 128 wide in 4 heads: the memory=kv ablation's r=64 cannot fit its head
+    # dimension of 32.
     with pytest.raises(MatrixConfigError, match=r"task lm .*: lavo cannot run in role 'self' \(4 heads of "
                        r"dimension 32\): lavo: r=64 exceeds head_dim=32"):
-        plan("smoke", ["task=lm", "attention=lavo", "attention.r=16,32,64"])
+        plan("smoke", ["task=lm", "attention=lavo", "attention.r=16,32,64", "attention.memory=kv"])
     # Made wider through fairseq's own flags, it fits.
-    wide = plan("smoke", ["task=lm", "attention=lavo", "attention.r=64",
+    wide = plan("smoke", ["task=lm", "attention=lavo", "attention.r=64", "attention.memory=kv",
                           "lm.fairseq_args=--decoder-embed-dim 256"]).cells
-    assert [c.attention_args for c in wide] == [{}]  # r=64 is LAVO's default at head dimension 64
+    assert [c.attention_args for c in wide] == [{"memory": "kv"}]  # r=64: the default at d = 64
 
 
 def test_a_cell_lock_names_its_holder_and_is_free_once_released(tmp_path):

@@ -11,6 +11,8 @@ from attention_zoo import AttentionConfigError, LayerInput, MultiHeadAttention, 
 from attention_zoo.mechanisms.lavo import LAVOAttention, lavo_naive
 from attention_zoo.testing import build_for_test, random_inputs, random_layer_input
 
+pytestmark = pytest.mark.zoo
+
 HEADS, DIM = 2, 8
 
 

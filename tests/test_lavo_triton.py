@@ -20,6 +20,8 @@ from attention_zoo import AttentionConfigError, Pattern, build_attention
 from attention_zoo.mechanisms.lavo import lavo_naive, triton_kernels
 from attention_zoo.mechanisms.lavo.attention import orthonormal_rows
 
+pytestmark = [pytest.mark.zoo, pytest.mark.triton]
+
 # (batch, length, heads, head_dim, r, w, block): lengths not multiples of the window or the
 # chunk, several chunks (so the scan crosses chunk boundaries), r < d, w not a power of two.
 SHAPES = [

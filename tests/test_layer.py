@@ -7,6 +7,8 @@ import torch
 
 from attention_zoo import AttentionConfigError, MultiHeadAttention
 
+pytestmark = pytest.mark.zoo
+
 
 @pytest.mark.parametrize("attention", ["softmax", "sdpa", "lavo"])
 def test_self_and_cross_shapes_and_padding(attention):

@@ -17,6 +17,8 @@ from attention_zoo.testing import (
     random_layer_input,
 )
 
+pytestmark = pytest.mark.zoo
+
 
 class InputGated(SoftmaxAttention):
     """Softmax attention whose values are gated by the source input and whose output is gated by

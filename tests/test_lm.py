@@ -11,6 +11,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+
+pytest.importorskip("fairseq")
+pytest.importorskip("tokenizers")
+
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +30,8 @@ from tasks.fairseq_plugin import USER_DIR, ZooAttention, state_bytes
 from tasks.lm import data as lm_data
 from tasks.lm import evaluate
 from tasks.lm.task import evaluation_length, extrapolation_multiples
+
+pytestmark = pytest.mark.task
 
 CAUSAL = list_attentions(Pattern.CAUSAL_SELF)
 DECODING = [name for name in CAUSAL if attention_spec(name).decoding]
@@ -86,6 +92,7 @@ def args_text(name: str) -> str:
     return ",".join(f"{k}={v}" for k, v in SMALL_ARGS.get(name, {}).items())
 
 
+@pytest.mark.slow
 def test_training_loss_falls(lm_run: dict[str, Any]) -> None:
     curve = lm_run["result"].extra["train_curve"]
     assert len(curve) >= 10
@@ -93,6 +100,7 @@ def test_training_loss_falls(lm_run: dict[str, Any]) -> None:
     assert math.isfinite(last) and last < first - 1.0, curve
 
 
+@pytest.mark.slow
 def test_eval_perplexity_equals_exp_mean_nll(lm_run: dict[str, Any]) -> None:
     """fairseq-eval-lm's perplexity, recomputed here from the model's logits: the test stream
     in blocks of L (input shifted right by one, starting from </s>), every token scored once."""
@@ -122,6 +130,7 @@ def test_eval_perplexity_equals_exp_mean_nll(lm_run: dict[str, Any]) -> None:
         "perplexity"]
 
 
+@pytest.mark.slow
 def test_bits_per_byte_is_total_bits_over_utf8_bytes(lm_run: dict[str, Any]) -> None:
     prepared = lm_run["prepared"]
     raw = b"".join(p.read_bytes() for p in sorted((lm_run["data"] / "test").glob("*.txt")))
@@ -149,6 +158,7 @@ def test_bits_per_byte_is_total_bits_over_utf8_bytes(lm_run: dict[str, Any]) -> 
     assert lm_run["result"].metrics["bits_per_byte"] == row["bits_per_byte"]
 
 
+@pytest.mark.slow
 def test_task_result_reports_speed_memory_and_tables(lm_run: dict[str, Any]) -> None:
     result = lm_run["result"]
     assert result.metrics["train_tokens_per_second"] > 0
@@ -160,6 +170,7 @@ def test_task_result_reports_speed_memory_and_tables(lm_run: dict[str, Any]) -> 
     assert [(b["start"], b["end"]) for b in buckets] == [(0, 32), (32, 64), (64, 80)]
 
 
+@pytest.mark.slow
 def test_streaming_equals_the_parallel_pass(lm_run: dict[str, Any]) -> None:
     """Token-by-token perplexity through incremental_state equals one parallel pass over the
     same tokens; LAVO's state stays the same size as the stream grows."""
@@ -217,6 +228,7 @@ def test_adapter_equals_zoo_layer(name: str, pattern: Pattern) -> None:
 
 
 @pytest.mark.parametrize("name", CAUSAL)
+@pytest.mark.slow
 def test_model_does_not_leak_the_future(lm_run: dict[str, Any], name: str) -> None:
     model = build_model(lm_run["prepared"].data_bin, name, args_text(name))
     assert all(isinstance(layer.self_attn, ZooAttention) for layer in model.decoder.layers)
@@ -231,6 +243,7 @@ def test_model_does_not_leak_the_future(lm_run: dict[str, Any], name: str) -> No
 
 
 @pytest.mark.parametrize("name", DECODING)
+@pytest.mark.slow
 def test_incremental_decoding_equals_parallel_pass(lm_run: dict[str, Any], name: str) -> None:
     """fairseq's incremental_state (as SequenceGenerator drives it), including a beam-search
     reorder half way, gives the parallel pass's logits."""
@@ -257,6 +270,7 @@ def test_incremental_decoding_equals_parallel_pass(lm_run: dict[str, Any], name:
                for layer in model.decoder.layers)
 
 
+@pytest.mark.slow
 def test_bad_attention_gives_clear_errors(lm_run: dict[str, Any]) -> None:
     data_bin = lm_run["prepared"].data_bin
     with pytest.raises(AttentionConfigError, match=r"unknown attention 'lavoo'; known: .*lavo"):
@@ -331,3 +345,20 @@ def test_fetch_pg19_follows_the_bucket_listing_and_resumes(
     fetch(tmp_path)
     assert downloads == []  # everything already there: nothing downloaded again
 
+
+
+def test_fairseq_cli_modules_leave_the_root_logger_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    # fairseq_cli.preprocess calls logging.basicConfig(stream=sys.stdout) on import, which would
+    # leave a root handler on the stdout of that moment for the rest of the process.
+    import logging
+    import sys
+
+    from tasks.fairseq_plugin.compat import import_fairseq_cli
+
+    monkeypatch.delitem(sys.modules, "fairseq_cli.preprocess", raising=False)
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [])  # as in a worker (pytest's own would stop basicConfig)
+    level = root.level
+    module = import_fairseq_cli("preprocess")
+    assert callable(module.main)
+    assert root.handlers == [] and root.level == level

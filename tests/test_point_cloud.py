@@ -30,6 +30,8 @@ from tasks.point_cloud.model import PoinTr, PoinTrSettings
 from tasks.point_cloud.pcd import PCDError, read_pcd, read_pcd_header, write_pcd
 from tasks.point_cloud.task import PointCloudCompletion
 
+pytestmark = pytest.mark.task
+
 
 @pytest.fixture(autouse=True)
 def _one_thread():
@@ -268,6 +270,7 @@ def test_resample_keeps_every_point_when_it_must_repeat():
     assert len({tuple(p) for p in fewer}) == 4
 
 
+@pytest.mark.slow
 def test_the_shipped_sample_is_what_the_documented_command_generates(tmp_path):
     pytest.importorskip("trimesh")
     from tasks.point_cloud.generate import generate
@@ -305,6 +308,7 @@ TINY = PoinTrSettings(centres=16, neighbours=8, dim=32, heads=2, encoder_depth=1
 
 
 @pytest.mark.parametrize("mechanism", ["softmax", "lavo"])
+@pytest.mark.slow
 def test_the_model_trains_on_cpu(mechanism):
     torch.manual_seed(0)
     data = PCNDataset(SYNTHETIC_SAMPLE, "train", partial_points=128, seed=0)
@@ -344,7 +348,9 @@ def test_every_applicable_mechanism_fits_every_role(mechanism):
         assert layer.q_proj.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_the_task_runs_end_to_end(tmp_path):
+    pytest.importorskip("matplotlib")  # the completion figure
     task = get_task("point_cloud")
     assert task is PointCloudCompletion
     assert task.roles == {"encoder_self": Pattern.NONCAUSAL_SELF, "decoder_self": Pattern.NONCAUSAL_SELF,

@@ -1,4 +1,4 @@
-"""Registry behaviour: lookup, errors naming the valid choices, entry-point plug-ins, README."""
+"""Registry behaviour: lookup, errors naming the valid choices, entry-point plug-ins, the docs."""
 
 from __future__ import annotations
 
@@ -21,9 +21,11 @@ from attention_zoo import (
     registry,
 )
 from attention_zoo.testing import check_contract
-from runners.cli import capability_markdown
+from runners.commands.zoo import capability_markdown
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+pytestmark = pytest.mark.zoo
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
 def test_unknown_name_lists_known():
@@ -38,7 +40,8 @@ def test_unknown_pattern_lists_valid():
 
 def test_unknown_hyperparameter_lists_valid():
     with pytest.raises(AttentionConfigError,
-                       match=r"lavo: unknown hyperparameter 'rank'; valid: r, w, bases, position, combine"):
+                       match=r"lavo: unknown hyperparameter 'rank'; valid: r, w, memory, bases, "
+                             r"position, combine"):
         build_attention("lavo", pattern="causal_self", heads=2, head_dim=8, rank=4)
 
 
@@ -147,21 +150,14 @@ def test_entry_point_plugin_is_discovered(scratch_registry, tmp_path, monkeypatc
         registry.plugin_errors.clear()
 
 
-def _readme_section(title: str) -> str:
-    text = README.read_text()
-    start = text.index(f"## {title}")
-    end = text.find("\n## ", start + 1)
-    return text[start:end if end != -1 else None]
-
-
-def test_readme_example_registers_and_passes_the_contract(scratch_registry):
-    section = _readme_section("Add an attention")
-    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
-    assert blocks, "the README's 'Add an attention' section has no python example"
-    module = types.ModuleType("readme_example")  # dataclasses need a real module
+def test_the_documented_example_registers_and_passes_the_contract(scratch_registry):
+    text = (DOCS / "adding_an_attention.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    assert blocks, "docs/adding_an_attention.md has no python example"
+    module = types.ModuleType("documented_example")  # dataclasses need a real module
     sys.modules[module.__name__] = module
     try:
-        exec(compile(blocks[0], "README.md", "exec"), module.__dict__)
+        exec(compile(blocks[0], "docs/adding_an_attention.md", "exec"), module.__dict__)
     finally:
         sys.modules.pop(module.__name__)
     check_contract("sigmoid")
@@ -169,10 +165,10 @@ def test_readme_example_registers_and_passes_the_contract(scratch_registry):
     assert attention(*(torch.randn(1, 5, 2, 8) for _ in range(3))).shape == (1, 5, 2, 8)
 
 
-def test_readme_capability_table_is_generated_from_the_registry():
-    section = _readme_section("The attention zoo")
-    table = re.search(r"<!-- zoo-table:start -->\n(.*?)<!-- zoo-table:end -->", section, re.S)
-    assert table, "README lacks the generated capability table markers"
+def test_the_documented_capability_table_is_generated_from_the_registry():
+    text = (DOCS / "zoo.md").read_text()
+    table = re.search(r"<!-- zoo-table:start -->\n(.*?)<!-- zoo-table:end -->", text, re.S)
+    assert table, "docs/zoo.md lacks the generated capability table markers"
     assert table.group(1) == capability_markdown(), (
-        "README's capability table is stale: regenerate it with `attnbench zoo --format markdown`"
+        "docs/zoo.md's capability table is stale: regenerate it with `attnbench zoo --format markdown`"
     )

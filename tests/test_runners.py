@@ -27,6 +27,8 @@ from runners.records import read_records
 from runners.summary import parameter_flags
 from runners.sweep import record_path, run_local
 
+pytestmark = pytest.mark.runner
+
 TASK_SOURCE = '''
 """Next-value regression: predict x[t+1] from x[<=t] for sine waves of random phase and frequency."""
 
@@ -205,7 +207,7 @@ def test_key_is_derived_from_the_resolved_config(task_installed):
     (["steps=0"], r"'steps' must be >= 1"),
     (["attention=lavoo"], r"unknown attention 'lavoo'; known: .*lavo.*softmax"),
     (["attention.q=1"], r"attention hyperparameter\(s\) q declared by none of the selected mechanisms "
-                        r"\(lavo, softmax\); valid: backend, bases, combine, position, r, w"),
+                        r"\(lavo, softmax\); valid: backend, bases, combine, memory, position, r, w"),
     (["attention.w=wide"], r"cannot read 'wide' as 'w' \(int\)"),
     (["task=nope"], r"task=nope: not installed; installed: .*next_value"),
     (["nope.steps=1"], r"unknown task 'nope'; installed: .*next_value"),
@@ -279,6 +281,7 @@ def test_errors_stop_the_run_before_any_cell(task_installed, capsys):
 # Running ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_failed_cells_are_recorded_and_the_sweep_goes_on(task_installed, capsys):
     preset = write_preset(task_installed / "p.yaml")
     results = task_installed / "results"
@@ -300,10 +303,11 @@ def test_failed_cells_are_recorded_and_the_sweep_goes_on(task_installed, capsys)
             assert record["parameters"] > record["attention_parameters"] >= 0
             assert record["timings"]["train_seconds"] > 0 and record["process_peak_rss_mib"] > 0
     out = capsys.readouterr().out
-    assert "next_value: mean ± std over seeds" in out and "failed" in out
+    assert "next_value [" in out and "mean ± std over seeds" in out and "failed" in out
     assert "skipped task 'not_installed_task'" in out
 
 
+@pytest.mark.slow
 def test_a_cell_past_its_timeout_is_stopped_and_recorded(task_installed):
     cell = plan(write_preset(task_installed / "p.yaml"), ["attention=softmax", "steps=1000000",
                                                            "timeout=1"]).cells[0]
@@ -314,6 +318,7 @@ def test_a_cell_past_its_timeout_is_stopped_and_recorded(task_installed):
     assert "timeout of 1 s" in record["error"]
 
 
+@pytest.mark.slow
 def test_a_killed_sweep_resumes_without_recomputing_or_losing(task_installed):
     preset = write_preset(task_installed / "p.yaml")
     results = task_installed / "results"
@@ -346,6 +351,7 @@ def test_a_killed_sweep_resumes_without_recomputing_or_losing(task_installed):
     assert len(log.read_text().splitlines()) == len(finished)
 
 
+@pytest.mark.slow
 def test_submitit_local_executor_writes_the_same_records(task_installed, capsys):
     preset = write_preset(task_installed / "p.yaml")
     results = task_installed / "results"
@@ -353,14 +359,16 @@ def test_submitit_local_executor_writes_the_same_records(task_installed, capsys)
             "--slurm", "timeout_min=5"]
     # Followed to the end: the table comes back.
     assert main([*base, "attention=softmax"]) == 0
-    assert "next_value: mean ± std over seeds" in capsys.readouterr().out
+    assert "next_value [steps=5]: mean ± std over seeds" in capsys.readouterr().out
     # Submitted without waiting, then asked for again at once: not submitted twice.
     assert main([*base, "attention=lavo", "--no-wait"]) == 0
     assert main([*base, "attention=lavo", "--no-wait"]) == 0
     again = " ".join(capsys.readouterr().out.split())
     assert "1 cells were submitted earlier and have no record yet" in again or "1 already finished" in again
     deadline = time.time() + 90
-    while len(records_of(results)) < 2 and time.time() < deadline:
+    # The job drops its note once its record is written: wait for both.
+    while ((len(records_of(results)) < 2 or list((results / "runs").rglob("*.submitted")))
+           and time.time() < deadline):
         time.sleep(0.2)
     records = records_of(results)
     assert sorted(r["cell"]["attention"] for r in records.values()) == ["lavo", "softmax"]
@@ -369,7 +377,7 @@ def test_submitit_local_executor_writes_the_same_records(task_installed, capsys)
         # Each ran in a submitit job process of its own, not in this one.
         assert "submitit" in " ".join(record["provenance"]["argv"])
     assert list((results / "logs" / "submitit").rglob("*_log.out"))
-    assert not list((results / "runs").rglob("*.submitted"))  # each job's note goes with its record
+    assert not list((results / "runs").rglob("*.submitted"))
     log = (task_installed / "executions.log").read_text().splitlines()
     assert sorted(line.split()[1] for line in log) == ["lavo(r=4,w=4)", "softmax"]
 
@@ -381,6 +389,37 @@ def test_parameter_overhead_beyond_ten_percent_is_flagged():
 
     flags = parameter_flags([record("softmax", 1000), record("lavo", 1099), record("big", 1101)])
     assert len(flags) == 1 and flags[0].startswith("t [defaults]: big has +10.1% parameters")
+
+
+def test_summary_tables_fit_100_columns_and_show_quality_metrics_only():
+    from rich.console import Console
+
+    from runners.summary import summary_tables
+
+    declared = [{"name": f"rouge{n}", "kind": "quality", "direction": "higher"} for n in (1, "L")]
+    declared += [{"name": "decode_tokens_per_second", "kind": "cost", "direction": "higher"},
+                 {"name": "length_ratio", "kind": "diagnostic", "direction": "lower"}]
+    records = []
+    for attention in ("softmax", "performer", "longshort"):
+        for seed in (0, 1):
+            records.append({
+                "key": f"{attention}{seed}", "status": "ok", "parameters": 1_234_567 + seed,
+                "cell": {"task": "summarization", "attention": attention, "overrides": {"beam": 4},
+                         "attention_args": {"window": 16, "rank": 16} if attention == "longshort" else {}},
+                "metrics": {**{m["name"]: 10.0 + seed for m in declared}, "greedy_rouge1": 9.9,
+                            "source_tokens": 412.0},
+                "declared_metrics": declared, "timings": {"train_seconds": 44.0 + seed}})
+    records.append({**records[0], "key": "failed", "status": "timeout"})
+    console = Console(width=100, record=True)
+    for table in summary_tables(records, pipeline_check=["summarization"]):
+        console.print(table)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "summarization [beam=4]: mean ± std over seeds" in text and "pipeline check" in text
+    header = next(line for line in text.splitlines() if "attention" in line)
+    assert [h in header for h in ("rouge1 ↑", "rougeL ↑", "length_ratio", "params", "train s")] == [True] * 5
+    assert "tokens_per_second" not in text and "greedy" not in text and "source_tokens" not in text
+    assert "2/3" in text and "timeout" in text and "10.5 ± 0.71" in text  # the failed run counts
 
 
 def test_dry_run_of_the_smoke_preset_covers_every_task_or_says_why_not(capsys):
@@ -415,6 +454,22 @@ def test_efficiency_cab_preset_and_whole_layer(tmp_path, capsys):
         # The layer's four projections with biases (softmax itself has no parameters).
         assert record["metrics"]["parameters"] == 4 * (width * width + width)
     assert "softmax [layer]" in capsys.readouterr().out
+
+
+def test_efficiency_measures_mechanisms_that_read_the_layer_input(tmp_path):
+    """gla computes its gates from the layer input: core scope gives it one (its gate
+    parameters are timed and counted), layer scope gets it from MultiHeadAttention."""
+    for scope in ([], ["--layer"]):
+        code = main(["efficiency", "--attention", "gla", "--lengths", "16", "--patterns",
+                     "causal_self", "--heads", "2", "--head-dim", "8", "--repeats", "1",
+                     "--warmup", "1", "--device", "cpu", "--results-dir", str(tmp_path), *scope])
+        assert code == 0
+    records = {r["cell"]["scope"]: r for r in efficiency_records(tmp_path)}
+    assert all(r["status"] == "ok" for r in records.values()), records
+    width, rank = 2 * 8, 16
+    gates = width * rank + rank * width + width  # E -> 16 -> H*D, with the bias
+    assert records["core"]["metrics"]["parameters"] == gates
+    assert records["layer"]["metrics"]["parameters"] == gates + 4 * (width * width + width)
 
 
 def test_efficiency_fla_comparison_is_skipped_with_a_reason_on_cpu(tmp_path, capsys):

@@ -10,6 +10,8 @@ import torch
 from attention_zoo import Pattern
 from attention_zoo.testing import build_for_test, random_inputs
 
+pytestmark = pytest.mark.zoo
+
 
 def reference(q, k, v, *, causal, key_padding_mask):
     batch, q_len, heads, dim = q.shape

@@ -9,6 +9,8 @@ import pytest
 from attention_zoo import AttentionConfigError, Pattern
 from tasks.base import AttentionChoice, Metric, Task, TaskResult, resolve_attention
 
+pytestmark = pytest.mark.runner
+
 
 @dataclass(frozen=True)
 class ToyConfig:

@@ -8,8 +8,11 @@ import math
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pytest
+
+pytest.importorskip("pandas")
+
+import pandas as pd
 import torch
 from torch.utils.data import DataLoader
 
@@ -20,6 +23,8 @@ from tasks.time_series import data as ts_data
 from tasks.time_series.data import ForecastWindows, prepare, split_borders, time_features
 from tasks.time_series.model import ROLES, Informer, InformerShape
 from tasks.time_series.task import evaluate, mae, mse, persistence, train_step
+
+pytestmark = pytest.mark.task
 
 ETTH1 = Path(ts_data.__file__).parent / "samples" / "ETTh1.csv"
 # ETT-hour: 12 / 4 / 4 months of 30 days.
@@ -186,6 +191,7 @@ def test_the_forecast_never_reads_the_truth(name):
 
 
 @pytest.mark.parametrize("name", ["softmax", "lavo"])
+@pytest.mark.slow
 def test_informer_trains(name):
     data = prepare("ETTh1", features="M", seq_len=48)
     windows = ForecastWindows(data, "train", seq_len=48, label_len=24, pred_len=12)
@@ -210,6 +216,7 @@ def test_informer_trains(name):
 
 
 @pytest.mark.parametrize("name", ["softmax", "sdpa", "lavo"])
+@pytest.mark.slow
 def test_run_trains_and_evaluates(name, tmp_path):
     task = TimeSeriesTask()
     config = task.make_config({"seq_len": 48, "label_len": 24, "pred_len": 12, "d_model": 16,

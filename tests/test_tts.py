@@ -7,6 +7,11 @@ import math
 
 import numpy as np
 import pytest
+
+pytest.importorskip("espnet")
+pytest.importorskip("librosa")
+pytest.importorskip("soundfile")
+
 import soundfile as sf
 import torch
 from espnet.nets.pytorch_backend.nets_utils import make_non_pad_mask
@@ -43,6 +48,8 @@ from tasks.tts.models import (
 )
 from tasks.tts.task import FastSpeech2Task, TransformerTTSTask, TTSConfig, load_corpus
 
+pytestmark = pytest.mark.task
+
 TINY = ModelSize(adim=16, aheads=2, elayers=2, eunits=32, dlayers=3, dunits=32,
                  postnet_layers=1, postnet_chans=16, dropout=0.0)
 VOCABULARY = len(CharacterVocabulary())
@@ -55,13 +62,47 @@ def speech() -> np.ndarray:
     return load_audio(SAMPLE_ROOT / "wavs" / "LJ001-0008.flac")  # 1.8 s
 
 
-@pytest.mark.parametrize("metric", [metrics.cab_mcd, metrics.cab_msd, metrics.mcd_db])
+@pytest.mark.parametrize("metric", [metrics.mcd, metrics.msd, metrics.cab_mcd, metrics.cab_msd])
 def test_distortion_is_zero_on_itself_and_grows_with_noise(speech, metric):
     assert metric(speech, speech) == pytest.approx(0.0, abs=1e-9)
     rng = np.random.default_rng(0)
     noise = rng.standard_normal(speech.shape).astype(np.float32)
     scores = [metric(speech + level * noise, speech) for level in (1e-3, 1e-2, 1e-1)]
     assert 0 < scores[0] < scores[1] < scores[2], scores
+
+
+def test_mel_cepstrum_without_warping_is_the_real_cepstrum(speech):
+    # alpha = 0: c_0 and 2 x c_m of the real cepstrum of each windowed frame (numpy's inverse FFT).
+    cepstra = metrics.mel_cepstrum(speech, order=24, alpha=0.0)
+    framed = metrics.frames(speech, 1024, 256)
+    log_amplitude = 0.5 * np.log(np.maximum(np.abs(np.fft.rfft(framed, axis=1)) ** 2, 1e-10))
+    real = np.fft.irfft(log_amplitude, n=1024, axis=1)[:, :25]
+    real[:, 1:] *= 2.0
+    assert cepstra.shape == (1 + (len(speech) - 1024) // 256, 25)
+    np.testing.assert_allclose(cepstra, real, atol=1e-9)
+
+
+def test_warping_maps_the_even_warped_grid_back_through_the_all_pass():
+    # The all-pass's phase, w~ = w + 2 atan(a sin w / (1 - a cos w)), of each returned frequency
+    # gives back the evenly spaced warped grid; a > 0 stretches the low frequencies.
+    alpha = metrics.MCEP_ALPHA
+    linear = metrics.warped_frequencies(65, alpha)
+    warped = linear + 2 * np.arctan(alpha * np.sin(linear) / (1 - alpha * np.cos(linear)))
+    np.testing.assert_allclose(warped, np.linspace(0, math.pi, 65), atol=1e-12)
+    assert linear[1] < math.pi / 64
+
+
+def test_an_early_stop_shows_in_the_length_ratio_not_in_the_mcd(speech):
+    # The first quarter of the clip against the whole: CAB's per-synthesized-frame MCD grows about
+    # fourfold, the MCD along the DTW path does not.
+    early = speech[: len(speech) // 4]
+    noise = np.random.default_rng(0).standard_normal(speech.shape).astype(np.float32) * 1e-2
+    full_cab, early_cab = metrics.cab_mcd(speech + noise, speech), metrics.cab_mcd(early, speech)
+    assert early_cab > 2.5 * full_cab
+    assert metrics.mcd(early, speech) < 2.0 * metrics.mcd(speech + noise, speech)
+    # An output of 4 mel frames (768 samples, under one 1024-sample analysis frame) still scores.
+    short = speech[:768]
+    assert math.isfinite(metrics.mcd(short, speech)) and math.isfinite(metrics.msd(short, speech))
 
 
 def _brute_force_dtw(x: np.ndarray, y: np.ndarray) -> float:
@@ -112,6 +153,7 @@ def test_monotonic_alignment_search_finds_the_best_path(frames, tokens):
     assert found == pytest.approx(best)
 
 
+@pytest.mark.slow
 def test_aligner_learns_and_aligns_every_frame(corpus):
     def loss_after(steps: int) -> float:
         model = train_aligner(corpus.train, VOCABULARY, steps=steps, seed=0, batch_size=2, lr=3e-3)
@@ -246,6 +288,7 @@ def corpus():
 
 @pytest.mark.parametrize("mechanism", ["softmax", "lavo"])
 @pytest.mark.parametrize("task_class", [FastSpeech2Task, TransformerTTSTask])
+@pytest.mark.slow
 def test_both_models_train(task_class, mechanism, corpus):
     torch.manual_seed(0)
     task = task_class()
@@ -265,14 +308,17 @@ def test_both_models_train(task_class, mechanism, corpus):
 
 
 @pytest.mark.parametrize("task_class", [FastSpeech2Task, TransformerTTSTask])
+@pytest.mark.slow
 def test_run_writes_valid_audio_and_a_figure(task_class, tmp_path):
     task = task_class()
     config = task.make_config({"train_clips": 1, "steps": 2, "eval_clips": 1, "adim": 16, "eunits": 32,
                                "dunits": 32, "griffin_lim_iterations": 2, "maxlenratio": 2.0})
     result = task.run(config, resolve_attention(task_class, AttentionChoice("lavo")), seed=0,
                       device="cpu", workdir=tmp_path)
-    assert set(result.metrics) == {"mcd", "msd", "mcd_db"}
+    assert set(result.metrics) == {"mcd", "msd", "length_ratio", "cab_mcd", "cab_msd"}
     assert all(math.isfinite(v) and v > 0 for v in result.metrics.values())
+    frames = result.extra["artifacts"]["frames"]["LJ001-0008"]
+    assert result.metrics["length_ratio"] == pytest.approx(frames["synthesized"] / frames["reference"])
     assert result.extra["test_clips"] == ["LJ001-0008"]
     original = sf.info(SAMPLE_ROOT / "wavs" / "LJ001-0008.flac").frames
     characters = len(CharacterVocabulary().encode("has never been surpassed."))

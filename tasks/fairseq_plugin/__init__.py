@@ -13,8 +13,10 @@ below are absolute, so the models are registered once even when the folder is al
 import logging
 
 # Importing fairseq lowers the root logger to DEBUG, which floods every later library's debug
-# output (matplotlib, numba) into a sweep's or a report's console: restore the level after.
+# output (matplotlib, numba) into a sweep's or a report's console, and its text-to-speech task
+# adds a root handler (logging.basicConfig): restore the level and the handlers after.
 _root_level = logging.getLogger().level
+_root_handlers = list(logging.getLogger().handlers)
 
 from tasks.fairseq_plugin import compat  # noqa: E402,F401  (must come before any fairseq data path)
 
@@ -26,6 +28,8 @@ from tasks.fairseq_plugin import (  # noqa: E402
 from tasks.fairseq_plugin.attention import ZooAttention, index_batch, state_bytes  # noqa: E402
 
 logging.getLogger().setLevel(_root_level)
+for _handler in [h for h in logging.getLogger().handlers if h not in _root_handlers]:
+    logging.getLogger().removeHandler(_handler)
 
 USER_DIR = __path__[0]
 """The folder to pass as fairseq's ``--user-dir``."""

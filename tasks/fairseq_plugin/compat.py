@@ -19,11 +19,18 @@ edited. Each patch is idempotent and only fills in what is missing.
    except ImportError`` guards do not catch. A torchaudio that cannot load is marked absent, so
    that ``import torchaudio`` raises ``ImportError`` and fairseq's audio paths report it cleanly.
    A working torchaudio is left alone. (Language modeling never uses torchaudio.)
+4. fairseq's command-line modules (``fairseq_cli.preprocess``, ``eval_lm``...) call
+   ``logging.basicConfig(stream=sys.stdout)`` when imported: in a process that runs them in place
+   (a sweep's worker) the root logger then prints fairseq's INFO lines, to whatever stdout was at
+   import time, for the rest of the process. :func:`import_fairseq_cli` imports them with the root
+   logger's handlers and level left as they were.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import logging
 import sys
 import types
 from typing import Any
@@ -77,6 +84,18 @@ def _hide_broken_torchaudio() -> None:
         for name in [m for m in sys.modules if m == "torchaudio" or m.startswith("torchaudio.")]:
             del sys.modules[name]
         sys.modules["torchaudio"] = None  # type: ignore[assignment]  # import -> ImportError
+
+
+def import_fairseq_cli(name: str) -> types.ModuleType:
+    """``fairseq_cli.<name>``, imported without the root-logger handler it installs."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        return importlib.import_module(f"fairseq_cli.{name}")
+    finally:
+        for handler in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(handler)
+        root.setLevel(level)
 
 
 def apply() -> None:

@@ -223,7 +223,10 @@ def binarise(tokenised: Path, destination: Path) -> None:
     """``fairseq-preprocess --only-source`` on ``{train,validation,test}.ids`` with a fixed
     dictionary (through fairseq's own entry point)."""
     from fairseq import options
-    from fairseq_cli import preprocess
+
+    from tasks.fairseq_plugin.compat import import_fairseq_cli
+
+    preprocess = import_fairseq_cli("preprocess")
 
     parser = options.get_preprocessing_parser()
     args = parser.parse_args([

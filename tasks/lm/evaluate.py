@@ -41,7 +41,10 @@ def eval_lm(
     """
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
-    from fairseq_cli import eval_lm as fairseq_eval_lm
+
+    from tasks.fairseq_plugin.compat import import_fairseq_cli
+
+    fairseq_eval_lm = import_fairseq_cli("eval_lm")
 
     argv = [
         str(data_bin), "--path", str(checkpoint), "--user-dir", USER_DIR,

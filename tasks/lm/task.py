@@ -139,7 +139,7 @@ class LanguageModelingTask(Task):
                description="test token perplexity at the training context (fairseq-eval-lm)"),
         Metric("bits_per_byte", higher_is_better=False,
                description="test bits per UTF-8 byte at the training context"),
-        Metric("train_tokens_per_second", higher_is_better=True,
+        Metric("train_tokens_per_second", higher_is_better=True, kind="cost",
                description="fairseq's training words (tokens) per second"),
     )
     Config = LMConfig

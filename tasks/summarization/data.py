@@ -230,7 +230,10 @@ def _prepare_unlocked(data_dir: Path, *, vocab_size: int, max_source_tokens: int
 def _binarise(tokenised: Path, destination: Path, vocab_size: int) -> None:
     """``fairseq-preprocess`` (its own entry point) with a joined source/target dictionary."""
     from fairseq import options
-    from fairseq_cli import preprocess
+
+    from tasks.fairseq_plugin.compat import import_fairseq_cli
+
+    preprocess = import_fairseq_cli("preprocess")
 
     parser = options.get_preprocessing_parser()
     args = parser.parse_args([

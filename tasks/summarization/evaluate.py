@@ -20,10 +20,27 @@ ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 ROUGE_PACKAGE = "rouge-score (Google)"
 
 
-def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """Mean ROUGE-1/2/L F1 x 100 of ``hypotheses`` against ``references`` (rouge-score)."""
+def _rouge_scorer_module() -> Any:
+    """``rouge_score.rouge_scorer``, with absl's log handler (rouge-score imports absl) holding the
+    process's standard error.
+
+    absl's handler keeps the stream that was ``sys.stderr`` when absl was imported, and closes it
+    when logging's handlers are reset (``logging.config.dictConfig``, which submitit and hydra
+    call) unless it is the standard error of that moment. Under pytest that stream is the output
+    capture of the test that imported it: closing it broke the output capture of every later test.
+    """
+    import sys
+
+    from absl import logging as absl_logging
     from rouge_score import rouge_scorer
 
+    absl_logging.get_absl_handler().python_handler.stream = sys.__stderr__
+    return rouge_scorer
+
+
+def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F1 x 100 of ``hypotheses`` against ``references`` (rouge-score)."""
+    rouge_scorer = _rouge_scorer_module()
     if len(hypotheses) != len(references) or not references:
         raise ValueError(f"need as many hypotheses as references (>0), got {len(hypotheses)} "
                          f"and {len(references)}")

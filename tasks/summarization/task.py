@@ -125,7 +125,7 @@ class SummarizationTask(Task):
         Metric("rouge1", higher_is_better=True, description="ROUGE-1 F1 x100 of beam search (rouge-score)"),
         Metric("rouge2", higher_is_better=True, description="ROUGE-2 F1 x100 of beam search (rouge-score)"),
         Metric("rougeL", higher_is_better=True, description="ROUGE-L F1 x100 of beam search (rouge-score)"),
-        Metric("decode_tokens_per_second", higher_is_better=True,
+        Metric("decode_tokens_per_second", higher_is_better=True, kind="cost",
                description="generated tokens per second of beam search"),
     )
     Config = SummarizationConfig

@@ -132,11 +132,11 @@ class _TTSTask(Task):
 
     metrics = (
         Metric("mcd", higher_is_better=False,
-               description="CAB's MCD: DTW distance of 13 MFCCs per synthesized frame"),
+               description="mel cepstral distortion (dB) along the DTW path, as ESPnet evaluates"),
         Metric("msd", higher_is_better=False,
-               description="CAB's MSD: DTW distance of 80-band log-mel per synthesized frame"),
-        Metric("mcd_db", higher_is_better=False,
-               description="classic mel cepstral distortion, dB, c1..c24 along the DTW path"),
+               description="mean distance of the 80-band log-mel frames along the DTW path"),
+        Metric("length_ratio", higher_is_better=False, kind="diagnostic",
+               description="synthesized over reference frames (1 is right; below 1 an early stop)"),
     )
     Config = TTSConfig
     model_name: ClassVar[str]
@@ -237,7 +237,8 @@ class _TTSTask(Task):
         model.eval()
         audio_dir = workdir / "audio"
         audio_dir.mkdir(exist_ok=True)
-        scores: dict[str, list[float]] = {m.name: [] for m in self.metrics}
+        scores: dict[str, list[float]] = {name: [] for name in (*(m.name for m in self.metrics),
+                                                                "cab_mcd", "cab_msd")}
         # Frame counts explain CAB's per-synthesized-frame scores (a short output inflates them).
         artifacts: dict[str, Any] = {"audio": [], "figure": None, "frames": {}}
         for utterance in corpus.test:
@@ -246,9 +247,11 @@ class _TTSTask(Task):
             artifacts["frames"][utterance.clip_id] = {"synthesized": len(predicted),
                                                       "reference": utterance.frames}
             reference = griffin_lim(utterance.mel.numpy(), iterations=config.griffin_lim_iterations)
-            scores["mcd"].append(tts_metrics.cab_mcd(synthesized, reference))
-            scores["msd"].append(tts_metrics.cab_msd(synthesized, reference))
-            scores["mcd_db"].append(tts_metrics.mcd_db(synthesized, reference))
+            scores["mcd"].append(tts_metrics.mcd(synthesized, reference))
+            scores["msd"].append(tts_metrics.msd(synthesized, reference))
+            scores["length_ratio"].append(len(predicted) / utterance.frames)
+            scores["cab_mcd"].append(tts_metrics.cab_mcd(synthesized, reference))
+            scores["cab_msd"].append(tts_metrics.cab_msd(synthesized, reference))
             for kind, audio in (("synthesized", synthesized), ("reference", reference)):
                 path = audio_dir / f"{utterance.clip_id}_{kind}.wav"
                 write_wav(path, audio)

@@ -1,0 +1,45 @@
+"""``attnbench report``: tables and figures from the records (re-runs nothing)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from runners.checks import InputError, writable_folder
+from runners.commands.common import (
+    DEFAULT_RESULTS,
+)
+
+
+def command_report(args: argparse.Namespace) -> int:
+    from runners.quiet import captured_prints
+
+    try:
+        from analysis.report import build_report
+    except ImportError as error:
+        raise SystemExit(f"attnbench report needs the analysis extra ({error.name} is missing): "
+                         "pip install -c constraints/cpu.txt -e '.[analysis]'") from None
+    if not args.results_dir.is_dir():
+        raise InputError(f"no results folder {args.results_dir}")
+    out = writable_folder(args.out or args.results_dir / "report", "--out")
+    with captured_prints(verbose=False):  # the tasks' libraries print banners when imported
+        report = build_report(args.results_dir, out, paper_layouts=args.paper)
+    print(f"report: {out / 'index.html'} ({len(report.tables)} tables, {len(report.figures)} figures)")
+    for problem in report.problems:
+        print(f"attnbench: ignored {problem} (listed under problems in the report)", file=sys.stderr)
+    return 0
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register ``attnbench report`` and its options."""
+    report = commands.add_parser(
+        "report", help="tables and figures from the records in results/ (re-runs nothing)")
+    report.add_argument("results_dir", nargs="?", type=Path, default=DEFAULT_RESULTS,
+                        help="the results folder (default: results)")
+    report.add_argument("--out", type=Path, help="the report folder (default: RESULTS_DIR/report)")
+    report.add_argument("--paper", action="store_true",
+                        help="also the LAVO paper's and CAB's table and figure layouts, n/a where "
+                             "no result exists")
+    report.set_defaults(handler=command_report)
+
