@@ -27,8 +27,9 @@ import pandas as pd
 
 from attention_zoo import AttentionConfigError, Pattern, attention_spec
 from runners.records import RecordProblem, read_records, scan_records
-from runners.summary import attention_label, settings_label
 from runners.summary import declared_metrics as declared_metrics_of
+from runners.summary import settings_label
+from tasks.base import attention_label
 
 RUN_KIND = "run"
 EFFICIENCY_KIND = "efficiency"
@@ -53,7 +54,7 @@ EXTRA_ORDER = 1000
 def _declared(task: str) -> tuple[tuple[str, str, str], ...] | None:
     """``((metric, direction, kind), ...)`` as the installed task declares them; None if the task
     is not installed."""
-    from tasks.base import get_task
+    from tasks.registry import get_task
 
     try:
         task_class = get_task(task)
@@ -81,7 +82,7 @@ def record_metric_declarations(record: Mapping[str, Any]) -> list[tuple[str, str
 @cache
 def task_patterns(task: str) -> frozenset[Pattern] | None:
     """The attention patterns a task's roles exercise; None if the task is not installed."""
-    from tasks.base import get_task
+    from tasks.registry import get_task
 
     try:
         return frozenset(get_task(task).roles.values())
@@ -142,7 +143,8 @@ def failed_runs(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
     from runners.summary import error_line
 
     rows = [{"task": r["cell"]["task"], "settings": settings_label(dict(r)),
-             "label": attention_label(r["cell"]), "seed": r.get("seed", r["cell"].get("seed")),
+             "label": attention_label(r["cell"]["attention"], r["cell"].get("attention_args")),
+             "seed": r.get("seed", r["cell"].get("seed")),
              "status": r["status"], "error": error_line(str(r.get("error") or "")), "key": r["key"]}
             for r in records if r.get("status") != "ok"]
     return pd.DataFrame(rows, columns=["task", "settings", "label", "seed", "status", "error", "key"])
@@ -168,7 +170,8 @@ def run_metrics(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         task = cell["task"]
         base = {
             "key": record["key"], "task": task, "settings": settings_label(dict(record)),
-            "attention": cell["attention"], "label": attention_label(cell),
+            "attention": cell["attention"],
+            "label": attention_label(cell["attention"], cell.get("attention_args")),
             "args": {**hyperparameter_defaults(cell["attention"]), **(cell.get("attention_args") or {})},
             "seed": record.get("seed", cell.get("seed")), "status": record.get("status"),
         }
@@ -197,7 +200,8 @@ def run_costs(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         cell, timings = record["cell"], record.get("timings") or {}
         rows.append({
             "key": record["key"], "task": cell["task"], "settings": settings_label(dict(record)),
-            "attention": cell["attention"], "label": attention_label(cell),
+            "attention": cell["attention"],
+            "label": attention_label(cell["attention"], cell.get("attention_args")),
             "args": {**hyperparameter_defaults(cell["attention"]), **(cell.get("attention_args") or {})},
             "seed": record.get("seed"),
             "train_seconds": timings.get("train_seconds", math.nan),
@@ -221,7 +225,8 @@ def efficiency_points(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
         cell, metrics = record["cell"], record.get("metrics") or {}
         rows.append({
             "run_id": record.get("run_id", ""), "attention": cell["attention"],
-            "label": attention_label(cell), "pattern": cell["pattern"],
+            "label": attention_label(cell["attention"], cell.get("attention_args")),
+            "pattern": cell["pattern"],
             "scope": cell.get("scope", "core"), "length": int(cell["length"]),
             "batch": cell.get("batch"), "heads": cell.get("heads"), "head_dim": cell.get("head_dim"),
             "dtype": cell.get("dtype"), "device": cell.get("device"), "status": record.get("status"),
@@ -261,8 +266,9 @@ def extra_curves(records: Sequence[Mapping[str, Any]], key: str, x_name: str) ->
     for record in records:
         if record.get("status") != "ok":
             continue
+        cell = record["cell"]
+        label = attention_label(cell["attention"], cell.get("attention_args"))
         for x, y in curve((record.get("extra") or {}).get(key), x_name):
-            rows.append({"task": record["cell"]["task"], "settings": settings_label(dict(record)),
-                         "label": attention_label(record["cell"]), "seed": record.get("seed"),
-                         "x": x, "perplexity": y})
+            rows.append({"task": cell["task"], "settings": settings_label(dict(record)),
+                         "label": label, "seed": record.get("seed"), "x": x, "perplexity": y})
     return pd.DataFrame(rows, columns=["task", "settings", "label", "seed", "x", "perplexity"])

@@ -17,19 +17,6 @@ CAB_TASKS = ("tts_fastspeech2", "tts_transformer", "summarization", "time_series
 """CAB's tasks in its tables' column order (text-to-speech with FastSpeech 2 and Transformer-TTS,
 summarization, long time-series forecasting, point-cloud completion, language modelling)."""
 
-CAB_FALLBACK = {
-    "tts_fastspeech2": ((Pattern.NONCAUSAL_SELF,), ("mcd", "msd")),
-    "tts_transformer": ((Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF, Pattern.CAUSAL_CROSS),
-                        ("mcd", "msd")),
-    "summarization": ((Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF, Pattern.CAUSAL_CROSS),
-                      ("rouge1", "rouge2", "rougeL")),
-    "time_series": ((Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF, Pattern.NONCAUSAL_CROSS), ("mse", "mae")),
-    "point_cloud": ((Pattern.NONCAUSAL_SELF, Pattern.NONCAUSAL_CROSS), ("cd_l1", "cd_l2", "f_score")),
-    "lm": ((Pattern.CAUSAL_SELF,), ("perplexity",)),
-}
-"""Patterns and metrics of a CAB task that is not installed here (an installed task's own
-``roles`` and ``metrics`` take precedence), so its columns still appear, marked missing."""
-
 LAVO_EXTRAPOLATION_FACTORS = (1, 1.5, 2, 4, 8)
 """LAVO's extrapolation table: evaluation at 1 to 8 times the training context (1.5x and 2x are
 CAB's multiples, 4x and 8x ours)."""
@@ -39,12 +26,9 @@ def cab_columns(pattern: Pattern) -> list[tuple[str, str]]:
     """``(task, metric)`` columns of CAB's leaderboard for ``pattern``."""
     columns = []
     for task in CAB_TASKS:
-        patterns, metrics = CAB_FALLBACK[task]
-        installed = task_patterns(task)
-        if installed is not None:
-            patterns, metrics = installed, tuple(declared_metrics(task) or {})
-        if pattern in patterns:
-            columns += [(task, m) for m in metrics]
+        patterns = task_patterns(task)  # the task's spec (None: a task not registered here)
+        if patterns is not None and pattern in patterns:
+            columns += [(task, m) for m in declared_metrics(task) or {}]
     return columns
 
 

@@ -47,6 +47,7 @@ from attention_zoo import (
 )
 from runners.provenance import provenance
 from runners.records import write_record
+from tasks.base import attention_key
 
 SCHEMA = "attnbench.efficiency/1"
 SCOPES = ("core", "layer")
@@ -123,9 +124,9 @@ class EfficiencyCell:
 
     @property
     def key(self) -> str:
-        args = "".join(f"-{k}{v}" for k, v in sorted(self.attention_args.items()))
         scope = "-layer" if self.scope == "layer" else ""
-        return (f"{self.attention}{args}{scope}-{self.pattern}-L{self.length}-B{self.batch}"
+        return (f"{attention_key(self.attention, self.attention_args)}{scope}-{self.pattern}"
+                f"-L{self.length}-B{self.batch}"
                 f"-H{self.heads}-D{self.head_dim}-{self.dtype}-{self.device.replace(':', '')}")
 
 

@@ -13,6 +13,9 @@ Preset (YAML, ``runners/presets/<name>.yaml``, or any file path)::
       seed: [0, 1, 2]
       timeout: 900             # seconds a cell may run before it is stopped (status timeout)
     blocks:                    # one block per task
+      - task: time_series
+        preset: paper          # start from tasks/time_series/presets/paper.yaml (its settings,
+                               # seeds and timeout; this block's own keys win)
       - task: lm
         settings: {seq_len: [1024, 4096]}       # the task's Config fields; a list sweeps
         # or a list of variants, each swept on its own: [{dataset: ETTh1, seq_len: 336}, ...]
@@ -30,20 +33,20 @@ import difflib
 import hashlib
 import itertools
 import json
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from attention_zoo import AttentionConfigError, attention_spec, list_attentions
+from attention_zoo import AttentionConfigError, attention_spec
 from runners.checks import finite_seconds, load_yaml
 from runners.validate import fit_attention, role_shapes
-from tasks.base import AttentionChoice, Task, get_task, list_tasks, resolve_attention
+from tasks.base import AttentionChoice, PresetPart, attention_key, resolve_attention
+from tasks.registry import fitting_attentions, get_task, list_tasks
 
 PRESET_DIR = Path(__file__).resolve().parent / "presets"
 ALL = "all"
-BLOCK_KEYS = ("task", "settings", "attention", "attention_args", "seed", "timeout")
+BLOCK_KEYS = ("task", "preset", "settings", "attention", "attention_args", "seed", "timeout")
 PRESET_KEYS = ("description", "defaults", "blocks")
 
 
@@ -84,6 +87,8 @@ class Block:
     required_args: set[str] = field(default_factory=set)
     """Hyperparameters given on the command line: an error if no selected mechanism declares
     them (a preset's, like LAVO's r, simply do not apply when LAVO is not selected)."""
+    notices: list[str] = field(default_factory=list)
+    """What an override skipped in this block (shown before the run)."""
 
 
 @dataclass(frozen=True)
@@ -126,8 +131,7 @@ class Cell:
     def key(self) -> str:
         """``<task>/<attention>[-<hyperparameters>]-seed<seed>-<digest>``: readable, and unique
         because the digest hashes the whole resolved configuration."""
-        args = "".join(f"-{k}{v}" for k, v in sorted(self.attention_args.items()))
-        name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", f"{self.attention}{args}")
+        name = attention_key(self.attention, self.attention_args)
         return f"{self.task}/{name}-seed{self.seed}-{self.digest}"
 
     def to_json(self) -> dict[str, Any]:
@@ -172,36 +176,57 @@ def parse_preset(data: Mapping[str, Any], *, source: str = "preset") -> tuple[st
     _known_keys(data, PRESET_KEYS, source)
     defaults = data.get("defaults") or {}
     _known_keys(defaults, BLOCK_KEYS[1:], f"{source}: defaults")
-    blocks = []
-    for index, raw in enumerate(data.get("blocks") or []):
-        where = f"{source}: block {index + 1}"
-        if not isinstance(raw, Mapping) or "task" not in raw:
-            raise MatrixConfigError(f"{where}: a block is a mapping with a 'task' and optionally "
-                                    f"{', '.join(BLOCK_KEYS[1:])}")
-        _known_keys(raw, BLOCK_KEYS, where)
-        merged = {**defaults, **raw}
-        base = defaults.get("settings") or {}
-        if not isinstance(base, Mapping):
-            raise MatrixConfigError(f"{source}: defaults: settings must be a mapping of task settings")
-        variants = raw.get("settings") or {}
-        variants = variants if isinstance(variants, list) else [variants]
-        if not all(isinstance(v, Mapping) for v in variants):
-            raise MatrixConfigError(f"{where}: settings must be a mapping of task settings, or a list "
-                                    "of such mappings (variants)")
-        args = {**(defaults.get("attention_args") or {}), **(raw.get("attention_args") or {})}
-        attention = merged.get("attention", ALL)
-        blocks.append(Block(
-            task=str(raw["task"]),
-            settings=[{k: _as_list(v) for k, v in {**base, **variant}.items()}
-                      for variant in variants or [{}]],
-            attention=ALL if attention == ALL else [str(a) for a in _as_list(attention)],
-            attention_args={k: _as_list(v) for k, v in args.items()},
-            seeds=[_seed(s, where) for s in _as_list(merged.get("seed", 0))],
-            timeout=_timeout(merged.get("timeout"), where),
-        ))
+    blocks = [block for index, raw in enumerate(data.get("blocks") or [])
+              for block in _parse_block(raw, defaults, f"{source}: block {index + 1}")]
     if not blocks:
         raise MatrixConfigError(f"{source}: no blocks")
     return str(data.get("description", "")), blocks
+
+
+def _parse_block(raw: Any, defaults: Mapping[str, Any], where: str) -> list[Block]:
+    """The blocks of one preset block: one per part of the task preset it names (else one)."""
+    blocks = []
+    if not isinstance(raw, Mapping) or "task" not in raw:
+        raise MatrixConfigError(f"{where}: a block is a mapping with a 'task' and optionally "
+                                f"{', '.join(BLOCK_KEYS[1:])}")
+    _known_keys(raw, BLOCK_KEYS, where)
+    merged = {**defaults, **raw}
+    base = defaults.get("settings") or {}
+    if not isinstance(base, Mapping):
+        raise MatrixConfigError(f"{where}: defaults: settings must be a mapping of task settings")
+    variants = raw.get("settings") or {}
+    variants = variants if isinstance(variants, list) else [variants]
+    if not all(isinstance(v, Mapping) for v in variants):
+        raise MatrixConfigError(f"{where}: settings must be a mapping of task settings, or a list "
+                                "of such mappings (variants)")
+    args = {**(defaults.get("attention_args") or {}), **(raw.get("attention_args") or {})}
+    attention = merged.get("attention", ALL)
+    for part in _task_preset_parts(str(raw["task"]), merged.get("preset"), where):
+        # The task's preset, then the preset's defaults, then the block: the later wins.
+        seeds = raw.get("seed", part.seeds if part.seeds is not None else defaults.get("seed", 0))
+        timeout = raw.get("timeout", part.timeout if part.timeout is not None
+                          else defaults.get("timeout"))
+        blocks.append(Block(
+            task=str(raw["task"]),
+            settings=[{k: _as_list(v) for k, v in {**ours, **base, **variant}.items()}
+                      for ours in part.settings for variant in variants or [{}]],
+            attention=ALL if attention == ALL else [str(a) for a in _as_list(attention)],
+            attention_args={k: _as_list(v) for k, v in args.items()},
+            seeds=[_seed(s, where) for s in _as_list(seeds)],
+            timeout=_timeout(timeout, where),
+        ))
+    return blocks
+
+
+def _task_preset_parts(task: str, preset: Any, where: str) -> list[PresetPart]:
+    """The parts of the task's preset ``preset`` (None: one empty part); a task that is not
+    installed gets one empty part (its block is skipped with a notice when expanded)."""
+    if preset is None or task not in list_tasks():
+        return [PresetPart(settings=({},))]
+    try:
+        return list(get_task(task).preset(str(preset)).parts)
+    except AttentionConfigError as error:
+        raise MatrixConfigError(f"{where}: {error}") from None
 
 
 def parse_overrides(items: Iterable[str]) -> list[Override]:
@@ -274,21 +299,21 @@ def _apply_setting(blocks: Sequence[Block], key: str, values: list[str], install
         raise MatrixConfigError(f"override {key}: unknown task {task_name!r}; installed: "
                                 f"{', '.join(installed) or '-'}")
     targets = [b for b in blocks if b.task in installed and (not dot or b.task == task_name)]
-    applied = False
-    valid: dict[str, list[str]] = {}
-    for block in targets:
-        fields = [hp.name for hp in get_task(block.task).config_fields()]
-        valid[block.task] = fields
-        if name in fields:
-            for variant in block.settings:
-                variant[name] = values
-            applied = True
-    if not applied:
+    valid = {block.task: [hp.name for hp in get_task(block.task).config_fields()] for block in targets}
+    reached = [block for block in targets if name in valid[block.task]]
+    if not reached:
         choices = "; ".join(f"{task}: {', '.join(fields)}" for task, fields in valid.items())
         raise MatrixConfigError(
             f"unknown override key {key!r}: not task, attention, attention.HYPERPARAMETER, seed, "
             f"timeout, nor a setting of the selected tasks ({choices or 'no installed task selected'})"
         )
+    for block in targets:
+        if block in reached:
+            for variant in block.settings:
+                variant[name] = values
+        else:
+            block.notices.append(f"override {key}={','.join(values)} skipped task {block.task!r}: "
+                                 f"it has no setting {name!r}")
 
 
 def _not_a_typo(name: str, installed: Sequence[str]) -> None:
@@ -298,12 +323,6 @@ def _not_a_typo(name: str, installed: Sequence[str]) -> None:
     if close:
         raise MatrixConfigError(f"unknown task {name!r}: not installed, and close to the installed "
                                 f"{close[0]!r} (a misspelling?); installed: {', '.join(installed)}")
-
-
-def applicable_attentions(task: type[Task]) -> list[str]:
-    """Registered mechanisms that support the pattern of every role of ``task``."""
-    return [name for name in list_attentions()
-            if all(attention_spec(name).supports(p) for p in task.roles.values())]
 
 
 def expand(blocks: Sequence[Block], *, description: str = "") -> Expansion:
@@ -316,13 +335,14 @@ def expand(blocks: Sequence[Block], *, description: str = "") -> Expansion:
     offered_args: dict[str, set[str]] = {}
     requested: dict[str, bool] = {}
     for block in blocks:
+        notices += [n for n in block.notices if n not in notices]
         if block.task not in installed:
             _not_a_typo(block.task, installed)
             notices.append(f"skipped task {block.task!r}: not installed "
                            f"(installed: {', '.join(installed) or '-'})")
             continue
         task = get_task(block.task)
-        names = applicable_attentions(task) if block.attention == ALL else list(block.attention)
+        names = fitting_attentions(task) if block.attention == ALL else list(block.attention)
         for name in names:
             attention_spec(name)  # an unknown name raises here, naming the registered ones
         runnable = []

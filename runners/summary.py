@@ -12,6 +12,8 @@ from typing import Any
 from rich.markup import escape
 from rich.table import Table
 
+from tasks.base import attention_label
+
 PARAMETER_TOLERANCE = 0.10
 """CAB/LRA fairness: a mechanism may add at most 10% parameters over softmax."""
 
@@ -42,17 +44,12 @@ def settings_label(record: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
 
 
-def attention_label(cell: dict[str, Any]) -> str:
-    """``lavo(r=32,w=16)``: a cell's mechanism with its non-default hyperparameters, sorted."""
-    args = ",".join(f"{k}={v}" for k, v in sorted((cell.get("attention_args") or {}).items()))
-    return cell["attention"] + (f"({args})" if args else "")
-
-
 def group(records: Sequence[dict[str, Any]]) -> list[Row]:
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         cell = record["cell"]
-        groups[(cell["task"], settings_label(record), attention_label(cell))].append(record)
+        label = attention_label(cell["attention"], cell.get("attention_args"))
+        groups[(cell["task"], settings_label(record), label)].append(record)
     return [Row(task, settings, label, rs) for (task, settings, label), rs in sorted(groups.items())]
 
 
@@ -166,7 +163,8 @@ def summary_tables(records: Sequence[dict[str, Any]], *, pipeline_check: Sequenc
 def describe_cell(cell: dict[str, Any]) -> str:
     """``lm lavo(r=32) [seq_len=512] seed 0``: a cell named by what it runs, not by its hash."""
     settings = " ".join(f"{k}={v}" for k, v in sorted((cell.get("overrides") or {}).items()))
-    return (f"{cell['task']} {attention_label(cell)}" + (f" [{settings}]" if settings else "")
+    label = attention_label(cell["attention"], cell.get("attention_args"))
+    return (f"{cell['task']} {label}" + (f" [{settings}]" if settings else "")
             + f" seed {cell.get('seed')}")
 
 

@@ -9,35 +9,35 @@ whose process dies, or that runs past its timeout, is recorded by the coordinato
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import logging
 import math
 import multiprocessing
 import os
-import random
-import resource
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from runners.execute import execute, peak_rss_mib
 from runners.locks import CellLock, describe_this_run, die_with_parent, holder, kill_group, lock_path
 from runners.matrix import Cell
 from runners.provenance import provenance
 from runners.quiet import redirect_process_output
 from runners.records import RUN_SCHEMA, RecordError, load_record, write_record
-from tasks.base import AttentionChoice, get_task, resolve_attention
+from tasks.base import AttentionChoice, resolve_attention
+from tasks.registry import get_task
 
 SCHEMA = RUN_SCHEMA
 KIND = "run"
 FAILED = ("error", "oom", "timeout", "crashed")
+"""The statuses of a cell that ran and did not succeed (a cluster resubmits those)."""
 
 
 class CellTimeout(Exception):
@@ -101,32 +101,6 @@ def is_finished(results_dir: Path, cell: Cell, *, retry_failed: bool = False) ->
     return record["status"] == "ok" or not retry_failed
 
 
-def seed_everything(seed: int) -> None:
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def reset_peak_rss() -> None:
-    """Reset this process's peak resident memory (Linux: VmHWM), so that a worker that runs
-    several cells reports each cell's own peak."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def peak_rss_mib() -> float:
-    """Peak resident memory of this process since :func:`reset_peak_rss`, in MiB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _base_record(cell: Cell, *, preset: str, device: str) -> dict[str, Any]:
     return {
         "schema": SCHEMA,
@@ -170,8 +144,6 @@ def run_cell(cell: Cell | Mapping[str, Any], results_dir: str | Path, *, device:
 
 
 def _compute_cell(cell: Cell, results_dir: Path, *, device: str, preset: str, threads: int) -> str:
-    if threads:
-        torch.set_num_threads(threads)
     record = _base_record(cell, preset=preset, device=device)
     started = time.time()
     try:
@@ -181,16 +153,12 @@ def _compute_cell(cell: Cell, results_dir: Path, *, device: str, preset: str, th
         record["roles"] = {role: choice.label() for role, choice in roles.items()}
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
-            torch.cuda.reset_peak_memory_stats()
-        reset_peak_rss()
-        seed_everything(cell.seed)
-        workdir = artifacts_dir(results_dir, cell)
-        workdir.mkdir(parents=True, exist_ok=True)
-        result = task_class().run(config, roles, seed=cell.seed, device=device, workdir=workdir)
+        result = execute(task_class, config, roles, seed=cell.seed, device=device,
+                         workdir=artifacts_dir(results_dir, cell), threads=threads)
         check_metrics(task_class, result.metrics)
         record.update(
             status="ok",
-            metrics={k: float(v) for k, v in result.metrics.items()},
+            metrics=result.metrics,
             metric_directions={m.name: "higher" if m.higher_is_better else "lower"
                                for m in task_class.metrics},
             declared_metrics=[{"name": m.name, "kind": m.kind,
@@ -199,6 +167,7 @@ def _compute_cell(cell: Cell, results_dir: Path, *, device: str, preset: str, th
             parameters=int(result.parameters),
             attention_parameters=int(result.attention_parameters),
             peak_memory_mib=result.peak_memory_mib,
+            peak_memory_kind=result.peak_memory_kind,
             extra=result.extra,
         )
         record["timings"] = {"train_seconds": result.train_seconds,
@@ -257,21 +226,6 @@ def record_failure(results_dir: Path, cell: Cell, *, status: str, error: str, pr
 
 def _utc(seconds: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
-
-
-@dataclass
-class SweepState:
-    """Counts for the progress display."""
-
-    total: int
-    skipped: int = 0
-    ok: int = 0
-    failed: int = 0
-    events: list[tuple[Cell, str, float]] = field(default_factory=list)
-
-    @property
-    def remaining(self) -> int:
-        return self.total - self.skipped - self.ok - self.failed
 
 
 Callback = Callable[[Cell, str, float], None]

@@ -35,3 +35,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.get_closest_marker("validation") is not None:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def scratch_tasks():
+    """Lets a test register tasks; the task registry is restored afterwards."""
+    from tasks import registry as task_registry
+
+    task_registry.list_tasks()  # the built-in tasks are registered before the snapshot
+    saved = dict(task_registry._REGISTRY)
+    yield task_registry
+    task_registry._REGISTRY.clear()
+    task_registry._REGISTRY.update(saved)

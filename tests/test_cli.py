@@ -60,3 +60,54 @@ def test_efficiency_length_interpolates_in_log_space():
     assert efficiency_length([1000, 4000], [2.0, 1.0], [1.0, 2.0]) == pytest.approx(2000)
     assert efficiency_length([1000, 4000], [0.5, 0.5], [1.0, 1.0]) == 1000
     assert efficiency_length([1000, 4000], [2.0, 2.0], [1.0, 1.0]) == math.inf
+
+
+def test_tasks_lists_roles_metrics_and_fitting_mechanisms(capsys):
+    from tasks.registry import fitting_attentions, get_task, list_tasks
+
+    assert main(["tasks", "--format", "json"]) == 0
+    rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+    assert sorted(rows) == list_tasks()
+    for name, row in rows.items():
+        task = get_task(name)
+        assert {role: spec["pattern"] for role, spec in row["roles"].items()} == {
+            role: pattern.value for role, pattern in task.roles.items()}
+        for role, spec in row["roles"].items():
+            assert spec["attentions"] == fitting_attentions(task, role) and "softmax" in spec["attentions"]
+        assert [m["name"] for m in row["metrics"]] == [m.name for m in task.metrics]
+        assert {"smoke", "paper", "tiny"} <= set(row["presets"])
+    assert rows["lm"]["roles"]["self"]["pattern"] == "causal_self"
+    assert {"name": "perplexity", "better": "lower"}.items() <= rows["lm"]["metrics"][0].items()
+    assert main(["tasks"]) == 0 and "tts_transformer" in capsys.readouterr().out
+    assert main(["tasks", "lmm"]) == 2
+    assert "unknown task 'lmm'; known: lm," in capsys.readouterr().err
+
+
+def test_listing_tasks_and_reporting_import_no_backbone(tmp_path):
+    """The specs, `attnbench tasks` and `attnbench report` read no backbone: neither fairseq nor
+    ESPnet is imported (a fresh interpreter, so that other tests' imports do not count)."""
+    import subprocess
+    import sys
+
+    record = {"schema": "attnbench.run/1", "kind": "run", "key": "lm/softmax-seed0-0", "status": "ok",
+              "cell": {"task": "lm", "attention": "softmax", "attention_args": {}, "overrides": {},
+                       "settings": {}, "seed": 0},
+              "seed": 0, "metrics": {"perplexity": 20.0, "bits_per_byte": 2.0},
+              "parameters": 100, "attention_parameters": 0, "extra": {}}
+    (tmp_path / "runs" / "lm").mkdir(parents=True)
+    (tmp_path / "runs" / "lm" / "softmax-seed0-0.json").write_text(json.dumps(record))
+    script = ("import sys\nfrom runners.cli import main\n"
+              f"assert main(['tasks']) == 0 and main(['report', {str(tmp_path)!r}]) == 0\n"
+              "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'fairseq', 'espnet', 'espnet2'})\n"
+              "assert not heavy, heavy\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_data_lists_fetchers_and_preparation_tools(capsys):
+    assert main(["data", "list"]) == 0
+    listed = capsys.readouterr().out
+    for name in ("pg19", "ljspeech", "ett", "pcn", "multi_news", "ljspeech_durations", "pcn_generate"):
+        assert name in listed
+    assert main(["data", "prepare", "aligner"]) == 2
+    assert "unknown data tool 'aligner'; known: ljspeech_durations, pcn_generate" in capsys.readouterr().err

@@ -29,7 +29,7 @@ from runners.sweep import (
     run_cell,
     submitted_path,
 )
-from tasks.base import get_task
+from tasks.registry import get_task
 
 pytestmark = pytest.mark.runner
 
@@ -161,7 +161,7 @@ def test_a_cell_stopped_by_cell_timeout_is_recorded_as_timeout(tmp_path, monkeyp
     def run(*args, **kwargs):
         raise CellTimeout("the job's time limit is near")
 
-    monkeypatch.setattr(task, "run", run)
+    monkeypatch.setattr(task, "prepare", run)
     cell = Cell(task="time_series", attention="softmax", attention_args={}, overrides={},
                 settings={}, seed=0)
     assert run_cell(cell, tmp_path) == "timeout"

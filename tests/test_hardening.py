@@ -43,15 +43,15 @@ class ShapedValue(NextValue):
 
     @classmethod
     def attention_shapes(cls, config):
-        return {"self": split_heads(config.width, config.heads, "task shaped_value")}
+        return {"self": split_heads(config.d_model, config.heads, "task shaped_value")}
 
-    def run(self, config, attention, *, seed, device, workdir):
+    def prepare(self, config, run):
         log = os.environ.get("ATTNBENCH_TEST_LOG")
         if log:
             with open(log, "a") as stream:
-                stream.write(f"start {os.getpid()} seed={seed}\\n")
+                stream.write(f"start {os.getpid()} seed={run.seed}\\n")
         time.sleep(float(os.environ.get("ATTNBENCH_TEST_HOLD", "0")))
-        return super().run(config, attention, seed=seed, device=device, workdir=workdir)
+        return super().prepare(config, run)
 '''
 
 
@@ -326,14 +326,14 @@ def test_unknown_slurm_key_is_named(shaped, capsys):
 def test_a_failed_download_leaves_no_folder(tmp_path, monkeypatch, capsys):
     import urllib.error
 
-    import tasks.base
+    import tasks.registry
 
     def offline(destination: Path) -> Path:
         destination.mkdir(parents=True)
         (destination / "part").write_text("half")
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(tasks.base, "get_fetcher", lambda name: offline)
+    monkeypatch.setattr(tasks.registry, "get_fetcher", lambda name: offline)
     target = tmp_path / "pg19"
     assert main(["data", "fetch", "pg19", "--dest", str(target)]) == 2
     assert not target.exists()
@@ -475,7 +475,7 @@ def test_point_clouds_without_finite_points_are_named(tmp_path):
 
 
 def test_a_failed_fairseq_train_names_its_exception_first(tmp_path, monkeypatch):
-    from tasks.fairseq_plugin import training
+    from tasks.backends import fairseq_training as training
 
     script = ("import sys; print('| INFO | epoch 001'); sys.stdout.flush(); "
               "raise ValueError('lavo: r=64 > 32')")

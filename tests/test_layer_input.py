@@ -144,7 +144,7 @@ def test_espnet_adapter_passes_the_layer_input(gated):
 
 def test_fairseq_adapter_decodes_a_layer_input_mechanism(gated):
     pytest.importorskip("fairseq")
-    from tasks.fairseq_plugin import ZooAttention
+    from tasks.backends.fairseq_plugin import ZooAttention
 
     torch.manual_seed(0)
     adapter = ZooAttention(16, 2, gated, pattern=Pattern.CAUSAL_SELF).double()

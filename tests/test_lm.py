@@ -25,11 +25,14 @@ from attention_zoo import (
     attention_spec,
     list_attentions,
 )
-from tasks.base import AttentionChoice, get_fetcher, get_task, resolve_attention
-from tasks.fairseq_plugin import USER_DIR, ZooAttention, state_bytes
+from runners.execute import execute
+from tasks.backends.fairseq_plugin import USER_DIR, ZooAttention, state_bytes
+from tasks.base import AttentionChoice, resolve_attention
 from tasks.lm import data as lm_data
-from tasks.lm import evaluate
-from tasks.lm.task import evaluation_length, extrapolation_multiples
+from tasks.lm import metrics as evaluate
+from tasks.lm.metrics import evaluation_length, extrapolation_multiples
+from tasks.lm.model import load_model
+from tasks.registry import get_fetcher, get_task
 
 pytestmark = pytest.mark.task
 
@@ -55,12 +58,12 @@ def lm_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         task = get_task("lm")
         config = task.make_config({
             "data": str(data), "vocab_size": 300, "seq_len": 32, "batch_size": 4,
-            "max_update": 30, "warmup_updates": 5, "lr": 3e-3, "extrapolation": "2",
+            "steps": 30, "warmup_steps": 5, "lr": 3e-3, "extrapolation": "2",
             "stream_tokens": 80, "fairseq_args": "--decoder-layers 1 --decoder-embed-dim 64",
         })
-        choice = resolve_attention(task, AttentionChoice("lavo", {"r": 8, "w": 8}))
         threads = torch.get_num_threads()
-        result = task().run(config, choice, seed=0, device="cpu", workdir=root / "run")
+        result = execute(task, config, AttentionChoice("lavo", {"r": 8, "w": 8}), seed=0, device="cpu",
+                         workdir=root / "run")
         assert torch.get_num_threads() == threads  # the run's own thread setting is undone
         prepared = lm_data.prepare(data, tokenizer="bytelevel", vocab_size=300,
                                    cache=lm_data.cache_root())
@@ -105,7 +108,7 @@ def test_eval_perplexity_equals_exp_mean_nll(lm_run: dict[str, Any]) -> None:
     """fairseq-eval-lm's perplexity, recomputed here from the model's logits: the test stream
     in blocks of L (input shifted right by one, starting from </s>), every token scored once."""
     prepared, config = lm_run["prepared"], lm_run["config"]
-    model = evaluate.load_model(lm_run["checkpoint"], prepared.data_bin, "cpu")
+    model = load_model(lm_run["checkpoint"], prepared.data_bin, "cpu")
     tokens, eos = evaluate.split_tokens(prepared.data_bin, "test")
     inputs = torch.cat([torch.tensor([eos]), tokens[:-1]])
     for row in lm_run["result"].extra["extrapolation"]:
@@ -175,7 +178,7 @@ def test_streaming_equals_the_parallel_pass(lm_run: dict[str, Any]) -> None:
     """Token-by-token perplexity through incremental_state equals one parallel pass over the
     same tokens; LAVO's state stays the same size as the stream grows."""
     prepared = lm_run["prepared"]
-    model = evaluate.load_model(lm_run["checkpoint"], prepared.data_bin, "cpu")
+    model = load_model(lm_run["checkpoint"], prepared.data_bin, "cpu")
     tokens, eos = evaluate.split_tokens(prepared.data_bin, "test")
     tokens = tokens[:48]
     streamed = evaluate.stream(model, tokens, bos=eos, context=16)
@@ -353,7 +356,7 @@ def test_fairseq_cli_modules_leave_the_root_logger_alone(monkeypatch: pytest.Mon
     import logging
     import sys
 
-    from tasks.fairseq_plugin.compat import import_fairseq_cli
+    from tasks.backends.fairseq_plugin.compat import import_fairseq_cli
 
     monkeypatch.delitem(sys.modules, "fairseq_cli.preprocess", raising=False)
     root = logging.getLogger()

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from attention_zoo import AttentionConfigError, MultiHeadAttention, Pattern, list_attentions
-from tasks.base import AttentionChoice, DatasetUnavailable, get_task, resolve_attention
+from runners.execute import execute
+from tasks.base import AttentionChoice, DatasetUnavailable
 from tasks.point_cloud import geometry
 from tasks.point_cloud.data import (
     PCN_CATEGORIES,
@@ -29,6 +30,7 @@ from tasks.point_cloud.metrics import summarize
 from tasks.point_cloud.model import PoinTr, PoinTrSettings
 from tasks.point_cloud.pcd import PCDError, read_pcd, read_pcd_header, write_pcd
 from tasks.point_cloud.task import PointCloudCompletion
+from tasks.registry import get_task
 
 pytestmark = pytest.mark.task
 
@@ -355,9 +357,10 @@ def test_the_task_runs_end_to_end(tmp_path):
     assert task is PointCloudCompletion
     assert task.roles == {"encoder_self": Pattern.NONCAUSAL_SELF, "decoder_self": Pattern.NONCAUSAL_SELF,
                           "cross": Pattern.NONCAUSAL_CROSS}
-    config = task.make_config({"steps": "2", "partial_points": 128, "centres": 16, "queries": 16, "dim": 32,
-                               "encoder_depth": 1, "decoder_depth": 1, "fold_step": 2, "figure_samples": 1})
-    result = task().run(config, AttentionChoice("softmax"), seed=0, device="cpu", workdir=tmp_path)
+    config = task.make_config({"steps": "2", "partial_points": 128, "centres": 16, "queries": 16,
+                               "d_model": 32, "encoder_depth": 1, "decoder_depth": 1, "fold_step": 2,
+                               "figure_samples": 1})
+    result = execute(task, config, AttentionChoice("softmax"), seed=0, device="cpu", workdir=tmp_path)
     assert set(result.metrics) == {"cd_l1", "cd_l2", "f_score"}
     assert all(math.isfinite(v) for v in result.metrics.values()) and 0 <= result.metrics["f_score"] <= 1
     per_category = result.extra["per_category"]
@@ -365,25 +368,6 @@ def test_the_task_runs_end_to_end(tmp_path):
     assert result.metrics["cd_l1"] == pytest.approx(np.mean([c["cd_l1"] for c in per_category.values()]))
     assert len(result.extra["loss_curve"]) == 2 and result.parameters > 0
     assert Path(result.extra["figure"]).stat().st_size > 10_000
-
-
-def test_a_mechanism_lacking_a_pattern_is_refused(scratch_registry, tmp_path):
-    from attention_zoo.mechanisms.softmax import SoftmaxAttention
-
-    @scratch_registry.register_attention("self_only")
-    class SelfOnly(SoftmaxAttention):
-        """Self attention only."""
-
-        patterns = frozenset({Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF})
-
-    with pytest.raises(AttentionConfigError, match="role 'cross' needs noncausal_cross attention"):
-        resolve_attention(PointCloudCompletion, AttentionChoice("self_only"))
-    with pytest.raises(AttentionConfigError, match="role 'cross' needs noncausal_cross"):
-        PointCloudCompletion().run(PointCloudCompletion.make_config(), AttentionChoice("self_only"),
-                                   seed=0, device="cpu", workdir=tmp_path)
-    roles = {"encoder_self": AttentionChoice("self_only"), "decoder_self": AttentionChoice("self_only"),
-             "cross": AttentionChoice("softmax")}
-    assert resolve_attention(PointCloudCompletion, roles) == roles
 
 
 def test_unknown_settings_are_refused():

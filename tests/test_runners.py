@@ -33,24 +33,44 @@ TASK_SOURCE = '''
 """Next-value regression: predict x[t+1] from x[<=t] for sine waves of random phase and frequency."""
 
 import os
-import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from attention_zoo import MultiHeadAttention, Pattern
-from tasks.base import Metric, Task, TaskResult
+from tasks.base import Metric, Task
 
 
 @dataclass(frozen=True)
 class NextValueConfig:
     steps: int = field(default=30, metadata={"min": 1})
     seq_len: int = field(default=16, metadata={"min": 2})
-    width: int = field(default=16, metadata={"min": 1})
+    d_model: int = field(default=16, metadata={"min": 1})
     heads: int = field(default=2, metadata={"min": 1})
-    batch: int = field(default=16, metadata={"min": 1})
+    batch_size: int = field(default=16, metadata={"min": 1})
     lr: float = 0.01
+
+
+def waves(n, config, generator, device):
+    t = torch.arange(config.seq_len + 1, dtype=torch.float32)
+    frequency = 0.2 + 0.6 * torch.rand(n, 1, generator=generator)
+    phase = 6.28 * torch.rand(n, 1, generator=generator)
+    x = torch.sin(frequency * t + phase)[..., None]  # [n, L + 1, 1]
+    return x[:, :-1].to(device), x[:, 1:].to(device)
+
+
+class Model(nn.Module):
+    def __init__(self, config, choice):
+        super().__init__()
+        self.embed = nn.Linear(1, config.d_model)
+        self.layer = MultiHeadAttention(config.d_model, config.heads, choice.name, pattern="causal_self",
+                                        attention_args=dict(choice.args))
+        self.head = nn.Linear(config.d_model, 1)
+
+    def forward(self, x):
+        h = self.embed(x)  # [B, L, E]
+        return self.head(h + self.layer(h))  # [B, L, 1]
 
 
 class NextValue(Task):
@@ -59,52 +79,33 @@ class NextValue(Task):
     metrics = (Metric("mse", higher_is_better=False), Metric("initial_mse", higher_is_better=False))
     Config = NextValueConfig
 
-    def run(self, config, attention, *, seed, device, workdir):
-        generator = torch.Generator().manual_seed(seed)
+    def prepare(self, config, run):
+        return waves(64, config, run.generator(), run.device)
 
-        def waves(n):
-            t = torch.arange(config.seq_len + 1, dtype=torch.float32)
-            frequency = 0.2 + 0.6 * torch.rand(n, 1, generator=generator)
-            phase = 6.28 * torch.rand(n, 1, generator=generator)
-            x = torch.sin(frequency * t + phase)[..., None]  # [n, L + 1, 1]
-            return x[:, :-1].to(device), x[:, 1:].to(device)
-
-        choice = attention["self"]
-        torch.manual_seed(seed)
-        embed = nn.Linear(1, config.width)
-        layer = MultiHeadAttention(config.width, config.heads, choice.name, pattern="causal_self",
-                                   attention_args=dict(choice.args))
-        head = nn.Linear(config.width, 1)
-        model = nn.ModuleList([embed, layer, head]).to(device)
-
-        def predict(x):
-            h = embed(x)  # [B, L, E]
-            return head(h + layer(h))  # [B, L, 1]
-
-        test_x, test_y = waves(64)
+    def build(self, config, attention, data, run):
+        model = Model(config, attention["self"]).to(run.device)
         with torch.no_grad():
-            initial = torch.mean((predict(test_x) - test_y) ** 2).item()
+            run.extra["initial_mse"] = torch.mean((model(data[0]) - data[1]) ** 2).item()
+        return model
+
+    def train(self, model, config, data, run):
+        generator = run.generator()
         optimiser = torch.optim.Adam(model.parameters(), lr=config.lr)
-        start = time.perf_counter()
         for _ in range(config.steps):
-            x, y = waves(config.batch)
-            loss = torch.mean((predict(x) - y) ** 2)
+            x, y = waves(config.batch_size, config, generator, run.device)
+            loss = torch.mean((model(x) - y) ** 2)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-        train_seconds = time.perf_counter() - start
-        with torch.no_grad():
-            mse = torch.mean((predict(test_x) - test_y) ** 2).item()
         log = os.environ.get("ATTNBENCH_TEST_LOG")
         if log:
             with open(log, "a") as stream:
-                stream.write(f"done {choice.label()} seed={seed} steps={config.steps}\\n")
-        return TaskResult(
-            metrics={"mse": mse, "initial_mse": initial},
-            parameters=sum(p.numel() for p in model.parameters()),
-            attention_parameters=sum(p.numel() for p in layer.attention.parameters()),
-            train_seconds=train_seconds,
-        )
+                stream.write(f"done {run.attention['self'].label()} seed={run.seed} steps={config.steps}\\n")
+
+    @torch.no_grad()
+    def evaluate(self, model, config, data, run):
+        return {"mse": torch.mean((model(data[0]) - data[1]) ** 2).item(),
+                "initial_mse": run.extra["initial_mse"]}
 '''
 
 
@@ -202,7 +203,8 @@ def test_key_is_derived_from_the_resolved_config(task_installed):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["stepz=3"], r"unknown override key 'stepz'.*next_value: steps, seq_len, width, heads, batch, lr"),
+    (["stepz=3"], r"unknown override key 'stepz'.*next_value: steps, seq_len, d_model, heads, "
+                  r"batch_size, lr"),
     (["steps=abc"], r"cannot read 'abc' as 'steps' \(int\)"),
     (["steps=0"], r"'steps' must be >= 1"),
     (["attention=lavoo"], r"unknown attention 'lavoo'; known: .*lavo.*softmax"),
@@ -249,7 +251,8 @@ def test_bad_presets_name_the_valid_choices(task_installed):
     with pytest.raises(MatrixConfigError, match=r"unknown preset 'smok'; shipped: paper, smoke"):
         load_preset("smok")
     bad = write_preset(task_installed / "bad.yaml", blocks=[{"task": "next_value", "setings": {}}])
-    with pytest.raises(MatrixConfigError, match=r"block 1: unknown key 'setings'; valid: task, settings"):
+    with pytest.raises(MatrixConfigError,
+                       match=r"block 1: unknown key 'setings'; valid: task, preset, settings"):
         load_preset(bad)
     typo = write_preset(task_installed / "typo.yaml",
                         blocks=[{"task": "next_value", "settings": {"lr": "x"}}])

@@ -28,9 +28,9 @@ pytestmark = pytest.mark.slurm
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "slurm_local.sh"
 TINY = ["smoke", "task=time_series", "max_eval_windows=16"]
-FAST = [*TINY, "max_train_steps=5"]
+FAST = [*TINY, "steps=5"]
 # Two cells: one of 5 steps, one that trains until SLURM stops it.
-FAST_AND_SLOW = [*TINY, "attention=softmax", "max_train_steps=5,1000000", "train_epochs=1000",
+FAST_AND_SLOW = [*TINY, "attention=softmax", "steps=5,1000000", "epochs=1000",
                  "patience=1000"]
 ONE_CPU = ["--executor", "slurm", "--slurm", "cpus_per_task=1", "--slurm", "mem_gb=2"]
 
@@ -72,8 +72,8 @@ def records(results: Path) -> list[dict]:
 
 
 def by_steps(found: list[dict]) -> dict[int, dict]:
-    """The records of the 5-step and the slow cell, by their ``max_train_steps``."""
-    return {record["cell"]["overrides"]["max_train_steps"]: record for record in found}
+    """The records of the 5-step and the slow cell, by their ``steps``."""
+    return {record["cell"]["overrides"]["steps"]: record for record in found}
 
 
 def notes(results: Path) -> dict[str, str]:

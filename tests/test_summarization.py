@@ -18,9 +18,11 @@ pytest.importorskip("rouge_score")
 import torch
 
 from attention_zoo import AttentionConfigError, Pattern
-from tasks.base import AttentionChoice, get_fetcher, get_task, resolve_attention
+from runners.execute import execute
+from tasks.base import AttentionChoice
+from tasks.registry import get_fetcher, get_task
 from tasks.summarization import data as sum_data
-from tasks.summarization import evaluate
+from tasks.summarization import metrics as evaluate
 
 pytestmark = pytest.mark.task
 
@@ -54,7 +56,7 @@ WIKITEXT = "\n".join(f"{line} " for line in [
 
 TINY = {
     "vocab_size": 400, "max_source_tokens": 48, "max_target_tokens": 24, "batch_size": 8,
-    "max_update": 40, "warmup_updates": 5, "lr": 3e-3, "beam": 2, "min_len": 3, "max_len": 12,
+    "steps": 40, "warmup_steps": 5, "lr": 3e-3, "beam": 2, "min_len": 3, "max_len": 12,
     "eval_examples": 4,
     "fairseq_args": "--encoder-layers 1 --decoder-layers 1 --encoder-embed-dim 32 "
                     "--decoder-embed-dim 32 --encoder-ffn-embed-dim 64 --decoder-ffn-embed-dim 64",
@@ -73,8 +75,8 @@ def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     try:
         task = get_task("summarization")
         config = task.make_config(TINY)
-        choice = resolve_attention(task, AttentionChoice(name, ARGS[name]))
-        result = task().run(config, choice, seed=0, device="cpu", workdir=root / "run")
+        result = execute(task, config, AttentionChoice(name, ARGS[name]), seed=0, device="cpu",
+                         workdir=root / "run")
     finally:
         if saved is None:
             os.environ.pop("ATTNBENCH_CACHE")
@@ -177,25 +179,13 @@ def test_multi_news_fetch_is_a_dataset_entry_point() -> None:
     assert get_fetcher("multi_news") is sum_data.fetch_multi_news
 
 
-@pytest.mark.parametrize(("role", "name", "pattern"), [
-    ("decoder_self", "nystrom", "causal_self"),
-    ("cross", "local", "causal_cross"),
-    ("cross", "nystrom", "causal_cross"),
-])
-def test_a_pattern_the_mechanism_lacks_is_refused(role: str, name: str, pattern: str) -> None:
-    task = get_task("summarization")
-    choice = {r: AttentionChoice("softmax") for r in task.roles} | {role: AttentionChoice(name)}
-    with pytest.raises(AttentionConfigError, match=rf"role '{role}' needs {pattern}.*{name!r}"):
-        resolve_attention(task, choice)
-
-
 def test_the_model_refuses_a_pattern_the_mechanism_lacks(tmp_path: Path) -> None:
     """Straight through fairseq's own argument parsing (fairseq-train's path): the model is
     never built, and the message names the mechanisms that have the pattern."""
     from fairseq import options
 
-    from tasks.fairseq_plugin import USER_DIR
-    from tasks.fairseq_plugin.transformer import ZooTransformerModel
+    from tasks.backends.fairseq_plugin import USER_DIR
+    from tasks.backends.fairseq_plugin.transformer import ZooTransformerModel
 
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, input_args=[
@@ -209,7 +199,7 @@ def test_the_model_refuses_a_pattern_the_mechanism_lacks(tmp_path: Path) -> None
 def test_a_decoder_without_incremental_decoding_recomputes_its_prefix() -> None:
     """probsparse declares no decoding state: the decoder recomputes its causal pass over the
     tokens so far at each step, which equals the teacher-forced pass of those tokens."""
-    from tasks.fairseq_plugin import ZooAttention
+    from tasks.backends.fairseq_plugin import ZooAttention
 
     torch.manual_seed(0)
     attention = ZooAttention(32, 4, "probsparse", pattern=Pattern.CAUSAL_SELF,
@@ -264,7 +254,7 @@ def _model(run: dict[str, Any]) -> tuple[Any, Any]:
 
 @pytest.mark.slow
 def test_every_slot_holds_the_chosen_mechanism(run: dict[str, Any]) -> None:
-    from tasks.fairseq_plugin import ZooAttention
+    from tasks.backends.fairseq_plugin import ZooAttention
 
     model, _ = _model(run)
     slots = [(layer.self_attn, "noncausal_self") for layer in model.encoder.layers]

@@ -17,12 +17,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from attention_zoo import AttentionConfigError, Pattern, attention_spec, list_attentions
-from tasks.base import AttentionChoice, DatasetUnavailable, get_task
-from tasks.time_series import PAPER_SETTINGS, TimeSeriesTask
+from runners.execute import execute
+from tasks.base import AttentionChoice, DatasetUnavailable
+from tasks.registry import get_task
 from tasks.time_series import data as ts_data
 from tasks.time_series.data import ForecastWindows, prepare, split_borders, time_features
+from tasks.time_series.metrics import evaluate, mae, mse, persistence
 from tasks.time_series.model import ROLES, Informer, InformerShape
-from tasks.time_series.task import evaluate, mae, mse, persistence, train_step
+from tasks.time_series.task import TimeSeriesTask, train_step
 
 pytestmark = pytest.mark.task
 
@@ -215,15 +217,15 @@ def test_informer_trains(name):
                for p in model.parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("name", ["softmax", "sdpa", "lavo"])
+@pytest.mark.parametrize("name", ["sdpa", "lavo"])
 @pytest.mark.slow
 def test_run_trains_and_evaluates(name, tmp_path):
-    task = TimeSeriesTask()
+    task = TimeSeriesTask
     config = task.make_config({"seq_len": 48, "label_len": 24, "pred_len": 12, "d_model": 16,
-                               "n_heads": 2, "d_ff": 32, "batch_size": 16,
-                               "max_train_steps": 4, "max_eval_windows": 48})
-    result = task.run(config, {role: AttentionChoice(name) for role in ROLES}, seed=1,
-                      device="cpu", workdir=tmp_path / "run")
+                               "heads": 2, "d_ff": 32, "batch_size": 16,
+                               "steps": 4, "max_eval_windows": 48})
+    result = execute(task, config, {role: AttentionChoice(name) for role in ROLES}, seed=1,
+                     device="cpu", workdir=tmp_path / "run")
     assert set(result.metrics) == {"mse", "mae"}
     assert all(math.isfinite(v) and v > 0 for v in result.metrics.values())
     assert result.extra["train_steps"] == 4 and result.extra["test_windows"] == 48
@@ -234,31 +236,18 @@ def test_run_trains_and_evaluates(name, tmp_path):
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
 
 
-def test_a_mechanism_lacking_a_pattern_is_refused_before_training(scratch_registry, tmp_path):
-    from attention_zoo.mechanisms.softmax import SoftmaxAttention
-
-    @scratch_registry.register_attention("self_only")
-    class SelfOnly(SoftmaxAttention):
-        """Self attention only."""
-
-        patterns = frozenset({Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF})
-
-    task = TimeSeriesTask()
-    with pytest.raises(AttentionConfigError, match="role 'cross' needs noncausal_cross"):
-        task.run(task.make_config({}), AttentionChoice("self_only"), seed=0, device="cpu",
-                 workdir=tmp_path / "run")
-    assert not (tmp_path / "run").exists()
-
-
 def test_paper_settings_are_cabs():
     horizons = {"ETTh1": 720, "ETTh2": 720, "ETTm1": 672, "ECL": 960, "WTH": 720}
-    assert sorted(PAPER_SETTINGS) == sorted(f"{d}-{f}" for d in horizons for f in "MS")
-    for name, setting in PAPER_SETTINGS.items():
-        config = TimeSeriesTask.make_config(setting)
-        assert config.pred_len == horizons[config.dataset], name
+    parts = TimeSeriesTask.preset("paper").parts
+    assert [part.seeds for part in parts] == [(0, 1, 2, 3, 4), (0, 1, 2)]  # CAB: 5 on ETT, 3 on the rest
+    settings = [TimeSeriesTask.make_config(v) for part in parts for v in part.settings]
+    assert sorted(f"{c.dataset}-{c.features}" for c in settings) == sorted(
+        f"{d}-{f}" for d in horizons for f in "MS")
+    for config in settings:
+        assert config.pred_len == horizons[config.dataset], config
         assert 96 <= config.seq_len <= 720 and config.label_len <= config.seq_len
-        assert (config.d_model, config.n_heads, config.d_ff) == (512, 8, 2048)
-        assert config.max_train_steps is None and config.max_eval_windows is None
+        assert (config.d_model, config.heads, config.d_ff) == (512, 8, 2048)
+        assert config.steps is None and config.max_eval_windows is None
 
 
 def test_bad_settings_name_the_valid_choices(tmp_path, monkeypatch):

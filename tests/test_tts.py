@@ -19,7 +19,8 @@ from espnet.nets.pytorch_backend.transformer.attention import MultiHeadedAttenti
 from espnet.nets.pytorch_backend.transformer.mask import subsequent_mask
 
 from attention_zoo import AttentionConfigError, Pattern
-from tasks.base import AttentionChoice, resolve_attention
+from runners.execute import execute
+from tasks.base import AttentionChoice, RunContext
 from tasks.tts import metrics
 from tasks.tts.adapter import EspnetAttentionAdapter, key_padding_mask
 from tasks.tts.align import (
@@ -35,18 +36,19 @@ from tasks.tts.data import (
     CharacterVocabulary,
     Clip,
     load_audio,
+    load_corpus,
     pad,
     read_ljspeech,
     split_clips,
 )
-from tasks.tts.models import (
+from tasks.tts.model import (
     FASTSPEECH2_ROLES,
     TRANSFORMER_ROLES,
     ModelSize,
     build_fastspeech2,
     build_transformer,
 )
-from tasks.tts.task import FastSpeech2Task, TransformerTTSTask, TTSConfig, load_corpus
+from tasks.tts.task import FastSpeech2Task, TransformerTTSTask, TTSConfig
 
 pytestmark = pytest.mark.task
 
@@ -282,7 +284,7 @@ def corpus():
     task = FastSpeech2Task()
     config = TTSConfig(train_clips=2)
     loaded = load_corpus(config)
-    task.prepare(config, loaded, seed=0, workdir=None)
+    task.targets(config, loaded, RunContext(seed=0, device="cpu", workdir=None))
     return loaded
 
 
@@ -292,8 +294,8 @@ def corpus():
 def test_both_models_train(task_class, mechanism, corpus):
     torch.manual_seed(0)
     task = task_class()
-    config = TTSConfig(adim=16, eunits=32, dunits=32, postnet_chans=16, dropout=0.0)
-    model, _ = task.build(config, _everyone(task.roles, mechanism))
+    config = TTSConfig(d_model=16, eunits=32, dunits=32, postnet_chans=16, dropout=0.0)
+    model, _ = task.build_model(VOCABULARY, 80, config.size, _everyone(task.roles, mechanism))
     optimiser = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     losses = []
@@ -310,11 +312,10 @@ def test_both_models_train(task_class, mechanism, corpus):
 @pytest.mark.parametrize("task_class", [FastSpeech2Task, TransformerTTSTask])
 @pytest.mark.slow
 def test_run_writes_valid_audio_and_a_figure(task_class, tmp_path):
-    task = task_class()
-    config = task.make_config({"train_clips": 1, "steps": 2, "eval_clips": 1, "adim": 16, "eunits": 32,
-                               "dunits": 32, "griffin_lim_iterations": 2, "maxlenratio": 2.0})
-    result = task.run(config, resolve_attention(task_class, AttentionChoice("lavo")), seed=0,
-                      device="cpu", workdir=tmp_path)
+    config = task_class.make_config({"train_clips": 1, "steps": 2, "eval_clips": 1, "d_model": 16,
+                                     "eunits": 32, "dunits": 32, "griffin_lim_iterations": 2,
+                                     "maxlenratio": 2.0})
+    result = execute(task_class, config, AttentionChoice("lavo"), seed=0, device="cpu", workdir=tmp_path)
     assert set(result.metrics) == {"mcd", "msd", "length_ratio", "cab_mcd", "cab_msd"}
     assert all(math.isfinite(v) and v > 0 for v in result.metrics.values())
     frames = result.extra["artifacts"]["frames"]["LJ001-0008"]
@@ -337,19 +338,6 @@ def test_run_writes_valid_audio_and_a_figure(task_class, tmp_path):
     assert (tmp_path / "mel_LJ001-0008.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_a_mechanism_lacking_a_pattern_is_refused(scratch_registry):
-    from attention_zoo.mechanisms.softmax import SoftmaxAttention
-
-    @scratch_registry.register_attention("bidirectional_only")
-    class BidirectionalOnly(SoftmaxAttention):
-        """Non-causal self attention only."""
-
-        patterns = frozenset({Pattern.NONCAUSAL_SELF})
-        decoding = False
-
-    assert set(resolve_attention(FastSpeech2Task, AttentionChoice("bidirectional_only"))) == {
-        "encoder_self", "decoder_self"}
-    with pytest.raises(AttentionConfigError, match="role 'decoder_self' needs causal_self"):
-        resolve_attention(TransformerTTSTask, AttentionChoice("bidirectional_only"))
+def test_unknown_settings_are_refused():
     with pytest.raises(AttentionConfigError, match="unknown setting 'model'"):
         TransformerTTSTask.make_config({"model": "fastspeech2"})

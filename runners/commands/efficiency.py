@@ -163,18 +163,19 @@ def summary_table(records: list[dict[str, Any]], lengths: Sequence[int]) -> Tabl
     from rich.table import Table
 
     from runners.efficiency import efficiency_length, scaling_exponent
+    from tasks.base import attention_label
 
     grouped: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
     for record in records:
         cell = record["cell"]
-        args = ",".join(f"{k}={v}" for k, v in sorted(cell["attention_args"].items()))
-        name = cell["attention"] + (" [layer]" if cell.get("scope") == "layer" else "")
-        grouped[(name, args, cell["pattern"])][cell["length"]] = record
+        layer = " [layer]" if cell.get("scope") == "layer" else ""
+        label = attention_label(cell["attention"], cell["attention_args"]) + layer
+        grouped[(label, cell["attention"] + layer, cell["pattern"])][cell["length"]] = record
     table = Table(title="forward / forward+backward: median ms, ± the IQR of forward+backward "
                         "(peak MiB of forward+backward)")
     for column in ("attention", "pattern", *(f"L={n}" for n in lengths), "k", "eff. length"):
         table.add_column(column, justify="right")
-    for (name, args, pattern), by_length in sorted(grouped.items()):
+    for (label, name, pattern), by_length in sorted(grouped.items()):
         cells = []
         measured_lengths, times = [], []
         for n in lengths:
@@ -191,14 +192,13 @@ def summary_table(records: list[dict[str, Any]], lengths: Sequence[int]) -> Tabl
                 measured_lengths.append(n)
                 times.append(m["forward_backward_ms"])
         exponent = scaling_exponent(measured_lengths, times)
-        reference = grouped.get(("softmax" + (" [layer]" if name.endswith(" [layer]") else ""), "", pattern),
-                                {})
+        softmax = "softmax" + (" [layer]" if name.endswith(" [layer]") else "")
+        reference = grouped.get((softmax, softmax, pattern), {})
         paired = [(n, t, reference[n]["metrics"]["forward_backward_ms"])
                   for n, t in zip(measured_lengths, times)
                   if n in reference and reference[n]["status"] == "ok"]
         crossing = (efficiency_length(*zip(*paired)) if paired and not name.startswith("softmax")
                     else None)
-        label = name + (f" ({args})" if args else "")
         table.add_row(
             escape(label), pattern, *cells,
             f"{exponent:.2f}" if exponent is not None else "-",

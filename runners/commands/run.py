@@ -254,7 +254,7 @@ def _run_on_slurm(args: argparse.Namespace, todo: list[Any], following: dict[str
 
 def _pipeline_check_tasks(preset: str, tasks: set[str]) -> list[str]:
     """The tasks whose smoke-preset numbers check the pipeline rather than rank mechanisms."""
-    from tasks.base import get_task
+    from tasks.registry import get_task
 
     if preset != "smoke":
         return []

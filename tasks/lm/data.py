@@ -30,7 +30,6 @@ from tokenizers.implementations import ByteLevelBPETokenizer
 from tasks.base import DataError
 
 SPLITS = ("train", "validation", "test")
-FAIRSEQ_SPLIT = {"train": "train", "validation": "valid", "test": "test"}
 SAMPLE_DIR = Path(__file__).parent / "samples" / "pg19_mini"
 GPT2_FILES = {
     "vocab.json": "https://huggingface.co/openai-community/gpt2/resolve/main/vocab.json",
@@ -224,7 +223,7 @@ def binarise(tokenised: Path, destination: Path) -> None:
     dictionary (through fairseq's own entry point)."""
     from fairseq import options
 
-    from tasks.fairseq_plugin.compat import import_fairseq_cli
+    from tasks.backends.fairseq_plugin.compat import import_fairseq_cli
 
     preprocess = import_fairseq_cli("preprocess")
 

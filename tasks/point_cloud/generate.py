@@ -19,11 +19,11 @@ test). Seeded: the same arguments write byte-identical files.
 
 The shipped sample (``tasks/point_cloud/samples/pcn_synthetic``) was written by::
 
-    python -m tasks.point_cloud.generate tasks/point_cloud/samples/pcn_synthetic \\
+    attnbench data prepare pcn_generate tasks/point_cloud/samples/pcn_synthetic \\
         --train 3 --val 1 --test 2 --complete-points 2048 --max-partial-points 384 --seed 0
 
 (2048 complete points and at most 384 partial points per view to stay small); the full-size
-sample: ``python -m tasks.point_cloud.generate OUT`` (or ``attnbench data fetch pcn_synthetic``).
+sample: ``attnbench data prepare pcn_generate OUT`` (or ``attnbench data fetch pcn_synthetic``).
 """
 
 from __future__ import annotations
@@ -349,7 +349,7 @@ def generate(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m tasks.point_cloud.generate",
+        prog="attnbench data prepare pcn_generate",
         description="Generate a PCN-layout completion dataset from procedural meshes (seeded).")
     parser.add_argument("root", type=Path, help="output folder")
     parser.add_argument("--train", type=int, default=16, help="models per category (8 views each)")

@@ -214,11 +214,6 @@ class PoinTr(nn.Module):
         self.reduce = nn.Linear(4 * s.dim + s.dim + 3, s.dim)
         self.folding = Folding(s.dim, s.fold_step)
 
-    def attention_parameters(self) -> int:
-        """Parameters inside the attention mechanisms (projections excluded)."""
-        return sum(p.numel() for m in self.modules() if isinstance(m, MultiHeadAttention)
-                   for p in m.attention.parameters())
-
     def forward(self, partial: Tensor) -> tuple[Tensor, Tensor]:
         s, backend = self.settings, self.backend
         batch = partial.shape[0]

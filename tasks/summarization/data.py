@@ -231,7 +231,7 @@ def _binarise(tokenised: Path, destination: Path, vocab_size: int) -> None:
     """``fairseq-preprocess`` (its own entry point) with a joined source/target dictionary."""
     from fairseq import options
 
-    from tasks.fairseq_plugin.compat import import_fairseq_cli
+    from tasks.backends.fairseq_plugin.compat import import_fairseq_cli
 
     preprocess = import_fairseq_cli("preprocess")
 

@@ -10,23 +10,17 @@ and score both with ROUGE (Google's ``rouge-score``).
 
 from __future__ import annotations
 
-import shlex
-import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
+from torch import nn
 
 from attention_zoo import Pattern
-from tasks.base import AttentionChoice, Metric, Task, TaskResult, resolve_attention, torch_threads
-from tasks.fairseq_plugin.training import attention_args_text, run_fairseq_train
-from tasks.fairseq_plugin.training import attention_shapes as fairseq_shapes
-from tasks.summarization import data as sum_data
-
-ROLE_OPTIONS = {"encoder_self": "encoder", "decoder_self": "decoder", "cross": "cross"}
-"""Task role -> the ``zoo_transformer`` option prefix (``--{prefix}-attention``)."""
+from tasks.backends.fairseq_training import FairseqTask, training_metrics
+from tasks.backends.fairseq_training import attention_shapes as fairseq_shapes
+from tasks.base import Metric, RunContext
+from tasks.registry import register_task
 
 
 @dataclass(frozen=True)
@@ -48,9 +42,9 @@ class SummarizationConfig:
         "help": "fairseq architecture: zoo_transformer[_tiny]"})
     batch_size: int = field(default=8, metadata={"help": "pairs per batch", "min": 1})
     update_freq: int = field(default=1, metadata={"help": "batches per update", "min": 1})
-    max_update: int = field(default=120, metadata={"help": "training updates", "min": 1})
+    steps: int = field(default=120, metadata={"help": "training updates", "min": 1})
     lr: float = field(default=2e-3, metadata={"help": "peak Adam learning rate", "min": 0})
-    warmup_updates: int = field(default=20, metadata={"help": "inverse-sqrt warm-up", "min": 0})
+    warmup_steps: int = field(default=20, metadata={"help": "inverse-sqrt warm-up", "min": 0})
     clip_norm: float = field(default=1.0, metadata={"help": "gradient clipping", "min": 0})
     label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing", "min": 0})
     dropout: float = field(default=0.0, metadata={"help": "dropout", "min": 0})
@@ -65,54 +59,18 @@ class SummarizationConfig:
     fairseq_args: str = field(default="", metadata={
         "help": "extra fairseq-train flags, e.g. '--encoder-layers 4'"})
     threads: int = field(default=1, metadata={
-        "help": "CPU threads of training and decoding (0: torch's default)", "min": 0})
+        "help": "CPU threads of training and decoding (0: the runner's share of the cores)",
+        "min": 0})
 
 
-def train_arguments(
-    config: SummarizationConfig, data_bin: Path, attention: Mapping[str, AttentionChoice], *,
-    seed: int, device: str, save_dir: Path,
-) -> list[str]:
-    """The ``fairseq-train`` arguments of one run (the zoo comes by ``--user-dir``)."""
-    from tasks.fairseq_plugin import USER_DIR
-
-    arguments = [
-        str(data_bin), "--user-dir", USER_DIR, "--task", "translation",
-        "--source-lang", "src", "--target-lang", "tgt", "--arch", config.arch,
-    ]
-    for role, prefix in ROLE_OPTIONS.items():
-        arguments += [f"--{prefix}-attention", attention[role].name,
-                      f"--{prefix}-attention-args", attention_args_text(attention[role].args)]
-    arguments += [
-        "--share-all-embeddings",
-        "--max-source-positions", str(config.max_source_tokens + 8),
-        "--max-target-positions", str(max(config.max_target_tokens, config.max_len) + 8),
-        "--batch-size", str(config.batch_size), "--update-freq", str(config.update_freq),
-        "--max-update", str(config.max_update),
-        "--criterion", "label_smoothed_cross_entropy", "--label-smoothing", str(config.label_smoothing),
-        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(config.lr),
-        "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(config.warmup_updates),
-        "--warmup-init-lr", "1e-07", "--clip-norm", str(config.clip_norm),
-        "--dropout", str(config.dropout), "--seed", str(seed),
-        "--save-dir", str(save_dir), "--no-epoch-checkpoints",
-        "--log-format", "json", "--log-interval", str(max(1, config.max_update // 20)),
-        "--no-progress-bar", "--num-workers", "0", "--skip-invalid-size-inputs-valid-test",
-    ]
-    if not device.startswith("cuda"):
-        arguments.append("--cpu")
-    if config.precision == "fp16":
-        arguments.append("--fp16")
-    elif config.precision == "bf16":
-        arguments.append("--bf16")
-    return arguments + shlex.split(config.fairseq_args)
-
-
-class SummarizationTask(Task):
+@register_task
+class SummarizationTask(FairseqTask):
     """Summarization (Multi-News, or Wikipedia-lead generation on the shipped sample):
     ROUGE-1/2/L of beam search, decode speed, source length and peak memory.
 
-    ``TaskResult.metrics`` also carries the greedy pass (``greedy_rouge1``...), both decode
-    speeds, the mean source length and fairseq's training losses. ``extra`` holds the training
-    curve, sample hypotheses and which ROUGE package produced the numbers.
+    The metrics also carry the greedy pass (``greedy_rouge1``...), both decode speeds, the mean
+    source length and fairseq's training losses. ``extra`` holds the training curve, sample
+    hypotheses and which ROUGE package produced the numbers.
     """
 
     name = "summarization"
@@ -129,6 +87,8 @@ class SummarizationTask(Task):
                description="generated tokens per second of beam search"),
     )
     Config = SummarizationConfig
+    requires = (*FairseqTask.requires, "rouge_score")
+    datasets = {"multi_news": "tasks.summarization.data:fetch_multi_news"}
 
     @classmethod
     def attention_shapes(cls, config: SummarizationConfig) -> dict[str, tuple[int, int]]:
@@ -136,100 +96,62 @@ class SummarizationTask(Task):
         return {"encoder_self": shapes["encoder"], "decoder_self": shapes["decoder"],
                 "cross": shapes["decoder"]}
 
-    def run(
-        self,
-        config: SummarizationConfig,
-        attention: Mapping[str, AttentionChoice],
-        *,
-        seed: int,
-        device: str,
-        workdir: Path,
-    ) -> TaskResult:
-        with torch_threads(config.threads):
-            return self._run(config, attention, seed=seed, device=device, workdir=workdir)
+    def prepare(self, config: SummarizationConfig, run: RunContext) -> Any:
+        from tasks.summarization import data as sum_data
 
-    def _run(
-        self,
-        config: SummarizationConfig,
-        attention: Mapping[str, AttentionChoice],
-        *,
-        seed: int,
-        device: str,
-        workdir: Path,
-    ) -> TaskResult:
-        from tasks.fairseq_plugin import ZooAttention
-        from tasks.summarization import evaluate
-
-        attention = resolve_attention(type(self), attention)
-        workdir = Path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        torch.manual_seed(seed)
         data_dir = Path(config.data).expanduser() if config.data else sum_data.SAMPLE_DIR
         prepared = sum_data.prepare(
             data_dir, vocab_size=config.vocab_size, max_source_tokens=config.max_source_tokens,
             max_target_tokens=config.max_target_tokens, cache=sum_data.cache_root())
+        run.extra["data"] = {"folder": str(data_dir), "data_bin": str(prepared.data_bin),
+                             "source_tokens": prepared.source_tokens}
+        return prepared
 
-        save_dir = workdir / "checkpoints"
-        started = time.perf_counter()
-        arguments = train_arguments(config, prepared.data_bin, attention, seed=seed, device=device,
-                                    save_dir=save_dir)
-        log, memory = run_fairseq_train(arguments, workdir=workdir, device=device,
-                                        threads=config.threads)
-        train_seconds = time.perf_counter() - started
-        checkpoint = save_dir / "checkpoint_last.pt"
+    def train_arguments(self, config: SummarizationConfig, data: Any, run: RunContext) -> list[str]:
+        from tasks.summarization.model import train_arguments
 
-        started = time.perf_counter()
-        models, cfg, fairseq_task = evaluate.load(checkpoint, prepared.data_bin, device)
-        references = prepared.references.read_text(encoding="utf-8").splitlines()
-        passes: dict[str, Any] = {}
-        for label, beam in (("greedy", 1), ("beam", config.beam)):
-            decoded = evaluate.generate(
-                models, cfg, fairseq_task, beam=beam, min_len=config.min_len, max_len=config.max_len,
-                batch_size=config.decode_batch_size, max_examples=config.eval_examples)
-            scores = evaluate.rouge(decoded.hypotheses, references[: len(decoded.hypotheses)])
-            passes[label] = {"beam": beam, **scores, "tokens_per_second": decoded.tokens_per_second,
-                             "seconds": decoded.seconds, "peak_memory_mib": decoded.peak_memory_mib,
-                             "hypotheses": decoded.hypotheses}
-        eval_seconds = time.perf_counter() - started
-        for label, result in passes.items():
-            (workdir / f"hypotheses.{label}.txt").write_text(
-                "".join(h + "\n" for h in result["hypotheses"]), encoding="utf-8")
+        return train_arguments(config, data.data_bin, run.attention)
 
-        model = models[0]
-        curve = [(r["num_updates"], r["loss"]) for r in log["train_inner"]]
-        beam_pass, greedy = passes["beam"], passes["greedy"]
-        return TaskResult(
-            metrics={
-                "rouge1": beam_pass["rouge1"], "rouge2": beam_pass["rouge2"],
-                "rougeL": beam_pass["rougeL"],
-                "decode_tokens_per_second": beam_pass["tokens_per_second"],
+    def load_trained(self, checkpoint: Path, config: SummarizationConfig, data: Any,
+                     run: RunContext) -> nn.Module:
+        from tasks.summarization import metrics
+
+        self._loaded = metrics.load(checkpoint, data.data_bin, run.device)
+        return self._loaded[0][0]
+
+    def evaluate(self, model: nn.Module, config: SummarizationConfig, data: Any,
+                 run: RunContext) -> dict[str, float]:
+        """Greedy and beam-search decoding of the test split, each scored with ROUGE."""
+        passes = {label: self._decode(config, data, run, beam) for label, beam in
+                  (("greedy", 1), ("beam", config.beam))}
+        references = data.references.read_text(encoding="utf-8").splitlines()
+        run.extra["samples"] = [{"reference": r, "beam": b, "greedy": g} for r, b, g in zip(
+            references, passes["beam"]["hypotheses"][:3], passes["greedy"]["hypotheses"][:3])]
+        run.extra["decode"] = {label: {k: v for k, v in result.items() if k != "hypotheses"}
+                               for label, result in passes.items()}
+        beam, greedy = passes["beam"], passes["greedy"]
+        return {"rouge1": beam["rouge1"], "rouge2": beam["rouge2"], "rougeL": beam["rougeL"],
+                "decode_tokens_per_second": beam["tokens_per_second"],
                 "greedy_rouge1": greedy["rouge1"], "greedy_rouge2": greedy["rouge2"],
                 "greedy_rougeL": greedy["rougeL"],
                 "greedy_decode_tokens_per_second": greedy["tokens_per_second"],
-                "source_tokens": prepared.source_tokens["truncated"],
-                "source_tokens_full": prepared.source_tokens["full"],
-                "train_loss_first": curve[0][1] if curve else float("nan"),
-                "train_loss_last": curve[-1][1] if curve else float("nan"),
-                "valid_loss": log["valid"][-1]["valid_loss"] if log["valid"] else float("nan"),
-            },
-            parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
-            attention_parameters=sum(
-                p.numel() for module in model.modules() if isinstance(module, ZooAttention)
-                for p in module.layer.attention.parameters()),
-            train_seconds=train_seconds,
-            eval_seconds=eval_seconds,
-            peak_memory_mib=memory.get("cuda_peak_mib") or memory.get("peak_rss_mib"),
-            extra={
-                "rouge_package": evaluate.ROUGE_PACKAGE,
-                "peak_memory_kind": ("cuda allocator peak" if memory.get("cuda_peak_mib")
-                                     else "peak resident set size of the training process"),
-                "decode": {label: {k: v for k, v in result.items() if k != "hypotheses"}
-                           for label, result in passes.items()},
-                "samples": [{"reference": r, "beam": b, "greedy": g} for r, b, g in
-                            zip(references, beam_pass["hypotheses"][:3], greedy["hypotheses"][:3])],
-                "train_curve": curve,
-                "data": {"folder": str(data_dir), "data_bin": str(prepared.data_bin),
-                         "source_tokens": prepared.source_tokens},
-                "checkpoint": str(checkpoint),
-            },
-        )
+                "source_tokens": data.source_tokens["truncated"],
+                "source_tokens_full": data.source_tokens["full"], **training_metrics(run)}
+
+    def _decode(self, config: SummarizationConfig, data: Any, run: RunContext, beam: int) -> dict[str, Any]:
+        """One decoding pass (beam 1: greedy), scored; its hypotheses written to the workdir."""
+        from tasks.summarization import metrics
+
+        models, cfg, fairseq_task = self._loaded
+        decoded = metrics.generate(models, cfg, fairseq_task, beam=beam, min_len=config.min_len,
+                                   max_len=config.max_len, batch_size=config.decode_batch_size,
+                                   max_examples=config.eval_examples)
+        references = data.references.read_text(encoding="utf-8").splitlines()
+        scores = metrics.rouge(decoded.hypotheses, references[: len(decoded.hypotheses)])
+        label = "greedy" if beam == 1 else "beam"
+        (run.workdir / f"hypotheses.{label}.txt").write_text(
+            "".join(h + "\n" for h in decoded.hypotheses), encoding="utf-8")
+        run.extra["rouge_package"] = metrics.ROUGE_PACKAGE
+        return {"beam": beam, **scores, "tokens_per_second": decoded.tokens_per_second,
+                "seconds": decoded.seconds, "peak_memory_mib": decoded.peak_memory_mib,
+                "hypotheses": decoded.hypotheses}

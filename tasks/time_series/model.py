@@ -256,11 +256,3 @@ class Informer(nn.Module):
         memory = self.encoder(self.encoder_embedding(x, x_mark))  # [B, Le, E]
         decoded = self.decoder(self.decoder_embedding(self.decoder_input(y), y_mark), memory)
         return self.projection(decoded[:, -self.shape.pred_len:])  # [B, Lp, output_dims]
-
-    def attention_parameters(self) -> int:
-        """Parameters inside the attention mechanisms, projections excluded."""
-        return sum(
-            p.numel()
-            for module in self.modules() if isinstance(module, MultiHeadAttention)
-            for p in module.attention.parameters() if p.requires_grad
-        )

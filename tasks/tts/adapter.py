@@ -82,7 +82,7 @@ class EspnetAttentionAdapter(nn.Module):
             raise ValueError(
                 f"{self.pattern.value} attention got {query.shape[1]} queries for {key.shape[1]} keys: "
                 "ESPnet's cached one-step decoding is not supported; decode by re-running the "
-                "decoder on the whole prefix (tasks.tts.models.generate_transformer)"
+                "decoder on the whole prefix (tasks.tts.model.generate_transformer)"
             )
         batch = query.shape[0]
         q = self.linear_q(query).view(batch, -1, self.h, self.d_k)  # [B, T1, H, D]

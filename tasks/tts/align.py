@@ -10,7 +10,7 @@ soft alignment (monotonic alignment search, Glow-TTS). Every character gets at l
 
 Run it on a dataset (writes ``durations.txt`` next to ``metadata.csv`` unless told otherwise)::
 
-    python -m tasks.tts.align --data ~/.cache/attnbench/data/LJSpeech-1.1 --steps 2000
+    attnbench data prepare ljspeech_durations --data ~/.cache/attnbench/data/LJSpeech-1.1 --steps 2000
 """
 
 from __future__ import annotations
@@ -266,13 +266,14 @@ def attach_durations(utterances: Sequence[Utterance], durations: Mapping[str, Te
     """Set each utterance's durations, checking they fit its characters and frames."""
     for u in utterances:
         if u.clip_id not in durations:
-            raise KeyError(f"{source} has no durations for {u.clip_id}; re-run python -m tasks.tts.align")
+            raise KeyError(f"{source} has no durations for {u.clip_id}; "
+                           "re-run attnbench data prepare ljspeech_durations")
         d = durations[u.clip_id]
         if d.shape[0] != len(u.tokens) + 1 or int(d.sum()) != u.frames:
             raise ValueError(
                 f"{source}: durations of {u.clip_id} ({d.shape[0]} values summing to {int(d.sum())}) "
                 f"do not fit {len(u.tokens)} characters + <sos/eos> and {u.frames} frames; "
-                "re-run python -m tasks.tts.align"
+                "re-run attnbench data prepare ljspeech_durations"
             )
         u.durations = d
 
@@ -312,7 +313,8 @@ def run_aligner(data: Path, *, steps: int, seed: int) -> tuple[dict[str, Tensor]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="attnbench data prepare ljspeech_durations",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, default=SAMPLE_ROOT, help="LJSpeech folder")
     parser.add_argument("--out", type=Path, default=None, help="default: DATA/durations.txt")
     parser.add_argument("--steps", type=int, default=400)

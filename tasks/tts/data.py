@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import csv
 import re
+import tarfile
+import urllib.request
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import librosa
 import numpy as np
@@ -21,6 +24,7 @@ import torch
 from torch import Tensor
 
 SAMPLE_ROOT = Path(__file__).parent / "samples" / "ljspeech_mini"
+LJSPEECH_URL = "https://data.keithito.com/data/speech/LJSpeech-1.1.tar.bz2"
 SPLITS = ("train", "dev", "test")
 
 
@@ -273,3 +277,63 @@ def pad(sequences: Sequence[Tensor], value: float = 0.0) -> tuple[Tensor, Tensor
     lengths = torch.tensor([s.shape[0] for s in sequences], dtype=torch.long)
     batch = torch.nn.utils.rnn.pad_sequence(list(sequences), batch_first=True, padding_value=value)
     return batch, lengths
+
+
+@dataclass
+class Corpus:
+    """Features of the clips one run uses, and the training-set normalisers."""
+
+    train: list[Utterance]
+    test: list[Utterance]
+    mel: Normaliser
+    data: Path
+    pitch: Normaliser | None = None
+    energy: Normaliser | None = None
+
+
+def checked_splits(data: Path, config: Any) -> dict[str, list[Clip]]:
+    """CAB's split of the LJSpeech folder ``data``; a ``ValueError`` naming the folder if it has
+    no training clip or fewer test clips than ``eval_clips``."""
+    splits = split_clips(read_ljspeech(data))
+    if not splits["train"] or len(splits["test"]) < config.eval_clips:
+        raise ValueError(f"{data}: {len(splits['train'])} training and {len(splits['test'])} test clips; "
+                         f"eval_clips={config.eval_clips} asks for more")
+    return splits
+
+
+def load_corpus(config: Any) -> Corpus:
+    """Read the dataset, split it, extract features of the training and evaluated test clips."""
+    data = Path(config.data).expanduser() if config.data else SAMPLE_ROOT
+    splits = checked_splits(data, config)
+    train_clips = splits["train"]
+    if config.train_clips:
+        train_clips = sorted(train_clips, key=lambda c: sf.info(c.audio).frames)[: config.train_clips]
+    vocabulary = CharacterVocabulary()
+    train = [extract(c, vocabulary) for c in train_clips]
+    test = [extract(c, vocabulary) for c in splits["test"][: config.eval_clips or None]]
+    return Corpus(train, test, Normaliser.fit([u.mel for u in train]), data)
+
+
+def fetch_ljspeech(destination: Path) -> Path:
+    """Download and unpack LJSpeech-1.1 (2.6 GB) into ``destination``; returns its folder.
+
+    Use it with ``attnbench data fetch ljspeech`` and then ``data=<folder>`` (CAB's split:
+    LJ001-LJ002 test, LJ003 dev, the rest train). Durations for FastSpeech 2 are computed on the
+    first run (or beforehand with ``attnbench data prepare ljspeech_durations --data <folder>``).
+    """
+    folder = destination / "LJSpeech-1.1"
+    if (folder / "metadata.csv").is_file():
+        return folder
+    destination.mkdir(parents=True, exist_ok=True)
+    archive = destination / "LJSpeech-1.1.tar.bz2"
+    if not archive.is_file():
+        partial = archive.with_suffix(".part")
+        urllib.request.urlretrieve(LJSPEECH_URL, partial)
+        partial.rename(archive)
+    with tarfile.open(archive, "r:bz2") as tar:
+        tar.extractall(destination, filter="data")
+    archive.unlink()
+    if not (folder / "metadata.csv").is_file():
+        raise FileNotFoundError(f"{archive} did not contain LJSpeech-1.1/metadata.csv")
+    return folder
+

@@ -8,53 +8,31 @@ Two tasks, because the two backbones have different attention roles:
 
 Training is this module's own loop (ESPnet's recipe machinery needs Kaldi-style data folders and
 torchaudio); evaluation synthesizes test clips, vocodes them with Griffin-Lim and scores them
-against the Griffin-Lim resynthesis of the ground truth (:mod:`tasks.tts.metrics`).
+against the Griffin-Lim resynthesis of the ground truth (:mod:`tasks.tts.metrics`). ESPnet, librosa
+and soundfile are imported by the stages, not here.
 """
 
 from __future__ import annotations
 
-import tarfile
-import time
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import soundfile as sf
 import torch
 from torch import Tensor, nn
 
-from attention_zoo import AttentionConfigError
-from tasks.base import AttentionChoice, Metric, Task, TaskResult, split_heads
-from tasks.tts import metrics as tts_metrics
-from tasks.tts.adapter import EspnetAttentionAdapter
-from tasks.tts.align import attach_durations, read_durations, run_aligner, write_durations
-from tasks.tts.data import (
-    FEATURES,
-    SAMPLE_ROOT,
-    CharacterVocabulary,
-    Clip,
-    Normaliser,
-    Utterance,
-    extract,
-    pad,
-    read_ljspeech,
-    split_clips,
-    token_average,
-)
-from tasks.tts.models import (
-    FASTSPEECH2_ROLES,
-    TRANSFORMER_ROLES,
-    ModelSize,
-    build_fastspeech2,
-    build_transformer,
-    generate_transformer,
-)
-from tasks.tts.vocoder import griffin_lim, plot_mels, write_wav
+from attention_zoo import AttentionConfigError, Pattern
+from tasks.base import AttentionChoice, Metric, RunContext, Task, split_heads
+from tasks.registry import register_task
 
-LJSPEECH_URL = "https://data.keithito.com/data/speech/LJSpeech-1.1.tar.bz2"
+FASTSPEECH2_ROLES = {"encoder_self": Pattern.NONCAUSAL_SELF, "decoder_self": Pattern.NONCAUSAL_SELF}
+# CAB's Transformer-TTS pattern: the decoder's cross attention is causal cross attention (every
+# frame sees every character; frame t's output does not depend on later frames).
+TRANSFORMER_ROLES = {"encoder_self": Pattern.NONCAUSAL_SELF, "decoder_self": Pattern.CAUSAL_SELF,
+                     "cross": Pattern.CAUSAL_CROSS}
+
 
 
 @dataclass(frozen=True)
@@ -64,14 +42,14 @@ class TTSConfig:
     data: str = field(default="", metadata={
         "help": "LJSpeech-1.1 folder (CAB's split); empty: the shipped 32-clip sample"})
     train_clips: int = field(default=4, metadata={"min": 0, "help": "the N shortest training clips (0: all)"})
-    eval_clips: int = field(default=1, metadata={"min": 1, "help": "test clips synthesized and scored"})
+    eval_clips: int = field(default=1, metadata={"min": 0, "help": "test clips scored (0: all)"})
     steps: int = field(default=15, metadata={"min": 1})
     batch_size: int = field(default=4, metadata={"min": 1})
     lr: float = field(default=2e-3, metadata={"min": 0.0, "help": "peak learning rate (Adam)"})
     warmup_steps: int = field(default=5, metadata={"min": 0})
-    grad_clip: float = field(default=1.0, metadata={"min": 0.0})
-    adim: int = field(default=64, metadata={"min": 1, "help": "model width"})
-    aheads: int = field(default=2, metadata={"min": 1})
+    clip_norm: float = field(default=1.0, metadata={"min": 0.0, "help": "largest gradient norm"})
+    d_model: int = field(default=64, metadata={"min": 1, "help": "model width (ESPnet's adim)"})
+    heads: int = field(default=2, metadata={"min": 1, "help": "attention heads (ESPnet's aheads)"})
     elayers: int = field(default=1, metadata={"min": 1})
     eunits: int = field(default=128, metadata={"min": 1})
     dlayers: int = field(default=1, metadata={"min": 1})
@@ -84,47 +62,16 @@ class TTSConfig:
         "min": 0.0, "help": "Transformer-TTS: at most this many frames per character"})
     aligner_steps: int = field(default=400, metadata={
         "min": 1, "help": "FastSpeech 2: aligner training steps when DATA/durations.txt is missing"})
+    threads: int = field(default=0, metadata={"help": "CPU threads (0: the runner's)", "min": 0})
 
     @property
-    def size(self) -> ModelSize:
-        return ModelSize(adim=self.adim, aheads=self.aheads, elayers=self.elayers, eunits=self.eunits,
+    def size(self) -> Any:
+        """The :class:`tasks.tts.model.ModelSize` of these settings."""
+        from tasks.tts.model import ModelSize
+
+        return ModelSize(adim=self.d_model, aheads=self.heads, elayers=self.elayers, eunits=self.eunits,
                          dlayers=self.dlayers, dunits=self.dunits, postnet_layers=self.postnet_layers,
                          postnet_chans=self.postnet_chans, dropout=self.dropout)
-
-
-@dataclass
-class Corpus:
-    """Features of the clips one run uses, and the training-set normalisers."""
-
-    train: list[Utterance]
-    test: list[Utterance]
-    mel: Normaliser
-    data: Path
-    pitch: Normaliser | None = None
-    energy: Normaliser | None = None
-
-
-def checked_splits(data: Path, config: TTSConfig) -> dict[str, list[Clip]]:
-    """CAB's split of the LJSpeech folder ``data``; a ``ValueError`` naming the folder if it has
-    no training clip or fewer test clips than ``eval_clips``."""
-    splits = split_clips(read_ljspeech(data))
-    if not splits["train"] or len(splits["test"]) < config.eval_clips:
-        raise ValueError(f"{data}: {len(splits['train'])} training and {len(splits['test'])} test clips; "
-                         f"eval_clips={config.eval_clips} asks for more")
-    return splits
-
-
-def load_corpus(config: TTSConfig) -> Corpus:
-    """Read the dataset, split it, extract features of the training and evaluated test clips."""
-    data = Path(config.data).expanduser() if config.data else SAMPLE_ROOT
-    splits = checked_splits(data, config)
-    train_clips = splits["train"]
-    if config.train_clips:
-        train_clips = sorted(train_clips, key=lambda c: sf.info(c.audio).frames)[: config.train_clips]
-    vocabulary = CharacterVocabulary()
-    train = [extract(c, vocabulary) for c in train_clips]
-    test = [extract(c, vocabulary) for c in splits["test"][: config.eval_clips]]
-    return Corpus(train, test, Normaliser.fit([u.mel for u in train]), data)
 
 
 class _TTSTask(Task):
@@ -139,11 +86,16 @@ class _TTSTask(Task):
                description="synthesized over reference frames (1 is right; below 1 an early stop)"),
     )
     Config = TTSConfig
+    requires = ("espnet", "espnet2", "librosa", "soundfile", "scipy", "typeguard")
+    datasets = {"ljspeech": "tasks.tts.data:fetch_ljspeech"}
+    data_tools = {"ljspeech_durations": "tasks.tts.align:main"}
     model_name: ClassVar[str]
 
     @classmethod
     def check_settings(cls, config: TTSConfig) -> None:
         """The clips asked for exist, when the LJSpeech folder is at hand."""
+        from tasks.tts.data import SAMPLE_ROOT, checked_splits
+
         data = Path(config.data).expanduser() if config.data else SAMPLE_ROOT
         if (data / "metadata.csv").is_file():
             try:
@@ -153,64 +105,48 @@ class _TTSTask(Task):
 
     @classmethod
     def attention_shapes(cls, config: TTSConfig) -> dict[str, tuple[int, int]]:
-        shape = split_heads(config.adim, config.aheads, f"task {cls.name}: adim / aheads")
+        shape = split_heads(config.d_model, config.heads, f"task {cls.name}: d_model / heads")
         return dict.fromkeys(cls.roles, shape)
 
-    def run(self, config: TTSConfig, attention: Mapping[str, AttentionChoice], *, seed: int,
-            device: str, workdir: Path) -> TaskResult:
-        torch.manual_seed(seed)
-        workdir.mkdir(parents=True, exist_ok=True)
+    def prepare(self, config: TTSConfig, run: RunContext) -> Any:
+        """The corpus's features, and the model's own targets (:meth:`targets`)."""
+        from tasks.tts.data import load_corpus
+
         corpus = load_corpus(config)
-        extra: dict[str, Any] = {"model": self.model_name, "data": str(corpus.data),
-                                 "train_clips": len(corpus.train),
-                                 "test_clips": [u.clip_id for u in corpus.test]}
-        extra |= self.prepare(config, corpus, seed=seed, workdir=workdir)
-        model, replaced = self.build(config, attention)
-        model.to(device)
-        extra["attention_modules"] = {role: len(paths) for role, paths in replaced.items()}
+        run.extra.update(model=self.model_name, data=str(corpus.data), train_clips=len(corpus.train),
+                         test_clips=[u.clip_id for u in corpus.test])
+        run.extra |= self.targets(config, corpus, run)
+        return corpus
 
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats(device)
-        start = time.perf_counter()
-        extra["loss_curve"] = self.train(model, config, corpus, seed=seed, device=device)
-        train_seconds = time.perf_counter() - start
-        peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.startswith("cuda") else None
-
-        start = time.perf_counter()
-        scores, artifacts = self.evaluate(model, config, corpus, device=device, workdir=workdir)
-        eval_seconds = time.perf_counter() - start
-        extra["artifacts"] = artifacts
-        return TaskResult(
-            metrics=scores,
-            parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
-            attention_parameters=sum(p.numel() for m in model.modules()
-                                     if isinstance(m, EspnetAttentionAdapter)
-                                     for p in m.attention.parameters() if p.requires_grad),
-            train_seconds=train_seconds,
-            eval_seconds=eval_seconds,
-            peak_memory_mib=peak,
-            extra=extra,
-        )
-
-    def prepare(self, config: TTSConfig, corpus: Corpus, *, seed: int, workdir: Path) -> dict[str, Any]:
+    def targets(self, config: TTSConfig, corpus: Any, run: RunContext) -> dict[str, Any]:
         """Model-specific targets (FastSpeech 2's durations, pitch and energy); returns notes."""
         return {}
 
-    def build(self, config: TTSConfig, attention: Mapping[str, AttentionChoice]) -> tuple[nn.Module, dict]:
+    def build(self, config: TTSConfig, attention: Mapping[str, AttentionChoice], data: Any,
+              run: RunContext) -> nn.Module:
+        from tasks.tts.data import FEATURES, CharacterVocabulary
+
+        model, replaced = self.build_model(len(CharacterVocabulary()), FEATURES.n_mels, config.size,
+                                           attention)
+        run.extra["attention_modules"] = {role: len(paths) for role, paths in replaced.items()}
+        return model.to(run.device)
+
+    def build_model(self, vocabulary: int, n_mels: int, size: Any,
+                    attention: Mapping[str, AttentionChoice]) -> tuple[nn.Module, dict]:
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, batch: Sequence[Utterance], corpus: Corpus, device: str) -> Tensor:
+    def loss(self, model: nn.Module, batch: Sequence[Any], corpus: Any, device: str) -> Tensor:
         """ESPnet's training loss of the model on ``batch``."""
         raise NotImplementedError
 
-    def synthesize(self, model: nn.Module, utterance: Utterance, config: TTSConfig, device: str) -> Tensor:
+    def synthesize(self, model: nn.Module, utterance: Any, config: TTSConfig, device: str) -> Tensor:
         """[T, n_mels] predicted log-mel (normalised) from the characters alone."""
         raise NotImplementedError
 
-    def train(self, model: nn.Module, config: TTSConfig, corpus: Corpus, *, seed: int,
-              device: str) -> list[float]:
-        """Adam with linear warm-up, random batches of training clips; returns the loss per step."""
-        generator = torch.Generator().manual_seed(seed)
+    def train(self, model: nn.Module, config: TTSConfig, corpus: Any, run: RunContext) -> None:
+        """Adam with linear warm-up, random batches of training clips; the loss per step goes
+        to ``run.extra["loss_curve"]``."""
+        generator = run.generator()
         optimiser = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.98))
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimiser, lambda step: min(1.0, (step + 1) / (config.warmup_steps + 1)))
@@ -218,31 +154,34 @@ class _TTSTask(Task):
         model.train()
         for _ in range(config.steps):
             order = torch.randperm(len(corpus.train), generator=generator)[: config.batch_size]
-            loss = self.loss(model, [corpus.train[int(i)] for i in order], corpus, device)
+            loss = self.loss(model, [corpus.train[int(i)] for i in order], corpus, run.device)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"{self.name}: non-finite training loss {loss.item()}")
             optimiser.zero_grad()
             loss.backward()
-            if config.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            if config.clip_norm > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
             optimiser.step()
             schedule.step()
             losses.append(loss.item())
-        return losses
+        run.extra["loss_curve"] = losses
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, config: TTSConfig, corpus: Corpus, *, device: str,
-                 workdir: Path) -> tuple[dict[str, float], dict[str, Any]]:
+    def evaluate(self, model: nn.Module, config: TTSConfig, corpus: Any, run: RunContext) -> dict[str, float]:
         """Synthesize each test clip, vocode, write WAVs and a figure, score against the reference."""
+        from tasks.tts import metrics as tts_metrics
+        from tasks.tts.vocoder import griffin_lim, plot_mels, write_wav
+
         model.eval()
-        audio_dir = workdir / "audio"
+        audio_dir = run.workdir / "audio"
         audio_dir.mkdir(exist_ok=True)
         scores: dict[str, list[float]] = {name: [] for name in (*(m.name for m in self.metrics),
                                                                 "cab_mcd", "cab_msd")}
         # Frame counts explain CAB's per-synthesized-frame scores (a short output inflates them).
         artifacts: dict[str, Any] = {"audio": [], "figure": None, "frames": {}}
         for utterance in corpus.test:
-            predicted = corpus.mel.inverse(self.synthesize(model, utterance, config, device).cpu()).numpy()
+            generated = self.synthesize(model, utterance, config, run.device).cpu()
+            predicted = corpus.mel.inverse(generated).numpy()
             synthesized = griffin_lim(predicted, iterations=config.griffin_lim_iterations)
             artifacts["frames"][utterance.clip_id] = {"synthesized": len(predicted),
                                                       "reference": utterance.frames}
@@ -257,14 +196,16 @@ class _TTSTask(Task):
                 write_wav(path, audio)
                 artifacts["audio"].append(str(path))
             if artifacts["figure"] is None:
-                figure = workdir / f"mel_{utterance.clip_id}.png"
+                figure = run.workdir / f"mel_{utterance.clip_id}.png"
                 plot_mels(figure, [("reference (ground truth)", utterance.mel.numpy()),
                                    (f"synthesized ({self.model_name})", predicted)],
                           title=f"{utterance.clip_id}: {self.model_name}")
                 artifacts["figure"] = str(figure)
-        return {name: float(np.mean(values)) for name, values in scores.items()}, artifacts
+        run.extra["artifacts"] = artifacts
+        return {name: float(np.mean(values)) for name, values in scores.items()}
 
 
+@register_task
 class FastSpeech2Task(_TTSTask):
     """ESPnet2's FastSpeech 2 with durations from the project's own aligner."""
 
@@ -272,19 +213,22 @@ class FastSpeech2Task(_TTSTask):
     roles = FASTSPEECH2_ROLES
     model_name = "FastSpeech 2"
 
-    def prepare(self, config: TTSConfig, corpus: Corpus, *, seed: int, workdir: Path) -> dict[str, Any]:
+    def targets(self, config: TTSConfig, corpus: Any, run: RunContext) -> dict[str, Any]:
         """Durations (shipped ``durations.txt`` or a fresh aligner run), token pitch and energy.
 
         Pitch is the token average of log F0 over voiced frames, energy the token average of
         frame energy; both are standardised with training-set statistics, as ESPnet does.
         """
+        from tasks.tts.align import attach_durations, read_durations, run_aligner, write_durations
+        from tasks.tts.data import Normaliser, token_average
+
         source = corpus.data / "durations.txt"
         notes: dict[str, Any] = {}
         if source.is_file():
             durations = read_durations(source)
         else:
-            durations, report = run_aligner(corpus.data, steps=config.aligner_steps, seed=seed)
-            source = workdir / "durations.txt"
+            durations, report = run_aligner(corpus.data, steps=config.aligner_steps, seed=run.seed)
+            source = run.workdir / "durations.txt"
             write_durations(source, durations, header=f"aligner run by {self.name}: {asdict(report)}")
             notes["aligner"] = asdict(report)
         notes["durations"] = str(source)
@@ -299,10 +243,14 @@ class FastSpeech2Task(_TTSTask):
         corpus.energy = Normaliser.fit([u.token_energy[:-1] for u in corpus.train])
         return notes
 
-    def build(self, config, attention):
-        return build_fastspeech2(len(CharacterVocabulary()), FEATURES.n_mels, config.size, attention)
+    def build_model(self, vocabulary, n_mels, size, attention):
+        from tasks.tts.model import build_fastspeech2
+
+        return build_fastspeech2(vocabulary, n_mels, size, attention)
 
     def loss(self, model, batch, corpus, device):
+        from tasks.tts.data import pad
+
         tokens, token_lengths = pad([u.tokens for u in batch])
         mels, frame_lengths = pad([corpus.mel(u.mel) for u in batch])
         durations, duration_lengths = pad([u.durations for u in batch])
@@ -322,6 +270,7 @@ class FastSpeech2Task(_TTSTask):
         return model.inference(utterance.tokens.to(device))["feat_gen"]
 
 
+@register_task
 class TransformerTTSTask(_TTSTask):
     """ESPnet2's Transformer-TTS, synthesizing autoregressively until the stop token."""
 
@@ -329,10 +278,14 @@ class TransformerTTSTask(_TTSTask):
     roles = TRANSFORMER_ROLES
     model_name = "Transformer-TTS"
 
-    def build(self, config, attention):
-        return build_transformer(len(CharacterVocabulary()), FEATURES.n_mels, config.size, attention)
+    def build_model(self, vocabulary, n_mels, size, attention):
+        from tasks.tts.model import build_transformer
+
+        return build_transformer(vocabulary, n_mels, size, attention)
 
     def loss(self, model, batch, corpus, device):
+        from tasks.tts.data import pad
+
         tokens, token_lengths = pad([u.tokens for u in batch])
         mels, frame_lengths = pad([corpus.mel(u.mel) for u in batch])
         loss, _, _ = model(text=tokens.to(device), text_lengths=token_lengths.to(device),
@@ -340,29 +293,6 @@ class TransformerTTSTask(_TTSTask):
         return loss
 
     def synthesize(self, model, utterance, config, device):
+        from tasks.tts.model import generate_transformer
+
         return generate_transformer(model, utterance.tokens.to(device), maxlenratio=config.maxlenratio)
-
-
-def fetch_ljspeech(destination: Path) -> Path:
-    """Download and unpack LJSpeech-1.1 (2.6 GB) into ``destination``; returns its folder.
-
-    Use it with ``attnbench data fetch ljspeech`` and then ``data=<folder>`` (CAB's split:
-    LJ001-LJ002 test, LJ003 dev, the rest train). Durations for FastSpeech 2 are computed on the
-    first run (or beforehand with ``python -m tasks.tts.align --data <folder>``).
-    """
-    folder = destination / "LJSpeech-1.1"
-    if (folder / "metadata.csv").is_file():
-        return folder
-    destination.mkdir(parents=True, exist_ok=True)
-    archive = destination / "LJSpeech-1.1.tar.bz2"
-    if not archive.is_file():
-        partial = archive.with_suffix(".part")
-        urllib.request.urlretrieve(LJSPEECH_URL, partial)
-        partial.rename(archive)
-    with tarfile.open(archive, "r:bz2") as tar:
-        tar.extractall(destination, filter="data")
-    archive.unlink()
-    if not (folder / "metadata.csv").is_file():
-        raise FileNotFoundError(f"{archive} did not contain LJSpeech-1.1/metadata.csv")
-    return folder
-

@@ -1,13 +1,13 @@
 """fairseq plug-in: zoo attention inside fairseq models (fairseq's ``--user-dir`` mechanism).
 
 Shared by the fairseq tasks (language modeling: ``zoo_transformer_lm``; summarization:
-``zoo_transformer``). ``import tasks.fairseq_plugin``
-or ``fairseq-train --user-dir tasks/fairseq_plugin`` applies the compatibility patches
-(:mod:`tasks.fairseq_plugin.compat`, first) and registers the models.
+``zoo_transformer``). ``import tasks.backends.fairseq_plugin``
+or ``fairseq-train --user-dir tasks/backends/fairseq_plugin`` applies the compatibility patches
+(:mod:`tasks.backends.fairseq_plugin.compat`, first) and registers the models.
 
 fairseq imports a ``--user-dir`` folder under its bare name (``fairseq_plugin``); the imports
 below are absolute, so the models are registered once even when the folder is also imported as
-``tasks.fairseq_plugin``.
+``tasks.backends.fairseq_plugin``.
 """
 
 import logging
@@ -18,14 +18,14 @@ import logging
 _root_level = logging.getLogger().level
 _root_handlers = list(logging.getLogger().handlers)
 
-from tasks.fairseq_plugin import compat  # noqa: E402,F401  (must come before any fairseq data path)
+from tasks.backends.fairseq_plugin import compat  # noqa: E402,F401  (must come before any fairseq data path)
 
 # isort: split
-from tasks.fairseq_plugin import (  # noqa: E402
+from tasks.backends.fairseq_plugin import (  # noqa: E402
     transformer,  # noqa: F401  (registers zoo_transformer)
     transformer_lm,  # noqa: F401  (registers zoo_transformer_lm)
 )
-from tasks.fairseq_plugin.attention import ZooAttention, index_batch, state_bytes  # noqa: E402
+from tasks.backends.fairseq_plugin.attention import ZooAttention, index_batch, state_bytes  # noqa: E402
 
 logging.getLogger().setLevel(_root_level)
 for _handler in [h for h in logging.getLogger().handlers if h not in _root_handlers]:

@@ -4,7 +4,7 @@ Everything but the attention core is fairseq's own model: embeddings, positions,
 output projection, and so training, checkpointing, fp16/bf16 and distributed training. Two
 options choose the attention::
 
-    fairseq-train DATA --user-dir tasks/fairseq_plugin --task language_modeling \\
+    fairseq-train DATA --user-dir tasks/backends/fairseq_plugin --task language_modeling \\
         --arch zoo_transformer_lm_gpt --attention lavo --attention-args r=64,w=16 ...
 
 The name and the hyperparameters are checked by the zoo's registry before the model is built, so
@@ -31,7 +31,7 @@ from fairseq.models.transformer_lm import (
 from fairseq.utils import safe_getattr
 
 from attention_zoo import Pattern
-from tasks.fairseq_plugin.attention import ZooAttention, checked_attention
+from tasks.backends.fairseq_plugin.attention import ZooAttention, checked_attention
 
 
 @dataclass
@@ -50,7 +50,7 @@ def attention_choice(args: Any) -> tuple[str, dict[str, Any]]:
     """The checked (name, typed hyperparameters) of ``--attention`` / ``--attention-args``.
 
     Raises:
-        AttentionConfigError: see :func:`~tasks.fairseq_plugin.attention.checked_attention`.
+        AttentionConfigError: see :func:`~tasks.backends.fairseq_plugin.attention.checked_attention`.
     """
     return checked_attention(
         safe_getattr(args, "attention", "softmax"), safe_getattr(args, "attention_args", ""),

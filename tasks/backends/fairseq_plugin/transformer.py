@@ -6,7 +6,7 @@ output projection), so the ``translation`` task's training, checkpointing and ge
 (``SequenceGenerator``: greedy and beam search with length limits) work unchanged. Six options
 choose the attention::
 
-    fairseq-train DATA --user-dir tasks/fairseq_plugin --task translation \\
+    fairseq-train DATA --user-dir tasks/backends/fairseq_plugin --task translation \\
         --arch zoo_transformer_tiny \\
         --encoder-attention lavo --encoder-attention-args r=64,w=16 \\
         --decoder-attention lavo --decoder-attention-args r=64,w=16 \\
@@ -31,7 +31,7 @@ from fairseq.models.transformer import TransformerModel, base_architecture
 from fairseq.utils import safe_getattr
 
 from attention_zoo import Pattern
-from tasks.fairseq_plugin.attention import ZooAttention, checked_attention
+from tasks.backends.fairseq_plugin.attention import ZooAttention, checked_attention
 
 SLOTS = {
     "encoder": (Pattern.NONCAUSAL_SELF, "the encoder's self-attention"),

@@ -1,4 +1,4 @@
-"""Evaluation of a trained LM: fairseq-eval-lm perplexity, bits per byte, length extrapolation,
+"""Metrics of a trained LM: fairseq-eval-lm perplexity, bits per byte, length extrapolation,
 and unbounded-context streaming through fairseq's ``incremental_state``.
 
 Perplexity is fairseq-eval-lm's own (its ``main``, in process): the test split is cut into
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tasks.fairseq_plugin import USER_DIR, ZooAttention, state_bytes
+from tasks.backends.fairseq_plugin import USER_DIR, ZooAttention, state_bytes
 
 
 def eval_lm(
@@ -42,7 +43,7 @@ def eval_lm(
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-    from tasks.fairseq_plugin.compat import import_fairseq_cli
+    from tasks.backends.fairseq_plugin.compat import import_fairseq_cli
 
     fairseq_eval_lm = import_fairseq_cli("eval_lm")
 
@@ -70,22 +71,6 @@ def eval_lm(
 def bits_per_byte(loss_base2: float, tokens: int, text_bytes: int) -> float:
     """Tokeniser-independent cost: total bits of the split over its UTF-8 bytes."""
     return loss_base2 * tokens / text_bytes
-
-
-def load_model(
-    checkpoint: Path, data_bin: Path, device: str, *, max_positions: int | None = None
-) -> Any:
-    """A trained model in eval mode, through fairseq's checkpoint loader; ``max_positions``
-    raises the model's length limit (for evaluation beyond the training context)."""
-    from fairseq import checkpoint_utils
-
-    overrides: dict[str, Any] = {"data": str(data_bin)}
-    if max_positions is not None:
-        overrides["max_target_positions"] = max_positions
-    models, _, _ = checkpoint_utils.load_model_ensemble_and_task(
-        [str(checkpoint)], arg_overrides=overrides
-    )
-    return models[0].to(device).eval()
 
 
 def split_tokens(data_bin: Path, split: str = "test") -> tuple[Tensor, int]:
@@ -172,3 +157,68 @@ def stream(model: Any, tokens: Tensor, *, bos: int, context: int) -> StreamResul
     if device.type == "cuda":
         result.peak_memory_mib = torch.cuda.max_memory_allocated(device) / 2**20
     return result
+
+
+def extrapolation_multiples(text: str) -> list[int | float]:
+    """``"1.5,2,4"`` -> [1, 1.5, 2, 4] (L itself is always evaluated); bad text raises.
+
+    Whole multiples come back as ints (``2``, not ``2.0``)."""
+    message = f"extrapolation must be positive numbers like '1,1.5,2,4,8', got {text!r}"
+    try:
+        values = {float(part) for part in text.split(",") if part.strip()}
+    except ValueError:
+        raise ValueError(message) from None
+    if any(not value > 0 or value == float("inf") for value in values):
+        raise ValueError(message)
+    return sorted({1} | {int(v) if v.is_integer() else v for v in values})
+
+
+def evaluation_length(multiple: int | float, seq_len: int) -> int:
+    """The evaluation context ``multiple`` x L in tokens; it must be a whole number."""
+    length = multiple * seq_len
+    if not float(length).is_integer():
+        raise ValueError(f"extrapolation multiple {multiple} x seq_len {seq_len} = {length} is not "
+                         "a whole number of tokens; choose another multiple or seq_len")
+    return int(length)
+
+
+def extrapolation_table(rows: Mapping[str, list[dict[str, float]]], context: int) -> str:
+    """Markdown: one row per attention, test perplexity (bits per byte) at each eval context."""
+    multiples = sorted({r["multiple"] for runs in rows.values() for r in runs})
+    header = ["attention", *(f"{m}L = {evaluation_length(m, context)}" if m != 1 else f"L = {context}"
+                             for m in multiples)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, runs in rows.items():
+        by_multiple = {r["multiple"]: r for r in runs}
+        cells = ["-" if m not in by_multiple else "OOM" if "error" in by_multiple[m] else
+                 f"{by_multiple[m]['perplexity']:.2f} ({by_multiple[m]['bits_per_byte']:.3f})"
+                 for m in multiples]
+        lines.append("| " + " | ".join([f"`{label}`", *cells]) + " |")
+    return "Test perplexity (bits per byte), trained at L:\n\n" + "\n".join(lines) + "\n"
+
+
+def streaming_table(rows: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown: one row per attention, streaming perplexity per position range, and the
+    decoding state's size at the end of the stream."""
+    ranges = []
+    for run in rows.values():
+        for bucket in run.get("buckets", []):
+            if (bucket["start"], bucket["end"]) not in ranges:
+                ranges.append((bucket["start"], bucket["end"]))
+    ranges.sort()
+    header = ["attention", *(f"{a}-{b}" for a, b in ranges), "state KiB (first / last)",
+              "tokens/s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, run in rows.items():
+        if run.get("skipped"):
+            lines.append("| " + " | ".join([f"`{label}`", *(["-"] * len(ranges)),
+                                            run["skipped"], "-"]) + " |")
+            continue
+        buckets = {(b["start"], b["end"]): b for b in run["buckets"]}
+        cells = [f"{buckets[r]['perplexity']:.2f}" if r in buckets else "-" for r in ranges]
+        states = [b["state_bytes"] / 1024 for b in run["buckets"]]
+        lines.append("| " + " | ".join([
+            f"`{label}`", *cells, f"{states[0]:.1f} / {states[-1]:.1f}",
+            f"{run['tokens_per_second']:.0f}"]) + " |")
+    return ("Streaming (token by token through incremental_state): test perplexity by "
+            "position range\n\n" + "\n".join(lines) + "\n")

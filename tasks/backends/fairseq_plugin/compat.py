@@ -1,8 +1,8 @@
 """Make fairseq 0.12 (the ``fairseq-fixed==0.12.3.1`` fork) run on today's numpy, torch and CPU.
 
 fairseq's last release predates numpy 2 and torch 2.6. Everything needed to run it here is in this
-one module, applied when the plugin is imported (``import tasks.fairseq_plugin`` or
-``--user-dir tasks/fairseq_plugin``), before fairseq touches any data. Nothing in site-packages is
+one module, applied when the plugin is imported (``import tasks.backends.fairseq_plugin`` or
+``--user-dir tasks/backends/fairseq_plugin``), before fairseq touches any data. Nothing in site-packages is
 edited. Each patch is idempotent and only fills in what is missing.
 
 1. numpy 2 removed the aliases ``np.int``, ``np.float`` and ``np.compat.long`` that fairseq's

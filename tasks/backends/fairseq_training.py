@@ -1,6 +1,7 @@
-"""``fairseq-train`` in a child process, shared by the fairseq tasks (LM, summarization).
+"""``fairseq-train`` in a child process, shared by the fairseq tasks (LM, summarization): the
+shared flags, the child, log parsing and :class:`FairseqTask`, the training stage both use.
 
-Each run trains in its own process (:mod:`tasks.fairseq_train`, given the arguments
+Each run trains in its own process (:mod:`tasks.backends.fairseq_train`, given the arguments
 ``fairseq-train`` takes; the zoo arrives through ``--user-dir``): a separate process gives a
 clean peak-memory figure per run. :func:`run_fairseq_train` starts it and parses fairseq's JSON
 log.
@@ -17,6 +18,10 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from torch import nn
+
+from tasks.base import AttentionChoice, RunContext, Task
 
 _LOG_RECORD = re.compile(r"\| (train_inner|train|valid) \| (\{.*\})\s*$")
 _ROOT = Path(__file__).resolve().parents[2]
@@ -56,7 +61,7 @@ def parse_training_log(lines: Sequence[str]) -> TrainingLog:
 
 def train_command(arguments: Sequence[str]) -> list[str]:
     """The child process's command line for ``fairseq-train`` ``arguments``."""
-    return [sys.executable, "-m", "tasks.fairseq_train", *arguments]
+    return [sys.executable, "-m", "tasks.backends.fairseq_train", *arguments]
 
 
 def attention_shapes(
@@ -69,7 +74,7 @@ def attention_shapes(
 
     from fairseq.models import ARCH_CONFIG_REGISTRY
 
-    import tasks.fairseq_plugin  # noqa: F401  (registers the zoo architectures)
+    import tasks.backends.fairseq_plugin  # noqa: F401  (registers the zoo architectures)
     from attention_zoo import AttentionConfigError
     from tasks.base import split_heads
 
@@ -133,3 +138,71 @@ def run_fairseq_train(
                            f"log: {workdir / 'train.log'}\n" + "\n".join(lines[-25:]))
     memory = json.loads(report.read_text()) if report.exists() else {}
     return parse_training_log(output.splitlines()), memory
+
+
+def common_arguments(config: Any, run: RunContext) -> list[str]:
+    """The ``fairseq-train`` flags both fairseq tasks share: batches, the vocabulary's training
+    settings (``steps``, ``lr``, ``warmup_steps``, ``clip_norm``, ``dropout``), Adam with
+    fairseq's inverse-square-root schedule, the seed, logging, the device and precision; the
+    task's ``fairseq_args`` last, so that they win."""
+    arguments = [
+        "--batch-size", str(config.batch_size), "--update-freq", str(config.update_freq),
+        "--max-update", str(config.steps),
+        "--optimizer", "adam", "--adam-betas", "(0.9, 0.98)", "--lr", str(config.lr),
+        "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(config.warmup_steps),
+        "--warmup-init-lr", "1e-07", "--clip-norm", str(config.clip_norm),
+        "--dropout", str(config.dropout), "--seed", str(run.seed),
+        "--save-dir", str(run.workdir / "checkpoints"), "--no-epoch-checkpoints",
+        "--log-format", "json", "--log-interval", str(max(1, config.steps // 20)),
+        "--no-progress-bar", "--num-workers", "0",
+    ]
+    if not run.device.startswith("cuda"):
+        arguments.append("--cpu")
+    if config.precision in ("fp16", "bf16"):
+        arguments.append(f"--{config.precision}")
+    return arguments
+
+
+class FairseqTask(Task):
+    """The part of a task that trains with ``fairseq-train`` in a child process: ``build``
+    leaves the model to fairseq, ``train`` runs the child (its command in
+    :meth:`train_arguments`) and loads the last checkpoint back (:meth:`load_trained`);
+    :func:`training_metrics` adds fairseq's logged losses to the metrics."""
+
+    requires = ("fairseq", "tokenizers", "filelock")
+
+    def build(self, config: Any, attention: Mapping[str, AttentionChoice], data: Any,
+              run: RunContext) -> None:
+        return None
+
+    def train_arguments(self, config: Any, data: Any, run: RunContext) -> list[str]:
+        """The task's ``fairseq-train`` arguments (data, task, architecture, attention)."""
+        raise NotImplementedError
+
+    def load_trained(self, checkpoint: Path, config: Any, data: Any, run: RunContext) -> nn.Module:
+        """The trained model, loaded in this process for evaluation."""
+        raise NotImplementedError
+
+    def train(self, model: None, config: Any, data: Any, run: RunContext) -> nn.Module:
+        arguments = [*self.train_arguments(config, data, run), *common_arguments(config, run),
+                     *shlex.split(config.fairseq_args)]
+        log, memory = run_fairseq_train(arguments, workdir=run.workdir, device=run.device,
+                                        threads=run.threads)
+        cuda = memory.get("cuda_peak_mib")
+        run.report_child_peak_memory(cuda or memory.get("peak_rss_mib"),
+                                     "cuda allocator peak of the training process" if cuda
+                                     else "peak resident set size of the training process")
+        run.extra["train_curve"] = [(r["num_updates"], r["loss"]) for r in log["train_inner"]]
+        run.extra["training_log"] = {"train": log["train"][-1:], "valid": log["valid"][-1:]}
+        checkpoint = run.workdir / "checkpoints" / "checkpoint_last.pt"
+        run.extra["checkpoint"] = str(checkpoint)
+        return self.load_trained(checkpoint, config, data, run)
+
+
+def training_metrics(run: RunContext) -> dict[str, float]:
+    """fairseq's logged losses (bits per token): first and last training, last validation."""
+    curve = run.extra.get("train_curve") or []
+    valid = run.extra.get("training_log", {}).get("valid") or []
+    return {"train_loss_first": curve[0][1] if curve else float("nan"),
+            "train_loss_last": curve[-1][1] if curve else float("nan"),
+            "valid_loss": valid[-1]["valid_loss"] if valid else float("nan")}

@@ -78,7 +78,7 @@ def load(checkpoint: Path, data_bin: Path, device: str) -> tuple[list[Any], Any,
     """The trained models, their config and fairseq task (eval mode, on ``device``)."""
     from fairseq import checkpoint_utils
 
-    import tasks.fairseq_plugin  # noqa: F401  (registers zoo_transformer, applies compat)
+    import tasks.backends.fairseq_plugin  # noqa: F401  (registers zoo_transformer, applies compat)
 
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task(
         [str(checkpoint)], arg_overrides={"data": str(data_bin)})

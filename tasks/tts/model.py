@@ -17,15 +17,9 @@ from espnet2.tts.fastspeech2 import FastSpeech2
 from espnet2.tts.transformer import Transformer
 from torch import Tensor, nn
 
-from attention_zoo import Pattern
 from tasks.base import AttentionChoice
 from tasks.tts.adapter import swap_attention
-
-FASTSPEECH2_ROLES = {"encoder_self": Pattern.NONCAUSAL_SELF, "decoder_self": Pattern.NONCAUSAL_SELF}
-# CAB's Transformer-TTS pattern: the decoder's cross attention is causal cross attention (every
-# frame sees every character; frame t's output does not depend on later frames).
-TRANSFORMER_ROLES = {"encoder_self": Pattern.NONCAUSAL_SELF, "decoder_self": Pattern.CAUSAL_SELF,
-                     "cross": Pattern.CAUSAL_CROSS}
+from tasks.tts.task import FASTSPEECH2_ROLES, TRANSFORMER_ROLES
 
 # FastSpeech 2's decoder is an ESPnet *encoder* stack (non-autoregressive), hence "encoders".
 FASTSPEECH2_MODULES = {r"encoder\.encoders\.\d+\.self_attn": "encoder_self",

@@ -1,7 +1,7 @@
 """``fairseq-train`` (fairseq's own ``cli_main``), then the peak memory of the process as JSON.
 
-The child process of :func:`tasks.fairseq_plugin.training.run_fairseq_train`:
-``python -m tasks.fairseq_train ARGS...`` with the arguments ``fairseq-train`` takes. It lives
+The child process of :func:`tasks.backends.fairseq_training.run_fairseq_train`:
+``python -m tasks.backends.fairseq_train ARGS...`` with the arguments ``fairseq-train`` takes. It lives
 outside the plug-in package so that fairseq's CLI configures logging first (its JSON log lines
 are what the parent parses). When ``$ATTNBENCH_TRAIN_REPORT`` names a file, it receives
 ``{"peak_rss_mib": ..., "cuda_peak_mib": ...}`` after training.
