@@ -1,7 +1,10 @@
 """Efficiency benchmark: forward and forward+backward time and peak memory of each mechanism.
 
 Timing follows the field's habits: warm-up first, the device synchronised around every timed
-call, the median of several repeats. Peak memory is the allocator's high-water mark on CUDA and,
+call, the median of several repeats, reported with the minimum and the interquartile range. The
+mechanisms of one pattern and length are timed side by side, taking turns call by call, so that
+a busy machine slows them alike; the machine's load average is recorded before and after.
+Peak memory is the allocator's high-water mark on CUDA and,
 on CPU, the high-water mark of the allocations PyTorch's profiler records during one call. Both
 are measured above what was allocated before the call (inputs excluded). Out-of-memory is
 recorded as such and the benchmark goes on.
@@ -16,14 +19,18 @@ only) can be measured beside the zoo under the names of :data:`FLA_KERNELS`.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import importlib
 import importlib.util
 import itertools
 import math
+import os
 import statistics
+import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,7 +207,7 @@ def peak_mib(fn: Callable[[], Any], device: torch.device) -> float:
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_native_output(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     # Each op's own allocations (frees are negative), in time order; the running sum's maximum
     # is the high-water mark of the call.
@@ -214,6 +221,33 @@ def peak_mib(fn: Callable[[], Any], device: torch.device) -> float:
         current += change
         peak = max(peak, current)
     return peak / 2**20
+
+
+@contextlib.contextmanager
+def quiet_native_output() -> Iterator[None]:
+    """Silence what native code prints while the block runs (the profiler's libraries print
+    ``USDT ... profiler_start`` / ``profiler_stop`` lines and allocator notes straight to the
+    process's stdout and stderr, past Python's ``sys.stdout``)."""
+    try:
+        libc = ctypes.CDLL(None)
+    except OSError:  # no C library to flush: leave the output alone
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    libc.fflush(None)
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in saved:
+            os.dup2(devnull, fd)
+        yield
+    finally:
+        libc.fflush(None)
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(devnull)
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -261,8 +295,18 @@ class _CoreWithLayerInput(torch.nn.Module):
         return self.attention(q, k, v, layer_input=layer_input)
 
 
-def measure(cell: EfficiencyCell, *, warmup: int, repeats: int, timer: str = "auto") -> dict[str, Any]:
-    """Measure one cell and return its metrics."""
+@dataclass
+class _Prepared:
+    """A cell ready to time: its two calls (forward; forward+backward) on fixed inputs."""
+
+    forward: Callable[[], None]
+    forward_backward: Callable[[], None]
+    leaves: list[torch.Tensor]
+    parameters: list[torch.nn.Parameter]
+
+
+def prepare(cell: EfficiencyCell) -> _Prepared:
+    """Build a cell's module and inputs (seeded) and the two calls that are timed."""
     device = torch.device(cell.device)
     dtype = getattr(torch, cell.dtype)
     torch.manual_seed(0)
@@ -292,18 +336,111 @@ def measure(cell: EfficiencyCell, *, warmup: int, repeats: int, timer: str = "au
             tensor.grad = None
         call(*leaves).backward(grad_out)
 
-    forward_times = time_ms(forward, device, warmup=warmup, repeats=repeats, timer=timer)
-    backward_times = time_ms(forward_backward, device, warmup=warmup, repeats=repeats, timer=timer,
-                             grad_to_none=[*leaves, *parameters])
-    return {
-        "forward_ms": statistics.median(forward_times),
-        "forward_backward_ms": statistics.median(backward_times),
-        "forward_peak_mib": peak_mib(forward, device),
-        "forward_backward_peak_mib": peak_mib(forward_backward, device),
-        "parameters": sum(p.numel() for p in parameters),
-        "forward_ms_repeats": forward_times,
-        "forward_backward_ms_repeats": backward_times,
-    }
+    return _Prepared(forward, forward_backward, leaves, parameters)
+
+
+def spread(times: Sequence[float]) -> dict[str, float]:
+    """Median, minimum and interquartile range of repeated times."""
+    if len(times) > 1:
+        first, _, third = statistics.quantiles(times, n=4, method="inclusive")
+    else:
+        first = third = times[0]
+    return {"median": statistics.median(times), "min": min(times), "iqr": third - first}
+
+
+def _interleaved_times(
+    cells: Sequence[EfficiencyCell], prepared: dict[int, _Prepared], kind: str, *, warmup: int,
+    repeats: int, timer: str, failures: dict[int, BaseException],
+) -> dict[int, list[float]]:
+    """Times in ms of each prepared cell's ``kind`` call ("forward" or "forward_backward"), by
+    the cell's index in ``cells``.
+
+    On the CPU (and with CUDA events) the cells take turns, one call each per round, the
+    starting cell rotating: whatever the machine's load does during the run, it touches every
+    cell alike, so their ratios stay comparable. triton's ``do_bench`` times each cell in one go
+    (it repeats internally and flushes the L2 cache)."""
+    times: dict[int, list[float]] = {index: [] for index in prepared}
+    order = list(prepared)
+    device = torch.device(cells[order[0]].device) if order else torch.device("cpu")
+    per_call = device.type != "cuda" or gpu_timer(timer) != "do_bench"
+    rounds = warmup + repeats if per_call else 1
+    for round_index in range(rounds):
+        for offset in range(len(order)):
+            index = order[(round_index + offset) % len(order)]
+            if index in failures:
+                continue
+            calls = prepared[index]
+            try:
+                if not per_call:
+                    times[index] = do_bench_ms(getattr(calls, kind),
+                                               grad_to_none=[*calls.leaves, *calls.parameters])
+                    continue
+                measured = (cuda_event_ms(getattr(calls, kind), warmup=0, repeats=1)
+                            if device.type == "cuda"
+                            else median_ms(getattr(calls, kind), device, warmup=0, repeats=1))
+                if round_index >= warmup:
+                    times[index] += measured
+            except Exception as error:  # recorded, and the other cells go on
+                failures[index] = error
+    return times
+
+
+def _metrics(calls: _Prepared, device: torch.device, times: dict[str, list[float]]) -> dict[str, Any]:
+    metrics: dict[str, Any] = {}
+    for kind in ("forward", "forward_backward"):
+        summary = spread(times[kind])
+        metrics[f"{kind}_ms"] = summary["median"]
+        metrics[f"{kind}_ms_min"] = summary["min"]
+        metrics[f"{kind}_ms_iqr"] = summary["iqr"]
+        metrics[f"{kind}_peak_mib"] = peak_mib(getattr(calls, kind), device)
+        metrics[f"{kind}_ms_repeats"] = times[kind]
+    metrics["parameters"] = sum(p.numel() for p in calls.parameters)
+    return metrics
+
+
+def measure_group(
+    cells: Sequence[EfficiencyCell], *, warmup: int, repeats: int, timer: str = "auto"
+) -> list[dict[str, Any] | BaseException]:
+    """Measure cells side by side (interleaved; see :func:`_interleaved_times`): for each, its
+    metrics, or the exception that stopped it."""
+    failures: dict[int, BaseException] = {}
+    prepared: dict[int, _Prepared] = {}
+    for index, cell in enumerate(cells):
+        try:
+            prepared[index] = prepare(cell)
+        except Exception as error:
+            failures[index] = error
+    load_before = os.getloadavg()
+    times = {kind: _interleaved_times(cells, prepared, kind, warmup=warmup, repeats=repeats,
+                                      timer=timer, failures=failures)
+             for kind in ("forward", "forward_backward")}
+    load = {"before": list(load_before), "after": list(os.getloadavg())}
+    results: list[dict[str, Any] | BaseException] = []
+    for index, cell in enumerate(cells):
+        if index in failures:
+            results.append(failures[index])
+            continue
+        try:
+            metrics = _metrics(prepared[index], torch.device(cell.device),
+                               {kind: times[kind][index] for kind in times})
+        except Exception as error:
+            results.append(error)
+            continue
+        results.append({**metrics, "load_average": load})
+    return results
+
+
+def measure(cell: EfficiencyCell, *, warmup: int, repeats: int, timer: str = "auto") -> dict[str, Any]:
+    """Measure one cell alone and return its metrics."""
+    result = measure_group([cell], warmup=warmup, repeats=repeats, timer=timer)[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def _group_key(cell: EfficiencyCell) -> tuple[Any, ...]:
+    return (cell.pattern, cell.length, cell.batch, cell.heads, cell.head_dim, cell.dtype,
+            cell.device, cell.scope)
 
 
 def run_efficiency(
@@ -311,39 +448,52 @@ def run_efficiency(
     *,
     results_dir: Path,
     warmup: int = 2,
-    repeats: int = 5,
+    repeats: int = 7,
     timer: str = "auto",
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Measure every cell, write one record per cell to ``results_dir/efficiency/<run id>/``."""
+    """Measure every cell, write one record per cell to ``results_dir/efficiency/<run id>/``.
+
+    Cells of the same pattern, length and shape are measured together, interleaved."""
     run_id = time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    records = []
+    groups: dict[tuple[Any, ...], list[EfficiencyCell]] = {}  # insertion-ordered
     for cell in cells:
-        record: dict[str, Any] = {
-            "schema": SCHEMA,
-            "kind": "efficiency",
-            "run_id": run_id,
-            "cell": asdict(cell),
-            "settings": {"warmup": warmup, "repeats": repeats,
-                         "timer": gpu_timer(timer) if cell.device.startswith("cuda") else "perf_counter"},
-            "provenance": provenance(torch.device(cell.device)),
-        }
-        if cell.attention in FLA_KERNELS:
-            record["counterpart"] = FLA_KERNELS[cell.attention].counterpart
-        try:
-            record["metrics"] = measure(cell, warmup=warmup, repeats=repeats, timer=timer)
-            record["status"] = "ok"
-        except Exception as error:  # recorded, and the benchmark goes on
-            record["status"] = "oom" if is_out_of_memory(error) else "error"
-            record["error"] = f"{type(error).__name__}: {error}"[:2000]
-        finally:
-            if cell.device.startswith("cuda"):
-                torch.cuda.empty_cache()
-        write_record(results_dir / "efficiency" / run_id / f"{cell.key}.json", record)
-        records.append(record)
-        if on_result is not None:
-            on_result(record)
+        groups.setdefault(_group_key(cell), []).append(cell)
+    records = []
+    for group in groups.values():
+        results = measure_group(group, warmup=warmup, repeats=repeats, timer=timer)
+        if group[0].device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        for cell, result in zip(group, results):
+            record = _record(cell, result, run_id=run_id, warmup=warmup, repeats=repeats,
+                             timer=timer)
+            write_record(results_dir / "efficiency" / run_id / f"{cell.key}.json", record)
+            records.append(record)
+            if on_result is not None:
+                on_result(record)
     return records
+
+
+def _record(cell: EfficiencyCell, result: dict[str, Any] | BaseException, *, run_id: str,
+            warmup: int, repeats: int, timer: str) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "schema": SCHEMA,
+        "kind": "efficiency",
+        "run_id": run_id,
+        "cell": asdict(cell),
+        "settings": {"warmup": warmup, "repeats": repeats, "interleaved": True,
+                     "timer": gpu_timer(timer) if cell.device.startswith("cuda") else "perf_counter"},
+        "provenance": provenance(torch.device(cell.device)),
+    }
+    if cell.attention in FLA_KERNELS:
+        record["counterpart"] = FLA_KERNELS[cell.attention].counterpart
+    if isinstance(result, BaseException):
+        record["status"] = "oom" if is_out_of_memory(result) else "error"
+        record["error"] = f"{type(result).__name__}: {result}"[:2000]
+    else:
+        record["metrics"] = result
+        record["status"] = "ok"
+    return record
 
 
 def scaling_exponent(lengths: Sequence[int], times: Sequence[float]) -> float | None:
@@ -385,20 +535,21 @@ def default_cells(
     patterns: Sequence[str],
     lengths: Sequence[int],
     *,
-    attention_args: dict[str, dict[str, Any]] | None = None,
+    attention_args: dict[str, list[dict[str, Any]]] | None = None,
     **shape: Any,
 ) -> list[EfficiencyCell]:
-    """The cross product of mechanisms x patterns x lengths, skipping unsupported patterns."""
+    """The cross product of mechanisms (each variant of its hyperparameters in
+    ``attention_args``) x patterns x lengths, skipping unsupported patterns."""
     cells = []
     for name in attentions:
         spec = attention_spec(name)
         for pattern in patterns:
             if not spec.supports(pattern):
                 continue
-            for length in lengths:
+            for length, variant in itertools.product(lengths, (attention_args or {}).get(name) or [{}]):
                 cells.append(EfficiencyCell(
                     attention=name, pattern=Pattern.parse(pattern).value, length=length,
-                    attention_args=dict((attention_args or {}).get(name, {})), **shape,
+                    attention_args=dict(variant), **shape,
                 ))
     return cells
 

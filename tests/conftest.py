@@ -23,6 +23,20 @@ def scratch_registry():
     registry._REGISTRY.update(saved)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-validation", action="store_true",
+                     help="also run the tests marked validation (minutes on 2 CPU cores)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("run_validation"):
+        return
+    skip = pytest.mark.skip(reason="validation: minutes on 2 CPU cores; run with --run-validation")
+    for item in items:
+        if item.get_closest_marker("validation") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def scratch_tasks():
     """Lets a test register tasks; the task registry is restored afterwards."""

@@ -47,6 +47,9 @@ def test_lavo_with_a_global_mean_in_causal_mode_leaks(scratch_registry):
     class LeakyLAVO(LAVOAttention):
         """LAVO whose causal memory is the mean over the whole sequence."""
 
+        def _backend(self, q, key_padding_mask):
+            return "torch"  # the plain path, whose memory this class breaks
+
         def _memory(self, k, v, layer_input, dtype):
             memory = super()._memory(k, v, layer_input, dtype)
             coeffs = memory.key_coeffs.mean(1, keepdim=True).expand_as(memory.key_coeffs)
@@ -60,6 +63,9 @@ def test_lavo_with_a_global_mean_in_causal_mode_leaks(scratch_registry):
 def test_batch_mixing_is_caught(scratch_registry):
     class BatchMixer(LAVOAttention):
         """LAVO whose memory is shared across the batch (statistics over the batch)."""
+
+        def _backend(self, q, key_padding_mask):
+            return "torch"  # the plain path, whose memory this class breaks
 
         def _memory(self, k, v, layer_input, dtype):
             memory = super()._memory(k, v, layer_input, dtype)

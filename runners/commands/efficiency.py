@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,18 +31,19 @@ def _lengths(text: str) -> list[int]:
     return sorted(lengths)
 
 
-def _parse_per_attention_args(items: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """``["lavo:r=32,w=16", ...]`` -> {"lavo": {"r": 32, "w": 16}}, typed and checked."""
+def _parse_per_attention_args(items: Sequence[str]) -> dict[str, list[dict[str, Any]]]:
+    """``["lavo:r=32,w=16", "lavo:r=8"]`` -> {"lavo": [{"r": 32, "w": 16}, {"r": 8}]}, typed and
+    checked: a name given again is another variant of that mechanism."""
     from attention_zoo import AttentionConfigError, parse_attention_args
 
-    parsed: dict[str, dict[str, Any]] = {}
+    parsed: dict[str, list[dict[str, Any]]] = {}
     for item in items:
         name, sep, text = item.partition(":")
         if not sep:
             raise AttentionConfigError(
                 f"--attention-args takes NAME:key=value,..., got {item!r}"
             )
-        parsed[name] = parse_attention_args(name, text)
+        parsed.setdefault(name, []).append(parse_attention_args(name, text))
     return parsed
 
 
@@ -66,10 +68,10 @@ def _efficiency_cells(args: argparse.Namespace, device: str) -> list[Any]:
         if not supported:
             raise InputError(f"{name} supports none of the patterns {', '.join(patterns)} (it supports "
                              f"{', '.join(sorted(p.value for p in attention_spec(name).patterns))})")
-        for pattern in supported:
+        for pattern, variant in itertools.product(supported, hyperparameters.get(name) or [{}]):
             try:
                 build_attention(name, pattern=pattern, heads=args.heads, head_dim=args.head_dim,
-                                **hyperparameters.get(name, {}))
+                                **variant)
             except AttentionConfigError as error:
                 raise InputError(f"{name} at {args.heads} heads x {args.head_dim}, {pattern}: "
                                  f"{error}") from None
@@ -132,13 +134,16 @@ def command_efficiency(args: argparse.Namespace) -> int:
         f"batch {args.batch}, {args.heads} heads x {args.head_dim}, "
         f"{'whole MultiHeadAttention layer' if args.layer else 'attention core'}, "
         + ("triton do_bench (median)" if timer == "do_bench"
-           else f"median of {args.repeats} after {args.warmup} warm-up ({timer})")
+           else f"median of {args.repeats} after {args.warmup} warm-up, interleaved ({timer})")
     )
 
     def progress(record: dict[str, Any]) -> None:
         cell, status = record["cell"], record["status"]
-        detail = (f"{record['metrics']['forward_ms']:.2f} / "
-                  f"{record['metrics']['forward_backward_ms']:.2f} ms"
+        m = record.get("metrics", {})
+        detail = (f"{m['forward_ms']:.2f} / {m['forward_backward_ms']:.2f} ms (median; min "
+                  f"{m['forward_ms_min']:.2f} / {m['forward_backward_ms_min']:.2f}, IQR "
+                  f"{m['forward_ms_iqr']:.2f} / {m['forward_backward_ms_iqr']:.2f}; load "
+                  f"{m['load_average']['before'][0]:.1f}->{m['load_average']['after'][0]:.1f})"
                   if status == "ok" else record.get("error", "")[:80])
         console.print(f"  {cell['attention']:>10} {cell['pattern']:>15} L={cell['length']:<6} "
                       f"{status:>5} {detail}")
@@ -166,7 +171,8 @@ def summary_table(records: list[dict[str, Any]], lengths: Sequence[int]) -> Tabl
         layer = " [layer]" if cell.get("scope") == "layer" else ""
         label = attention_label(cell["attention"], cell["attention_args"]) + layer
         grouped[(label, cell["attention"] + layer, cell["pattern"])][cell["length"]] = record
-    table = Table(title="forward / forward+backward: ms (peak MiB of forward+backward)")
+    table = Table(title="forward / forward+backward: median ms, ± the IQR of forward+backward "
+                        "(peak MiB of forward+backward)")
     for column in ("attention", "pattern", *(f"L={n}" for n in lengths), "k", "eff. length"):
         table.add_column(column, justify="right")
     for (label, name, pattern), by_length in sorted(grouped.items()):
@@ -181,6 +187,7 @@ def summary_table(records: list[dict[str, Any]], lengths: Sequence[int]) -> Tabl
             else:
                 m = record["metrics"]
                 cells.append(f"{m['forward_ms']:.2f} / {m['forward_backward_ms']:.2f} "
+                             f"±{m.get('forward_backward_ms_iqr', 0):.2f} "
                              f"({m['forward_backward_peak_mib']:.0f})")
                 measured_lengths.append(n)
                 times.append(m["forward_backward_ms"])
@@ -207,7 +214,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "efficiency", help="time and peak memory of each mechanism versus sequence length")
     efficiency.add_argument("--attention", help="comma-separated names (default: all registered)")
     efficiency.add_argument("--attention-args", action="append", default=[],
-                            metavar="NAME:K=V,...", help="hyperparameters, e.g. lavo:r=32,w=16")
+                            metavar="NAME:K=V,...",
+                            help="hyperparameters, e.g. lavo:r=32,w=16; the same NAME again adds "
+                                 "a variant, measured beside the first")
     efficiency.add_argument("--preset", default="default",
                             help="default: batch 1, 8 x 64, 256..4096, self patterns; cab: CAB's "
                                  "setting, batch 4, d 512 in 8 heads, 256..8192, every pattern. "
@@ -228,7 +237,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     efficiency.add_argument("--dtype", default="float32")
     efficiency.add_argument("--device", default="auto", help="cpu, cuda[:N] or auto")
     efficiency.add_argument("--warmup", type=integer(0), default=2)
-    efficiency.add_argument("--repeats", type=integer(1), default=5)
+    efficiency.add_argument("--repeats", type=integer(1), default=7)
     efficiency.add_argument("--threads", type=integer(0, "0: torch's default"), default=0,
                             help="CPU threads (0: torch's)")
     efficiency.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS)

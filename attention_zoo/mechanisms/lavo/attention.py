@@ -6,10 +6,10 @@ context, a relative position bias inside the windows, and the two reads combined
 
 This is the plain PyTorch path. It keeps the causal global read factorised (``memory.py``), so
 that it only ever builds [B, L, H, r] tensors, never the [B, L, H, r, D] tensor of per-position
-memories. Self-attention with ``memory="kv"`` can instead run on the fused Triton kernels of
-``triton_kernels.py`` (``backend="triton"``; ``backend="auto"`` chooses them on CUDA when Triton
-is installed and the call is one they implement; the default is ``"torch"`` until the kernels
-are measured on a GPU).
+memories. The other backends (``backends.py``): causal self-attention with ``memory="kv"`` chunk
+by chunk (``chunked.py``), the plain path under ``torch.compile``, and the fused Triton kernels
+(``triton_kernels.py``, ``memory="kv"``); ``backend="auto"`` (the default) picks per device the
+fastest one verified there.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -34,6 +33,8 @@ from attention_zoo.base import (
     Pattern,
     masked_softmax,
 )
+from attention_zoo.mechanisms.lavo import backends
+from attention_zoo.mechanisms.lavo.chunked import lavo_causal_chunked
 from attention_zoo.mechanisms.lavo.memory import (
     OrthogonalMemory,
     global_read,
@@ -75,13 +76,12 @@ class LAVOConfig:
         default="average",
         metadata={"help": "average of global and local reads, or one joint softmax"},
     )
-    # The default stays "torch" until the Triton kernels have been run and measured on a GPU
-    # (they are verified only in Triton's CPU interpreter so far).
-    backend: Literal["auto", "torch", "triton"] = field(
-        default="torch",
-        metadata={"help": "torch; triton: the fused kernels (CUDA); auto: the Triton kernels on "
-                          "CUDA when importable and the call is theirs (self-attention, "
-                          "memory='kv', no padding mask, fixed bases), else PyTorch"},
+    backend: Literal["auto", "torch", "chunked", "compile", "triton"] = field(
+        default="auto",
+        metadata={"help": "auto: per device the fastest backend verified there (backends.py); "
+                          "torch: the plain path; chunked: causal self-attention chunk by chunk "
+                          "(memory='kv'); compile: the plain path under torch.compile; triton: "
+                          "fused kernels (memory='kv')"},
     )
 
 
@@ -218,7 +218,6 @@ class LAVOAttention(Attention):
         super().__init__(config, pattern=pattern, heads=heads, head_dim=head_dim,
                          input_dim=input_dim, source_dim=source_dim)
         self._check_config(config, pattern)
-        self._fallbacks_reported: set[str] = set()  # backend="auto" warns once per reason
         width = self.source_dim if config.memory == "input" else head_dim
         self.r = config.r if config.r is not None else min(64, width)
         self.w = config.w
@@ -276,13 +275,27 @@ class LAVOAttention(Attention):
         self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
         layer_input: LayerInput | None = None,
     ) -> Tensor:
-        if self._use_triton(q, key_padding_mask):
+        backend = self._backend(q, key_padding_mask)
+        if backend == "triton":
             from attention_zoo.mechanisms.lavo.triton_kernels import lavo_triton
 
             return lavo_triton(
                 q, k, v, bases=self.bases, position_bias=self.position_bias, w=self.w,
                 causal=self.pattern.causal, joint=self.config.combine == "joint",
             )
+        if backend == "chunked":
+            return lavo_causal_chunked(q, k, v, bases=self.bases, position_bias=self.position_bias,
+                                       w=self.w, joint=self.config.combine == "joint")
+        if backend == "compile":
+            return backends.compiled(LAVOAttention._attend_torch)(
+                self, q, k, v, key_padding_mask, layer_input)
+        return self._attend_torch(q, k, v, key_padding_mask, layer_input)
+
+    def _attend_torch(
+        self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
+        layer_input: LayerInput | None,
+    ) -> Tensor:
+        """The plain path: every pattern and memory, vectorised over the whole sequence."""
         acc = _accumulation_dtype(q.dtype)
         memory = self._memory(k, v, layer_input, acc)
         valid = None if key_padding_mask is None else ~key_padding_mask
@@ -354,22 +367,18 @@ class LAVOAttention(Attention):
             return f"dtype {q.dtype} (supported: float32, float16, bfloat16)"
         return triton_unavailable(q.device)
 
-    def _use_triton(self, q: Tensor, key_padding_mask: Tensor | None) -> bool:
-        backend = self.config.backend
-        if backend == "torch":
-            return False
-        reason = self.triton_unsupported(q, key_padding_mask)
-        if backend == "auto":
-            if q.is_cuda and reason is not None and reason not in self._fallbacks_reported:
-                self._fallbacks_reported.add(reason)
-                warnings.warn(f"lavo: backend='auto' runs the PyTorch path: {reason}", stacklevel=3)
-            return q.is_cuda and reason is None
-        if reason is not None:
-            raise ValueError(
-                f"lavo: backend='triton' cannot run this call: {reason}; "
-                f"use backend='auto' (falls back to PyTorch) or backend='torch'"
-            )
-        return True
+    def _backend(self, q: Tensor, key_padding_mask: Tensor | None) -> str:
+        """The backend that runs this call (``backends.choose``)."""
+        if self.config.backend == "torch":
+            return "torch"
+        reasons = {
+            "triton": self.triton_unsupported(q, key_padding_mask),
+            "chunked": backends.chunked_unsupported(
+                causal=self.pattern.causal, cross=self.pattern.cross,
+                masked=key_padding_mask is not None, empty=q.shape[1] == 0,
+                memory=self.config.memory),
+        }
+        return backends.choose(self.config.backend, q.device, reasons)
 
     def init_state(
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype

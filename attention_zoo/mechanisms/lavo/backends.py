@@ -1,0 +1,82 @@
+"""Which implementation of LAVO runs a call: the backends and the ``auto`` policy.
+
+- ``torch``: the plain PyTorch path, vectorised over the whole sequence (every pattern, padding
+  masks, decoding's parallel twin).
+- ``chunked``: causal self-attention chunk by chunk with a hand-written backward
+  (``chunked.py``); linear in time and memory in practice on a CPU, not only on paper.
+- ``compile``: the plain path under ``torch.compile`` (inductor), with dynamic lengths.
+- ``triton``: the fused kernels of ``triton_kernels.py`` (CUDA; CPU only in Triton's interpreter).
+- ``auto``: per device, the fastest backend *verified there* that supports the call
+  (:data:`VERIFIED`), falling back to ``torch``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+
+Backend = Literal["auto", "torch", "chunked", "compile", "triton"]
+BACKENDS: tuple[str, ...] = ("auto", "torch", "chunked", "compile", "triton")
+
+VERIFIED: dict[str, tuple[str, ...]] = {
+    # Measured on the 2-core CPU machine (docs/efficiency.md): the chunked pass is the fastest
+    # there for causal self-attention; the plain path for everything else.
+    "cpu": ("chunked", "torch"),
+    # No GPU has run this project's tests yet: the plain path is the only backend whose
+    # operations are all stock PyTorch. `tox -e gpu` verifies the others; promote them here
+    # once it has passed on a GPU.
+    "cuda": ("torch",),
+}
+"""Per device type, the backends ``auto`` may choose, fastest first."""
+
+
+def chunked_unsupported(*, causal: bool, cross: bool, masked: bool, empty: bool,
+                        memory: str = "kv") -> str | None:
+    """Why the chunked pass cannot run a call, or None when it can."""
+    if memory != "kv":
+        return f"memory={memory!r} (the chunked pass implements memory='kv')"
+    if cross:
+        return "cross attention"
+    if not causal:
+        return "non-causal attention (the chunked pass carries causal running sums)"
+    if masked:
+        return "a key_padding_mask"
+    if empty:
+        return "an empty sequence"
+    return None
+
+
+def choose(requested: str, device: torch.device, reasons: dict[str, str | None]) -> str:
+    """The backend that runs a call.
+
+    Args:
+        requested: the configured backend (one of :data:`BACKENDS`).
+        device: the device of the call's tensors.
+        reasons: for each backend with limits, why it cannot run this call (None: it can).
+
+    Raises:
+        ValueError: an explicitly requested backend cannot run the call (the message says why).
+    """
+    if requested == "auto":
+        for backend in VERIFIED.get(device.type, ("torch",)):
+            if reasons.get(backend) is None:
+                return backend
+        return "torch"
+    reason = reasons.get(requested)
+    if reason is not None:
+        raise ValueError(
+            f"lavo: backend={requested!r} cannot run this call: {reason}; "
+            f"use backend='auto' (falls back to PyTorch) or backend='torch'"
+        )
+    return requested
+
+
+@functools.cache
+def compiled(function: Callable) -> Callable:
+    """``torch.compile`` of ``function``, once per function, with the sequence length dynamic
+    (one graph serves every length; lengths that are and are not a multiple of the window take
+    two)."""
+    return torch.compile(function, dynamic=True)

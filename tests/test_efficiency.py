@@ -1,0 +1,94 @@
+"""The efficiency benchmark's measurement: interleaving, spread, load, a quiet profiler."""
+
+from __future__ import annotations
+
+import json
+
+from runners import efficiency
+from runners.cli import main
+from runners.efficiency import EfficiencyCell, measure_group, spread
+
+
+def test_spread_reports_median_minimum_and_interquartile_range():
+    assert spread([5.0, 1.0, 3.0, 2.0, 4.0]) == {"median": 3.0, "min": 1.0, "iqr": 2.0}
+    assert spread([7.0]) == {"median": 7.0, "min": 7.0, "iqr": 0.0}
+
+
+def test_cells_of_one_group_take_turns_call_by_call(monkeypatch):
+    calls: list[tuple[str, str]] = []
+
+    def fake_prepare(cell):
+        def record(kind):
+            return lambda: calls.append((cell.attention, kind))
+        return efficiency._Prepared(record("forward"), record("forward_backward"), [], [])
+
+    monkeypatch.setattr(efficiency, "prepare", fake_prepare)
+    monkeypatch.setattr(efficiency, "peak_mib", lambda fn, device: 0.0)
+    cells = [EfficiencyCell(attention=name, pattern="causal_self", length=8)
+             for name in ("a", "b", "c")]
+    results = measure_group(cells, warmup=1, repeats=3)
+    forward = [name for name, kind in calls if kind == "forward"]
+    # Four rounds (1 warm-up + 3 timed), each cell once per round, the first cell rotating.
+    assert forward == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert [name for name, kind in calls if kind == "forward_backward"] == forward
+    for result in results:
+        assert len(result["forward_ms_repeats"]) == 3
+        assert result["forward_ms_min"] <= result["forward_ms"]
+        assert len(result["load_average"]["before"]) == 3
+
+
+def test_a_failing_cell_is_recorded_and_the_others_go_on(monkeypatch):
+    def fake_prepare(cell):
+        def call():
+            if cell.attention == "broken":
+                raise RuntimeError("boom")
+        return efficiency._Prepared(call, call, [], [])
+
+    monkeypatch.setattr(efficiency, "prepare", fake_prepare)
+    monkeypatch.setattr(efficiency, "peak_mib", lambda fn, device: 0.0)
+    cells = [EfficiencyCell(attention=name, pattern="causal_self", length=8)
+             for name in ("broken", "fine")]
+    broken, fine = measure_group(cells, warmup=0, repeats=2)
+    assert isinstance(broken, RuntimeError)
+    assert len(fine["forward_backward_ms_repeats"]) == 2
+
+
+def test_records_carry_spread_and_load_and_the_profiler_stays_quiet(tmp_path, capfd):
+    code = main(["efficiency", "--attention", "lavo,softmax", "--patterns", "causal_self",
+                 "--lengths", "16", "--heads", "2", "--head-dim", "8", "--repeats", "3",
+                 "--warmup", "1", "--device", "cpu", "--results-dir", str(tmp_path)])
+    assert code == 0
+    records = [json.loads(p.read_text()) for p in tmp_path.rglob("*.json")]
+    assert {r["cell"]["attention"] for r in records} == {"lavo", "softmax"}
+    for record in records:
+        metrics = record["metrics"]
+        assert metrics["forward_backward_ms_min"] <= metrics["forward_backward_ms"]
+        assert metrics["forward_backward_ms_iqr"] >= 0
+        assert record["settings"]["interleaved"] is True
+        assert len(metrics["load_average"]["after"]) == 3
+    output = capfd.readouterr()
+    assert "USDT" not in output.out and "profiler_start" not in output.err
+
+
+def test_gpu_suite_commands_parse_and_it_refuses_to_start_without_cuda(tmp_path, monkeypatch, capsys):
+    from runners import gpu_suite
+    from runners.cli import build_parser
+
+    parsed = build_parser().parse_args(gpu_suite._efficiency_arguments(tmp_path, gpu_suite.SUITE_LENGTHS))
+    assert parsed.attention == "lavo,sdpa" and parsed.lengths[-1] == 131072 and parsed.compare_fla
+    assert parsed.attention_args == [f"lavo:{v}" for v in gpu_suite.LAVO_VARIANTS]
+    assert "lavo:memory=kv,backend=triton" in parsed.attention_args
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert gpu_suite.main(["--out", str(tmp_path / "figures.md")]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "figures.md").exists()
+
+
+def test_variants_of_one_mechanism_are_measured_side_by_side(tmp_path):
+    code = main(["efficiency", "--attention", "lavo", "--attention-args", "lavo:memory=kv,backend=torch",
+                 "--attention-args", "lavo:memory=kv,backend=chunked", "--patterns", "causal_self",
+                 "--lengths", "16", "--heads", "2", "--head-dim", "8", "--repeats", "1",
+                 "--warmup", "0", "--device", "cpu", "--results-dir", str(tmp_path)])
+    assert code == 0
+    records = [json.loads(p.read_text()) for p in tmp_path.rglob("*.json")]
+    assert sorted(r["cell"]["attention_args"]["backend"] for r in records) == ["chunked", "torch"]
