@@ -60,16 +60,19 @@ def random_inputs(
 
 def layer_projections(
     input_dim: int, source_dim: int, *, heads: int = HEADS, head_dim: int = HEAD_DIM,
-    dtype: torch.dtype = torch.float64, seed: int = 2,
+    dtype: torch.dtype = torch.float64, seed: int = 2, device: torch.device | str = "cpu",
 ) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
-    """Seeded q, k, v projections (input_dim -> H*D, source_dim -> H*D) with nonzero biases."""
+    """Seeded q, k, v projections (input_dim -> H*D, source_dim -> H*D) with nonzero biases, on
+    ``device`` (drawn on the CPU, so equal seeds give equal weights on every device)."""
     generator = torch.Generator().manual_seed(seed)
     projections = []
     for width in (input_dim, source_dim, source_dim):
-        linear = nn.Linear(width, heads * head_dim, dtype=dtype)
+        linear = nn.Linear(width, heads * head_dim, dtype=dtype, device=device)
         with torch.no_grad():
-            linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator) / width**0.5)
-            linear.bias.copy_(torch.randn(linear.bias.shape, generator=generator) * 0.5)
+            weight = torch.randn(linear.weight.shape, generator=generator, device="cpu")
+            bias = torch.randn(linear.bias.shape, generator=generator, device="cpu")
+            linear.weight.copy_(weight / width**0.5)
+            linear.bias.copy_(bias * 0.5)
         projections.append(linear)
     q_proj, k_proj, v_proj = projections
     return q_proj, k_proj, v_proj
@@ -126,7 +129,7 @@ def _through_layer(attention: Attention, q: Tensor, k: Tensor) -> tuple[Tensor, 
     query = q.flatten(2)  # [B, Lq, H*D]
     source = k.flatten(2) if attention.pattern.cross else query
     projections = layer_projections(query.shape[-1], source.shape[-1], heads=attention.heads,
-                                    head_dim=attention.head_dim, dtype=q.dtype)
+                                    head_dim=attention.head_dim, dtype=q.dtype, device=q.device)
     return project(query, source, projections, heads=attention.heads)
 
 

@@ -491,7 +491,10 @@ def _record(cell: EfficiencyCell, result: dict[str, Any] | BaseException, *, run
         record["status"] = "oom" if is_out_of_memory(result) else "error"
         record["error"] = f"{type(result).__name__}: {result}"[:2000]
     else:
-        record["metrics"] = result
+        metrics = dict(result)
+        # The machine's load around the measurement: a record field, not a metric.
+        record["load_average"] = metrics.pop("load_average", None)
+        record["metrics"] = metrics
         record["status"] = "ok"
     return record
 

@@ -48,7 +48,7 @@ IN_PROCESS = sorted(set(TASK_SMOKE) - CHILD_PROCESS_TASKS)
 @pytest.mark.validation
 @pytest.mark.parametrize("task", IN_PROCESS)
 def test_task_smoke_under_bf16_autocast(task, tmp_path):
-    from tasks.base import list_tasks
+    from tasks.registry import list_tasks
 
     if task not in list_tasks():
         pytest.skip(f"task {task} is not installed")

@@ -139,11 +139,11 @@ def command_efficiency(args: argparse.Namespace) -> int:
 
     def progress(record: dict[str, Any]) -> None:
         cell, status = record["cell"], record["status"]
-        m = record.get("metrics", {})
+        m, load = record.get("metrics", {}), record.get("load_average") or {}
         detail = (f"{m['forward_ms']:.2f} / {m['forward_backward_ms']:.2f} ms (median; min "
                   f"{m['forward_ms_min']:.2f} / {m['forward_backward_ms_min']:.2f}, IQR "
                   f"{m['forward_ms_iqr']:.2f} / {m['forward_backward_ms_iqr']:.2f}; load "
-                  f"{m['load_average']['before'][0]:.1f}->{m['load_average']['after'][0]:.1f})"
+                  f"{load['before'][0]:.1f}->{load['after'][0]:.1f})"
                   if status == "ok" else record.get("error", "")[:80])
         console.print(f"  {cell['attention']:>10} {cell['pattern']:>15} L={cell['length']:<6} "
                       f"{status:>5} {detail}")

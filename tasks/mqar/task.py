@@ -51,6 +51,7 @@ class MQARConfig:
         "help": "position embeddings: none (Zoology's reference configs) or learned"})
     dropout: float = field(default=0.0, metadata={"help": "embedding dropout", "min": 0.0})
     steps: int = field(default=1200, metadata={"help": "optimiser steps", "min": 1})
+    threads: int = field(default=0, metadata={"help": "CPU threads (0: the runner's)", "min": 0})
     batch_size: int = field(default=32, metadata={"help": "training batch size", "min": 1})
     lr: float = field(default=3e-3, metadata={"help": "AdamW peak learning rate, cosine to 0",
                                              "min": 0.0})
