@@ -1,4 +1,4 @@
-"""Each baseline approximates, or equals, what it claims (issue 3's "Checks").
+"""Each baseline approximates, or equals, what it claims.
 
 - linear, cosformer, performer, lln: the linear-time forms (chunked causal prefix sums with a
   prefix-only stabiliser, non-causal sums, token-by-token decoding) equal their quadratic
