@@ -11,7 +11,12 @@ import torch
 from torch import Tensor, nn
 
 from attention_zoo.base import Attention, AttentionConfigError, Complexity, Pattern, masked_softmax
-from attention_zoo.mechanisms.gated_recurrence import BACKEND_METADATA, Backend, fla_unavailable
+from attention_zoo.mechanisms.gated_recurrence import (
+    BACKEND_METADATA,
+    Backend,
+    choose_fla,
+    fla_unavailable,
+)
 from attention_zoo.mechanisms.kernelized import RunningSums, kernelized_attention
 from attention_zoo.mechanisms.local import window_blocks, windowed_logits, windowed_read
 from attention_zoo.registry import register_attention
@@ -133,12 +138,7 @@ class BasedAttention(Attention):
             reason = f"fla's Based kernel takes feature_dim <= {FLA_FEATURE_LIMIT}"
         if reason is None and q.dtype == torch.float64:
             reason = "fla's kernels take float32, float16 or bfloat16, not float64"
-        if backend == "auto":
-            return reason is None
-        if reason is not None:
-            raise ValueError(f"based: backend='fla' cannot run this call: {reason}; "
-                             "use backend='auto' (falls back to PyTorch) or backend='torch'")
-        return True
+        return choose_fla("based", backend, reason)
 
     def init_state(
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype

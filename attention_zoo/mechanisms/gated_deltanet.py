@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,28 +12,14 @@ from torch import Tensor, nn
 
 from attention_zoo.base import Complexity
 from attention_zoo.mechanisms.deltanet import delta_features
-from attention_zoo.mechanisms.gated_recurrence import (
-    BACKEND_METADATA,
-    CHUNK_METADATA,
-    Backend,
-    GatedRecurrentAttention,
-    Recurrence,
-)
-from attention_zoo.mechanisms.mamba2 import log_decay_rates, step_size_parameters
+from attention_zoo.mechanisms.gated_recurrence import GatedRecurrentAttention, Recurrence
+from attention_zoo.mechanisms.mamba2 import Mamba2Config, log_decay_rates, step_size_parameters
 from attention_zoo.registry import register_attention
 
 
 @dataclass(frozen=True)
-class GatedDeltaNetConfig:
-    """Hyperparameters of Gated DeltaNet (the decay's initialisation as in Mamba-2)."""
-
-    dt_min: float = field(default=0.001, metadata={"help": "smallest initial step size", "min": 0.0})
-    dt_max: float = field(default=0.1, metadata={"help": "largest initial step size", "min": 0.0})
-    a_max: float = field(
-        default=16.0, metadata={"help": "decay rate a_h initialised uniform in [1, a_max]",
-                                "min": 1.0})
-    chunk_size: int = field(default=64, metadata=CHUNK_METADATA)
-    backend: Backend = field(default="auto", metadata=BACKEND_METADATA)
+class GatedDeltaNetConfig(Mamba2Config):
+    """Hyperparameters of Gated DeltaNet: its decay is Mamba-2's, with Mamba-2's initialisation."""
 
 
 @register_attention("gated_deltanet")

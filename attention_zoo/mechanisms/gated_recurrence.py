@@ -265,6 +265,17 @@ def fla_recurrence(terms: Recurrence) -> Tensor:
     return out.to(v.dtype)
 
 
+def choose_fla(name: str, backend: str, reason: str | None) -> bool:
+    """Whether a call of ``backend`` ``"auto"`` or ``"fla"`` runs fla's kernel, given ``reason``,
+    why fla cannot take this call (None: it can): ``auto`` falls back to PyTorch, ``fla`` raises."""
+    if backend == "auto":
+        return reason is None
+    if reason is not None:
+        raise ValueError(f"{name}: backend='fla' cannot run this call: {reason}; "
+                         "use backend='auto' (falls back to PyTorch) or backend='torch'")
+    return True
+
+
 class GatedRecurrentAttention(Attention):
     """Base of the mechanisms that are one gated recurrence (causal self attention, decoding).
 
@@ -322,12 +333,7 @@ class GatedRecurrentAttention(Attention):
         reason = fla_unavailable(q.device)
         if reason is None and q.dtype == torch.float64:
             reason = "fla's kernels take float32, float16 or bfloat16, not float64"
-        if backend == "auto":
-            return reason is None
-        if reason is not None:
-            raise ValueError(f"{self.name}: backend='fla' cannot run this call: {reason}; "
-                             "use backend='auto' (falls back to PyTorch) or backend='torch'")
-        return True
+        return choose_fla(self.name, backend, reason)
 
     def init_state(
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype
