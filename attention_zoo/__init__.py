@@ -18,7 +18,7 @@ from attention_zoo.base import (
     allowed_keys,
     masked_softmax,
 )
-from attention_zoo.layer import MultiHeadAttention
+from attention_zoo.layer import MultiHeadAttention, backbone_modules, weight_decay_groups
 from attention_zoo.registry import (
     ENTRY_POINT_GROUP,
     attention_spec,
@@ -41,10 +41,12 @@ __all__ = [
     "Pattern",
     "allowed_keys",
     "attention_spec",
+    "backbone_modules",
     "build_attention",
     "list_attentions",
     "masked_softmax",
     "parse_attention_args",
     "register_attention",
     "reload_entry_points",
+    "weight_decay_groups",
 ]

@@ -122,3 +122,32 @@ def _same_tensor(a: Tensor, b: Tensor) -> bool:
     """Whether a and b are the same tensor, or views of the same data with the same layout."""
     return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape
                       and a.stride() == b.stride() and a.dtype == b.dtype)
+
+
+def backbone_modules(model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` outside every zoo mechanism: what a backbone's own
+    initialisation scheme may re-initialise.
+
+    A mechanism initialises its own parameters (Mamba-2's step-size bias, which sets the decay
+    rates it starts from; LAVO's bases; GLA's gate): a backbone that re-initialises every
+    ``nn.Linear`` of the model (GPT-2's normal(0, 0.02) weights and zero biases) would reset
+    them to values the mechanism's authors never start from. The attention layer's projections
+    (``MultiHeadAttention``'s q/k/v/out) belong to the backbone and are included.
+    """
+    inside = {id(m) for attention in model.modules() if isinstance(attention, Attention)
+              for m in attention.modules()}
+    return [m for m in model.modules() if id(m) not in inside]
+
+
+def weight_decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: weight decay on matrices (2 or more dimensions), none on biases,
+    norm gains and the per-head scalars of the mechanisms (decay rates, step-size biases, skips).
+
+    The convention of GPT-2's successors (nanoGPT) and of Mamba's code (no weight decay on
+    ``A_log``, ``D`` and ``dt_bias``): decay pulls a vector parameter towards zero, which for a
+    step-size bias or a log decay rate is a change of what the mechanism models, not a penalty
+    on its capacity.
+    """
+    trained = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in trained if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0}]

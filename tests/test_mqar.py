@@ -4,11 +4,13 @@ naming the limit, the model is causal, and a tiny run trains and reports its met
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
-from attention_zoo import AttentionConfigError
+from attention_zoo import AttentionConfigError, backbone_modules, weight_decay_groups
 from runners.execute import execute
 from tasks.base import AttentionChoice
 from tasks.mqar.data import (
@@ -19,7 +21,7 @@ from tasks.mqar.data import (
     query_slot_weights,
 )
 from tasks.mqar.model import RecallModel, RecallModelShape
-from tasks.mqar.task import MQARConfig, MQARTask
+from tasks.mqar.task import MQARConfig, MQARTask, RecallData
 from tasks.registry import get_task
 
 V = 64
@@ -171,10 +173,70 @@ def test_a_tiny_run_trains_and_reports_every_slice(tmp_path):
         "batch_size": "16", "lr": "0.01"})
     result = execute(MQARTask, config, AttentionChoice("softmax"), seed=0, device="cpu",
                      workdir=tmp_path)
-    assert set(result.metrics) == {"accuracy", "accuracy_L32-kv4"}
+    assert set(result.metrics) == {"accuracy", "validation_accuracy", "accuracy_L32-kv4"}
     assert all(0.0 <= value <= 1.0 for value in result.metrics.values())
     losses = result.extra["train_loss"]
     assert np.mean(losses[-5:]) < np.mean(losses[:5])
     assert result.parameters > result.attention_parameters == 0
     assert result.train_seconds > 0 and result.eval_seconds > 0
     assert not any(tmp_path.iterdir())  # nothing written but what a run keeps
+
+
+@pytest.mark.parametrize("name", ["mamba2", "gated_deltanet", "gla", "lavo"])
+def test_the_backbone_keeps_each_mechanisms_own_initialisation(name):
+    """GPT-2's init of the backbone must not reset a mechanism's parameters: with it, Mamba-2's
+    step-size bias was zeroed (every decay started near exp(-0.69 a)) and the gated recurrences
+    sat at chance on MQAR. The diagnostic switch still reproduces the old behaviour."""
+    shape = RecallModelShape(vocab_size=32, max_len=16, d_model=16, heads=2, mlp_ratio=0)
+    torch.manual_seed(0)
+    model = RecallModel(shape, AttentionChoice(name))
+    layer = model.blocks[0].attention
+    before = {k: v.clone() for k, v in layer.attention.state_dict().items()}
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+        for module in backbone_modules(model):
+            RecallModel._init_weights(module)
+    for key, value in layer.attention.state_dict().items():
+        torch.testing.assert_close(value, before[key] + (1.0 if value.is_floating_point()
+                                   and key in dict(layer.attention.named_parameters()) else 0.0),
+                                   rtol=0, atol=1e-6, msg=key)
+    assert float(layer.q_proj.weight.abs().max()) < 0.2  # the projections are the backbone's
+    torch.manual_seed(0)
+    reset = RecallModel(dataclasses.replace(shape, reinit_attention=True), AttentionChoice(name))
+    biases = [p for n, p in reset.blocks[0].attention.attention.named_parameters()
+              if n.endswith("step_size.bias")]
+    assert all(float(b.abs().max()) == 0.0 for b in biases)
+
+
+def test_mamba2_starts_from_its_step_size_range():
+    """dt = softplus(bias) lies in Mamba's [dt_min, dt_max] = [0.001, 0.1] at initialisation."""
+    torch.manual_seed(0)
+    model = RecallModel(RecallModelShape(vocab_size=32, max_len=16, d_model=16, heads=2,
+                                         mlp_ratio=0), AttentionChoice("mamba2"))
+    dt = torch.nn.functional.softplus(model.blocks[0].attention.attention.step_size.bias)
+    assert float(dt.min()) >= 0.001 - 1e-7 and float(dt.max()) <= 0.1 + 1e-7
+
+
+def test_weight_decay_spares_vectors():
+    """Matrices decay; biases, norm gains and per-head scalars (Mamba-2's log a, D) do not."""
+    model = RecallModel(RecallModelShape(vocab_size=32, max_len=16, d_model=16, heads=2,
+                                         mlp_ratio=0), AttentionChoice("mamba2"))
+    decayed, spared = weight_decay_groups(model, 0.1)
+    assert decayed["weight_decay"] == 0.1 and spared["weight_decay"] == 0.0
+    core = model.blocks[0].attention.attention
+    spared_ids = {id(p) for p in spared["params"]}
+    assert {id(core.log_a), id(core.skip), id(core.step_size.bias)} <= spared_ids
+    assert id(core.step_size.weight) in {id(p) for p in decayed["params"]}
+    assert len(decayed["params"]) + len(spared["params"]) == len(list(model.parameters()))
+
+
+def test_validation_is_its_own_stream_and_leaves_the_other_splits_alone():
+    config = MQARTask.make_config({"vocab_size": "32", "seq_len": "16", "kv_pairs": "2",
+                                   "heldout": "32:4", "train_examples": "64",
+                                   "test_examples": "20", "validation_examples": "20"})
+    data = RecallData.generate(config, seed=3)
+    assert not torch.equal(data.validation.inputs, data.test.inputs)
+    again = RecallData.generate(dataclasses.replace(config, validation_examples=10), seed=3)
+    assert torch.equal(again.test.inputs, data.test.inputs)
+    assert torch.equal(again.heldout[0].inputs, data.heldout[0].inputs)

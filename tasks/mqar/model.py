@@ -1,14 +1,16 @@
 """The small causal language model of Zoology's MQAR experiments, with a zoo attention in every
 layer.
 
-Token embeddings plus learned absolute position embeddings, ``layers`` pre-norm blocks
-(LayerNorm, causal self attention, residual; LayerNorm, MLP, residual), a final LayerNorm, and
+Token embeddings (plus learned absolute positions when asked), ``layers`` pre-norm blocks
+(Zoology's short gated convolution, causal self attention and an optional MLP, each with
+LayerNorm and a residual), a final LayerNorm, and
 an output head tied to the token embeddings. Initialisation follows Zoology's GPT-2 scheme:
 normal(0, 0.02) weights, zero biases, and the residual output projections scaled by
-``1 / sqrt(2 * layers)``.
+``1 / sqrt(2 * layers)``, on the backbone's modules only: each mechanism keeps its own
+initialisation (as Zoology's and fla's models keep Mamba's ``dt_bias``, marked ``_no_reinit``).
 
-Unlike Zoology, where the recurrent and convolutional mixers get no position embeddings, every
-mechanism here runs in the same backbone (the benchmark's rule: only the attention differs).
+Unlike Zoology, where each sequence mixer brings its own wrapper, every mechanism here runs in
+the same backbone (the benchmark's rule: only the attention differs).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from attention_zoo import MultiHeadAttention, Pattern
+from attention_zoo import MultiHeadAttention, Pattern, backbone_modules
 from tasks.base import AttentionChoice
 
 ROLE = "causal_self"
@@ -43,6 +45,9 @@ class RecallModelShape:
         positions: ``"none"`` (the convolution and the causal mask carry order, as in Zoology's
             reference configs) or ``"learned"`` absolute position embeddings (its Figure 2
             attention models).
+        reinit_attention: a diagnostic: apply the GPT-2 initialisation to the mechanisms' own
+            parameters too, as this model did before (it zeroes Mamba-2's step-size bias, so
+            every decay starts near exp(-0.69 a)); off, each mechanism keeps its own.
     """
 
     vocab_size: int
@@ -54,6 +59,7 @@ class RecallModelShape:
     dropout: float = 0.0
     conv_kernel: int = 3
     positions: Literal["none", "learned"] = "none"
+    reinit_attention: bool = False
 
 
 class ShortConvolution(nn.Module):
@@ -114,7 +120,8 @@ class RecallModel(nn.Module):
         self.dropout = nn.Dropout(shape.dropout)
         self.blocks = nn.ModuleList(RecallBlock(shape, choice) for _ in range(shape.layers))
         self.final_norm = nn.LayerNorm(shape.d_model)
-        self.apply(self._init_weights)
+        for module in self.modules() if shape.reinit_attention else backbone_modules(self):
+            self._init_weights(module)
         residual_std = 0.02 / math.sqrt(2 * shape.layers)
         for block in self.blocks:
             nn.init.normal_(block.attention.out_proj.weight, std=residual_std)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attention_zoo import AttentionConfigError
+from attention_zoo import AttentionConfigError, weight_decay_groups
 from tasks.base import AttentionChoice, Metric, RunContext, Task, split_heads
 from tasks.mqar.data import IGNORE, RecallExamples, RecallSlice, generate, parse_slices
 from tasks.mqar.metrics import recall_accuracy
@@ -39,6 +39,9 @@ class MQARConfig:
                 "(its Figure 2)"})
     train_examples: int = field(default=20000, metadata={"help": "training examples", "min": 1})
     test_examples: int = field(default=1000, metadata={"help": "test examples per slice", "min": 1})
+    validation_examples: int = field(default=500, metadata={
+        "help": "examples of the training slice for choosing hyperparameters (never the test's)",
+        "min": 1})
     d_model: int = field(default=64, metadata={"help": "model width", "min": 1})
     layers: int = field(default=2, metadata={"help": "blocks (Zoology: 2)", "min": 1})
     heads: int = field(default=1, metadata={"help": "attention heads (Zoology: 1)", "min": 1})
@@ -55,9 +58,13 @@ class MQARConfig:
     batch_size: int = field(default=32, metadata={"help": "training batch size", "min": 1})
     lr: float = field(default=3e-3, metadata={"help": "AdamW peak learning rate, cosine to 0",
                                              "min": 0.0})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay (Zoology: 0.1)",
+    weight_decay: float = field(default=0.1, metadata={
+        "help": "AdamW weight decay on matrices (Zoology: 0.1); none on vectors",
                                                        "min": 0.0})
     eval_batch_size: int = field(default=250, metadata={"help": "evaluation batch size", "min": 1})
+    reinit_attention: bool = field(default=False, metadata={
+        "help": "diagnostic: the backbone's GPT-2 initialisation also resets the mechanisms' own "
+                "parameters (zeroes Mamba-2's step-size bias), as before the fix"})
 
     def training_slice(self) -> RecallSlice:
         return RecallSlice(self.seq_len, self.kv_pairs)
@@ -76,19 +83,22 @@ class MQARConfig:
 
 @dataclass(frozen=True)
 class RecallData:
-    """The generated splits: training examples, test examples of the training slice, and test
-    examples of every held-out slice."""
+    """The generated splits: training examples, validation and test examples of the training
+    slice, and test examples of every held-out slice."""
 
     train: RecallExamples
     test: RecallExamples
     heldout: tuple[RecallExamples, ...]
+    validation: RecallExamples
 
     @classmethod
     def generate(cls, config: MQARConfig, seed: int) -> RecallData:
         """Every split from its own stream of ``seed`` (no example is shared between splits
-        except by chance)."""
+        except by chance). The validation stream is spawned last, so the other splits are the
+        same as without it."""
         heldout = config.heldout_slices()
-        train_seed, test_seed, *heldout_seeds = np.random.SeedSequence(seed).spawn(2 + len(heldout))
+        train_seed, test_seed, *heldout_seeds, validation_seed = np.random.SeedSequence(
+            seed).spawn(3 + len(heldout))
         common = {"vocab_size": config.vocab_size, "power_a": config.power_a,
                   "random_filler": config.random_filler}
 
@@ -101,6 +111,7 @@ class RecallData:
             test=draw(config.training_slice(), config.test_examples, test_seed),
             heldout=tuple(draw(s, config.test_examples, stream)
                           for s, stream in zip(heldout, heldout_seeds)),
+            validation=draw(config.training_slice(), config.validation_examples, validation_seed),
         )
 
 
@@ -145,7 +156,8 @@ class MQARTask(Task):
         shape = RecallModelShape(vocab_size=config.vocab_size, max_len=longest,
                                  d_model=config.d_model, layers=config.layers, heads=config.heads,
                                  mlp_ratio=config.mlp_ratio, dropout=config.dropout,
-                                 conv_kernel=config.conv_kernel, positions=config.positions)
+                                 conv_kernel=config.conv_kernel, positions=config.positions,
+                                 reinit_attention=config.reinit_attention)
         return RecallModel(shape, attention[ROLE]).to(run.device)
 
     def train(self, model: RecallModel, config: MQARConfig, data: RecallData,
@@ -157,7 +169,10 @@ class MQARTask(Task):
     def evaluate(self, model: RecallModel, config: MQARConfig, data: RecallData,
                  run: RunContext) -> dict[str, float]:
         scores = {"accuracy": recall_accuracy(model, data.test, batch_size=config.eval_batch_size,
-                                              device=run.device).accuracy}
+                                              device=run.device).accuracy,
+                  "validation_accuracy": recall_accuracy(
+                      model, data.validation, batch_size=config.eval_batch_size,
+                      device=run.device).accuracy}
         for examples in data.heldout:
             scores[heldout_metric(examples.slice)] = recall_accuracy(
                 model, examples, batch_size=config.eval_batch_size, device=run.device).accuracy
@@ -168,8 +183,7 @@ def train(model: RecallModel, examples: RecallExamples, config: MQARConfig, *,
           generator: torch.Generator, device: str) -> list[float]:
     """``config.steps`` AdamW steps on shuffled batches of ``examples`` (reshuffled every
     epoch), cross-entropy on the queried positions only; returns the loss of every step."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(weight_decay_groups(model, config.weight_decay), lr=config.lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, config.steps) / config.steps)))
     batches = _batches(len(examples), config.batch_size, config.steps, generator)
