@@ -253,3 +253,26 @@ def pareto_plot(points: pd.DataFrame, metric: str, higher_is_better: bool, cost_
     ax.legend()
     figure.suptitle(title)
     return save(figure, folder, stem)
+
+
+@_styled
+def setting_plot(curves: dict[str, list[tuple[float, float, float]]], folder: Path, stem: str,
+                 title: str, xlabel: str, ylabel: str) -> Path | None:
+    """A metric against a setting (width, length), one line per attention: mean over seeds with
+    the standard deviation as error bars. ``curves``: label -> [(x, mean, std)]."""
+    drawn = {label: points for label, points in curves.items() if points}
+    if not drawn:
+        return None
+    figure = new_figure(6.4, 4.2)
+    ax = figure.subplots()
+    for label, points in sorted(drawn.items()):
+        x, mean, std = zip(*points)
+        ax.errorbar(x, mean, yerr=std, marker="o", capsize=2, color=attention_colour(label),
+                    label=label)
+    ax.set_xscale("log", base=2)
+    _plain_ticks(ax)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(ncols=2, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    figure.suptitle(title)
+    return save(figure, folder, stem)

@@ -17,6 +17,7 @@ import hashlib
 import html
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,8 @@ class Report:
     folder: Path
     sections: list[Section]
     problems: list[RecordProblem] = field(default_factory=list)
+    warning: str = ""
+    """Said at the top of the page (smoke-sized records that rank nothing)."""
 
     @property
     def figures(self) -> list[Path]:
@@ -232,15 +235,36 @@ def build_report(results_dir: Path, out: Path, *, paper_layouts: bool = False) -
     sections.append(_failures_section(records, out))
     problems = record_problems(results_dir)
     sections.append(_problems_section(problems))
-    report = Report(out, sections, problems)
+    report = Report(out, sections, problems, smoke_warning(records, metrics))
     (out / "index.md").write_text(index_markdown(report, results_dir, len(records), len(points)))
     (out / "index.html").write_text(index_html(report, results_dir, len(records), len(points)))
     return report
 
 
+SMOKE_WARNING = ("These records are smoke-sized ({why}): they check that every cell trains and "
+                 "evaluates, and rank nothing. A ranking needs seeds and budgets that separate "
+                 "mechanisms beyond seed noise (docs/study/ holds such a study).")
+
+
+def smoke_warning(records: Sequence[dict], metrics: pd.DataFrame) -> str:
+    """The page's top warning when every record is of the smoke preset or every comparison has
+    one seed (empty otherwise)."""
+    if not records:
+        return ""
+    reasons = []
+    if all(r.get("preset") == "smoke" for r in records):
+        reasons.append("the smoke preset's pipeline budgets")
+    ok = metrics.dropna(subset=["metric"])
+    if not ok.empty and ok.groupby(["task", "settings", "label", "metric"])["seed"].nunique().max() <= 1:
+        reasons.append("one seed per comparison")
+    return SMOKE_WARNING.format(why=", ".join(reasons)) if reasons else ""
+
+
 def index_markdown(report: Report, results_dir: Path, runs: int, cells: int) -> str:
     lines = ["# attnbench report", "",
              f"From `{results_dir}`: {runs} run records, {cells} efficiency cells. Nothing was re-run.", ""]
+    if report.warning:
+        lines += [f"> **{report.warning}**", ""]
     for section in report.sections:
         lines += [f"## {section.title}", ""]
         for table, path in section.tables:
@@ -262,6 +286,7 @@ nav{columns:2 260px;font-size:14px;margin:12px 0 0;padding:10px 16px;background:
  border:1px solid var(--line);border-radius:8px}
 nav a{color:var(--accent);text-decoration:none;display:block;padding:1px 0;break-inside:avoid}
 .meta,.note{color:var(--muted);font-size:13px;margin:4px 0}
+.warn{background:#fff4d6;border:1px solid #e9c46a;border-radius:6px;padding:8px 12px;font-weight:600}
 .scroll{overflow-x:auto;max-width:100%;background:#fff;border:1px solid var(--line);border-radius:8px}
 table{border-collapse:collapse;font-size:13px;width:max-content;min-width:100%}
 th,td{padding:5px 10px;text-align:right;white-space:nowrap;border-bottom:1px solid var(--line)}
@@ -350,6 +375,7 @@ def index_html(report: Report, results_dir: Path, runs: int, cells: int) -> str:
              f"{cells} efficiency cells. Nothing was re-run. Cells read mean ± standard deviation over "
              "seeds with the number of ok runs in brackets; the best value of each column is "
              "highlighted; click a column's header to sort by it.</p>",
+             *([f"<p class='warn'>{html.escape(report.warning)}</p>"] if report.warning else []),
              f"<nav>{contents}</nav>"]
     for section in report.sections:
         parts.append(f"<h2 id='{_anchor(section.title)}'>{html.escape(section.title)}</h2>")

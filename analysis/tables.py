@@ -292,8 +292,9 @@ def leaderboard(summary: pd.DataFrame, pattern: Pattern) -> pd.DataFrame:
     if frame.empty:
         return pd.DataFrame()
     table = frame.pivot_table(index="label", columns=["task", "metric"], values="mean", aggfunc="mean")
-    index = compositional_index(summary, tasks).set_index("label")["index"]
-    table[("CI", "")] = index
+    index = compositional_index(summary, tasks).set_index("label")
+    # As CAB: a mechanism missing one of the pattern's tasks gets no CI ("-" in CAB's boards).
+    table[("CI", "")] = index["index"].where(index["tasks"] == len(tasks))
     return table.sort_values(("CI", ""), ascending=False)
 
 
@@ -331,20 +332,33 @@ def _spread_of(rows: pd.DataFrame) -> str:
     return f"{number(rows['mean'].mean())} ({int(rows['n'].sum())})"
 
 
+def common_tasks(scores: pd.DataFrame) -> list[str]:
+    """The tasks in which every attention of ``scores`` (``task_scores``) has a result."""
+    per_label = [set(tasks) for tasks in scores.groupby("label")["task"].agg(list)]
+    return sorted(set.intersection(*per_label)) if per_label else []
+
+
 def index_table(summary: pd.DataFrame) -> Table:
-    """The compositional index over every task at hand, with each task's score."""
+    """The compositional index over the tasks every attention has (CAB's rule: a mean over
+    different task sets compares nothing), with each task's score shown."""
     summary = representatives(summary)
     scores = task_scores(summary)
-    index = compositional_index(summary)
     tasks = sorted(scores["task"].unique())
+    common = common_tasks(scores)
+    index = compositional_index(summary, common) if common else compositional_index(summary)
     by = scores.set_index(["label", "task"])["score"]
     rows = [[row.label, f"{row.index + 0.0:.3f}", str(int(row.tasks)),
              *(f"{by[(row.label, t)] + 0.0:.3f}" if (row.label, t) in by.index else MISSING for t in tasks)]
             for row in index.itertuples()]
-    return Table(name="compositional_index", title="CAB compositional index (all tasks)",
+    scope = (f"over the tasks every attention has ({', '.join(common)})"
+             if common else "over each attention's own tasks: no task is shared by all, so these "
+                            "indices are not comparable")
+    if common == tasks:
+        scope = f"over every task ({', '.join(tasks)})"
+    return Table(name="compositional_index", title=f"CAB compositional index, {scope}",
                  header=["attention", "CI", "tasks", *tasks], rows=rows,
                  notes=["Each mechanism at one configuration per task (the one with the most runs). "
                         "Per metric: z-score of each attention's mean across the attentions at hand, "
                         "negated where lower is better; averaged within a task (its metrics and "
-                        "settings), then across the tasks in which the attention has results."])
-
+                        "settings), then across the tasks in the index. Per-task scores outside "
+                        "the index are shown but do not enter it."])

@@ -44,6 +44,38 @@ def settings_label(record: dict[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(overrides.items()))
 
 
+SETTINGS_WIDTH = 60
+"""Columns a settings summary may take on one line (the record keeps every setting)."""
+
+
+def _task_defaults(task: str) -> dict[str, Any]:
+    """The task's ``Config`` defaults (empty for a task that is not installed)."""
+    import dataclasses
+
+    from tasks.registry import get_task, list_tasks
+
+    if task not in list_tasks():
+        return {}
+    fields = dataclasses.fields(get_task(task).Config)
+    return {f.name: f.default for f in fields if f.default is not dataclasses.MISSING}
+
+
+def short_settings(task: str, settings: dict[str, Any] | None, width: int = SETTINGS_WIDTH) -> str:
+    """The settings that differ from the task's defaults, ``key=value`` sorted, cut to ``width``
+    columns with ``+N more`` (a line to read; the record and the grouping keep them all)."""
+    defaults = _task_defaults(task)
+    items = [f"{k}={v}" for k, v in sorted((settings or {}).items())
+             if k not in defaults or defaults[k] != v]
+    shown: list[str] = []
+    for index, item in enumerate(items):
+        rest = len(items) - index - 1
+        tail = f" +{rest + 1} more" if rest + 1 else ""
+        if len(" ".join([*shown, item])) + (len(f" +{rest} more") if rest else 0) > width:
+            return " ".join([*shown, tail.strip()])
+        shown.append(item)
+    return " ".join(shown)
+
+
 def group(records: Sequence[dict[str, Any]]) -> list[Row]:
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = defaultdict(list)
     for record in records:
@@ -135,7 +167,8 @@ def summary_tables(records: Sequence[dict[str, Any]], *, pipeline_check: Sequenc
     for task, settings in sorted({(r.task, r.settings) for r in rows}):
         task_rows = [r for r in rows if (r.task, r.settings) == (task, settings)]
         metrics = shown_metrics([record for row in task_rows for record in row.records])
-        title = f"{task}" + (f" [{settings}]" if settings else "") + ": mean ± std over seeds"
+        shown = short_settings(task, task_rows[0].records[0]["cell"].get("overrides"))
+        title = f"{task}" + (f" [{shown}]" if shown else "") + ": mean ± std over seeds"
         table = Table(title=escape(title), caption=PIPELINE_CHECK if task in pipeline_check else None,
                       min_width=min(len(title), TABLE_WIDTH), title_justify="left", caption_justify="left")
         for column in ("attention", "ok/runs", *(f"{m} {arrow}".strip() for m, arrow in metrics),
@@ -162,7 +195,7 @@ def summary_tables(records: Sequence[dict[str, Any]], *, pipeline_check: Sequenc
 
 def describe_cell(cell: dict[str, Any]) -> str:
     """``lm lavo(r=32) [seq_len=512] seed 0``: a cell named by what it runs, not by its hash."""
-    settings = " ".join(f"{k}={v}" for k, v in sorted((cell.get("overrides") or {}).items()))
+    settings = short_settings(cell["task"], cell.get("overrides"))
     label = attention_label(cell["attention"], cell.get("attention_args"))
     return (f"{cell['task']} {label}" + (f" [{settings}]" if settings else "")
             + f" seed {cell.get('seed')}")

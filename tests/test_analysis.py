@@ -180,9 +180,13 @@ def test_index_table_takes_one_configuration_per_mechanism(summary) -> None:
     chosen = representatives(summary)
     toy = chosen[chosen.task == "toy"]
     assert list(toy["label"]) == ["lavo"] and list(toy["mean"]) == [pytest.approx(0.7)]
-    rows = {row[0]: row[1:] for row in index_table(summary).rows}
+    table = index_table(summary)
+    rows = {row[0]: row[1:] for row in table.rows}
     assert set(rows) == {"softmax", "lavo", "linear"}
-    assert rows["lavo"][:2] == [f"{(-SQRT_1_5 - 1 / 3 - 1.0 + 0.0) / 4:.3f}", "4"]
+    # CAB's rule: the index runs over the tasks every attention has (linear: time_series only).
+    assert "over the tasks every attention has (time_series)" in table.title
+    scores = task_scores(chosen).set_index(["label", "task"])["score"]
+    assert rows["lavo"][:2] == [f"{scores[('lavo', 'time_series')] + 0.0:.3f}", "1"]
     assert rows["linear"] == [f"{SQRT_1_5 / 2:.3f}", "1", "n/a", "n/a", f"{SQRT_1_5 / 2:.3f}", "n/a"]
 
 
@@ -195,7 +199,8 @@ def test_pattern_leaderboards_hold_the_tasks_of_each_pattern(summary) -> None:
     noncausal = leaderboard(summary, Pattern.NONCAUSAL_SELF)
     assert {task for task, _ in noncausal.columns} == {"time_series", "point_cloud", "CI"}
     assert noncausal.loc["softmax", ("CI", "")] == pytest.approx((SQRT_1_5 / 2 + 1 / 3) / 2)
-    assert noncausal.loc["linear", ("CI", "")] == pytest.approx(SQRT_1_5 / 2)
+    # linear lacks point_cloud: as in CAB's boards, no CI from a subset of the pattern's tasks.
+    assert math.isnan(noncausal.loc["linear", ("CI", "")])
     assert leaderboard(summary, Pattern.CAUSAL_CROSS).empty
 
 
@@ -326,3 +331,36 @@ def test_pareto_front_keeps_only_undominated_points() -> None:
 def test_report_of_a_missing_folder_names_it(tmp_path: Path, capsys) -> None:
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert re.search(r"no results folder .*nowhere", capsys.readouterr().err)
+
+
+def test_report_refuses_a_folder_without_records(tmp_path: Path, capsys) -> None:
+    from runners.cli import main
+
+    assert main(["report", str(tmp_path)]) == 2
+    assert "holds no records" in capsys.readouterr().err
+    assert not (tmp_path / "report").exists()
+
+
+def test_one_seed_smoke_records_are_said_to_rank_nothing(results: Path) -> None:
+    from analysis.report import smoke_warning
+
+    records = run_records(results)
+    metrics = run_metrics(records)
+    assert smoke_warning(records, metrics) == ""  # softmax has two seeds on time_series
+    smoke = [{**r, "preset": "smoke"} for r in records]
+    assert "rank nothing" in smoke_warning(smoke, metrics)
+    one_seed = metrics[metrics["seed"] == 0]
+    assert "one seed per comparison" in smoke_warning(records, one_seed)
+
+
+def test_cell_lines_show_settings_that_differ_from_the_defaults_within_a_width() -> None:
+    from runners.summary import describe_cell, short_settings
+
+    assert short_settings("mqar", {"d_model": 64, "lr": 0.003}) == ""  # both are the defaults
+    many = {"d_model": 128, "lr": 0.01, "vocab_size": 256, "heldout": "128:16,256:32,512:64",
+            "steps": 5, "batch_size": 7, "seq_len": 32, "kv_pairs": 4}
+    text = short_settings("mqar", many)
+    assert len(text) <= 60 and text.endswith("more")
+    cell = {"task": "mqar", "attention": "lavo", "attention_args": {"memory": "kv"},
+            "overrides": many, "seed": 0}
+    assert len(describe_cell(cell)) <= 85

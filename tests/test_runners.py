@@ -407,7 +407,7 @@ def test_summary_tables_fit_100_columns_and_show_quality_metrics_only():
         for seed in (0, 1):
             records.append({
                 "key": f"{attention}{seed}", "status": "ok", "parameters": 1_234_567 + seed,
-                "cell": {"task": "summarization", "attention": attention, "overrides": {"beam": 4},
+                "cell": {"task": "summarization", "attention": attention, "overrides": {"beam": 3},
                          "attention_args": {"window": 16, "rank": 16} if attention == "longshort" else {}},
                 "metrics": {**{m["name"]: 10.0 + seed for m in declared}, "greedy_rouge1": 9.9,
                             "source_tokens": 412.0},
@@ -418,7 +418,7 @@ def test_summary_tables_fit_100_columns_and_show_quality_metrics_only():
         console.print(table)
     text = console.export_text()
     assert max(len(line) for line in text.splitlines()) <= 100
-    assert "summarization [beam=4]: mean ± std over seeds" in text and "pipeline check" in text
+    assert "summarization [beam=3]: mean ± std over seeds" in text and "pipeline check" in text
     header = next(line for line in text.splitlines() if "attention" in line)
     assert [h in header for h in ("rouge1 ↑", "rougeL ↑", "length_ratio", "params", "train s")] == [True] * 5
     assert "tokens_per_second" not in text and "greedy" not in text and "source_tokens" not in text

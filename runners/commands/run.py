@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from runners.checks import InputError, integer, writable_folder
 from runners.commands.common import (
     DEFAULT_RESULTS,
+    TERMINAL_WIDTH,
     make_console,
 )
 
@@ -171,8 +172,10 @@ def command_run(args: argparse.Namespace) -> int:
             progress.update(bar, advance=1, ok=counts["ok"], failed=counts["failed"],
                             remaining=total - done)
             colour = "green" if status == "ok" else "red"
-            progress.console.print(f"  [{colour}]{status:>7}[/] {seconds:7.1f} s  "
-                                   f"{escape(describe_cell(cell.to_json()))}  ({cell.key})")
+            text = f"{seconds:7.1f} s  {describe_cell(cell.to_json())}"
+            if len(text) + len(cell.key) + 14 <= TERMINAL_WIDTH:  # the record's name, where it fits
+                text += f"  ({cell.key})"
+            progress.console.print(f"  [{colour}]{status:>7}[/] {escape(text)}")
 
         def on_notice(text: str) -> None:
             progress.console.print(f"  [yellow]{escape(text)}[/]")

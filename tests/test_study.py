@@ -1,0 +1,125 @@
+"""Studies: the file is checked before anything runs, a tuned stage chooses on the validation
+metric from the records alone (failed candidates never chosen, nothing final until every
+candidate has a record), the extra seeds run at the choice, and the report's statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from analysis.study import holm, mean_std, stage_result, verdict, welch
+from runners.matrix import MatrixConfigError
+from runners.study import choose, parse_study, run_stage, seed_cells, stage_cells
+
+pytestmark = pytest.mark.runner
+
+TINY = {"vocab_size": 32, "seq_len": 16, "kv_pairs": 2, "heldout": "32:4", "train_examples": 64,
+        "test_examples": 20, "d_model": 16, "heads": 2, "steps": 5, "batch_size": 16}
+
+
+def _study(**tune):
+    return parse_study({"description": "d", "stages": [{
+        "name": "tuned", "tune": {"over": "lr", "metric": "validation_accuracy", "seeds": [1, 2],
+                                  **tune},
+        "blocks": [{"task": "mqar", "attention": ["softmax", "linear"], "seed": 0,
+                    "settings": {**TINY, "lr": [0.001, 0.01, 0.1]}}]}]}, name="t")
+
+
+def _record(cell, value, status="ok"):
+    return {"key": cell.key, "status": status, "metrics": {"validation_accuracy": value,
+                                                           "accuracy": value}}
+
+
+def test_a_tuned_stage_chooses_on_validation_and_skips_failed_candidates():
+    stage = _study().stages[0]
+    cells = stage_cells(stage)
+    assert len(cells) == 6 and {c.seed for c in cells} == {0}
+    scores = {("softmax", 0.001): 0.2, ("softmax", 0.01): 0.9, ("softmax", 0.1): 0.95,
+              ("linear", 0.001): 0.3, ("linear", 0.01): 0.4, ("linear", 0.1): 0.99}
+    records = {c.key: _record(c, scores[(c.attention, c.settings["lr"])]) for c in cells}
+    linear_best = next(c for c in cells if c.attention == "linear" and c.settings["lr"] == 0.1)
+    records[linear_best.key]["status"] = "error"  # diverged: never chosen
+    chosen = {c.cell.attention: c.cell.settings["lr"] for c in choose(cells, records, stage.tuning)}
+    assert chosen == {"softmax": 0.1, "linear": 0.01}
+    extra = seed_cells(choose(cells, records, stage.tuning), stage.tuning)
+    assert sorted((c.attention, c.seed, c.settings["lr"]) for c in extra) == [
+        ("linear", 1, 0.01), ("linear", 2, 0.01), ("softmax", 1, 0.1), ("softmax", 2, 0.1)]
+
+
+def test_no_extra_seeds_until_every_candidate_has_a_record():
+    stage = _study().stages[0]
+    cells = stage_cells(stage)
+    records = {c.key: _record(c, 0.5) for c in cells[:2]}  # softmax: two of three lrs
+    choices = choose(cells, records, stage.tuning)
+    assert choices and not any(c.complete for c in choices)
+    assert seed_cells(choices, stage.tuning) == []
+
+
+def test_lower_is_better_flips_the_choice():
+    stage = _study(lower_is_better=True).stages[0]
+    cells = stage_cells(stage)
+    records = {c.key: _record(c, c.settings["lr"]) for c in cells}
+    assert {c.cell.settings["lr"] for c in choose(cells, records, stage.tuning)} == {0.001}
+
+
+def test_run_stage_resumes_to_the_same_choice(tmp_path):
+    stage = _study().stages[0]
+    records: dict[str, dict] = {}
+    ran: list[list] = []
+
+    def runner(cells, label):
+        todo = [c for c in cells if c.key not in records]
+        ran.append(todo)
+        for cell in todo:
+            records[cell.key] = _record(cell, cell.settings["lr"] if cell.attention == "linear"
+                                        else 1 - cell.settings["lr"])
+
+    import runners.study as study_module
+
+    original = study_module.stage_records
+    study_module.stage_records = lambda folder, cells: {c.key: records[c.key] for c in cells
+                                                        if c.key in records}
+    try:
+        first = run_stage(stage, "t", tmp_path, runner)
+        again = run_stage(stage, "t", tmp_path, runner)
+    finally:
+        study_module.stage_records = original
+    assert [len(batch) for batch in ran] == [6, 4, 0, 0]
+    assert {c.key for c in first} == {c.key for c in again}
+    result = stage_result(_study(), stage, records)
+    assert {g.label: g.chosen for g in result.groups} == {"linear": 0.1, "softmax": 0.001}
+    assert all(g.runs() == 3 for g in result.groups)
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"stages": []}, "no stages"),
+    ({"stages": [{"name": "a", "blocks": [{"task": "mqar"}]}] * 2}, "stage names repeat"),
+    ({"stages": [{"name": "a", "tune": {"over": "lr"}, "blocks": [{"task": "mqar"}]}]},
+     "tune needs"),
+    ({"stages": [{"name": "a", "blocks": [{"task": "mqar"}], "seeds": 3}]}, "unknown key 'seeds'"),
+    ({"stages": [{"name": "a", "tune": {"over": "lr", "metric": "m", "sedes": [1]},
+                  "blocks": [{"task": "mqar"}]}]}, "unknown key 'sedes'"),
+])
+def test_bad_study_files_are_refused_naming_the_problem(data, message):
+    with pytest.raises(MatrixConfigError, match=message):
+        parse_study(data, name="bad")
+
+
+def test_tuning_a_setting_the_task_lacks_is_refused():
+    study = parse_study({"stages": [{"name": "a", "tune": {"over": "learning_rate", "metric": "m"},
+                                     "blocks": [{"task": "mqar", "attention": "softmax"}]}]},
+                        name="bad")
+    with pytest.raises(MatrixConfigError, match="tunes 'learning_rate'"):
+        stage_cells(study.stages[0])
+
+
+def test_welch_and_holm():
+    assert welch([1.0, 1.1, 0.9], [5.0, 5.1, 4.9]) < 1e-3
+    assert welch([1.0, 1.0], [1.0, 1.0]) != welch([1.0, 1.0], [1.0, 1.0])  # NaN: no spread
+    assert holm([0.01, 0.04, math.nan, 0.03]) == pytest.approx([0.03, 0.06, math.nan, 0.06],
+                                                              nan_ok=True)
+    assert verdict([0.9, 0.8, 0.85], [0.1, 0.2, 0.15], 0.001).startswith("higher")
+    assert verdict([1.0, 1.0, 1.0], [0.5, 0.5, 0.5], math.nan) == "differs (no spread)"
+    assert verdict([1.0], [0.5, 0.5], 0.5) == "n < 2"
+    assert mean_std([0.5, 0.7]) == "0.6 ± 0.1414 (2)"
