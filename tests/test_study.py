@@ -123,3 +123,21 @@ def test_welch_and_holm():
     assert verdict([1.0, 1.0, 1.0], [0.5, 0.5, 0.5], math.nan) == "differs (no spread)"
     assert verdict([1.0], [0.5, 0.5], 0.5) == "n < 2"
     assert mean_std([0.5, 0.7]) == "0.6 ± 0.1414 (2)"
+
+
+def test_the_shipped_mqar_study_covers_every_causal_mechanism_at_two_widths():
+    from attention_zoo import list_attentions
+    from runners.study import load_study, study_names
+
+    assert "mqar" in study_names()
+    study = load_study("mqar")
+    causal = set(list_attentions(pattern="causal_self"))
+    for stage in study.stages:
+        cells = stage_cells(stage)
+        if stage.tuning is not None:
+            assert {c.attention for c in cells} == causal
+            assert len({c.settings["lr"] for c in cells}) >= 3
+            assert {c.settings["d_model"] for c in cells} in ({64}, {128})
+            assert stage.tuning.metric == "validation_accuracy" and len(stage.tuning.seeds) == 2
+    with pytest.raises(MatrixConfigError, match=r"unknown study 'mqr'; shipped: .*mqar"):
+        load_study("mqr")
