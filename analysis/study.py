@@ -132,14 +132,16 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return adjusted
 
 
-def verdict(a: Sequence[float], b: Sequence[float], adjusted: float) -> str:
-    """Whether ``a`` differs from the reference ``b`` beyond seed noise (see module doc)."""
+def verdict(a: Sequence[float], b: Sequence[float], raw: float, adjusted: float) -> str:
+    """Whether ``a`` differs from the reference ``b`` beyond seed noise (see module doc): the
+    decision is Holm's; the raw p-value is shown beside it."""
     if len(a) < 2 or len(b) < 2:
         return "n < 2"
     if math.isnan(adjusted):
         return "same" if np.mean(a) == np.mean(b) else "differs (no spread)"
     direction = "higher" if np.mean(a) > np.mean(b) else "lower"
-    return f"{direction} (p={adjusted:.2g})" if adjusted < ALPHA else f"no evidence (p={adjusted:.2g})"
+    shown = f"p={raw:.2g}, Holm {adjusted:.2g}"
+    return f"{direction} ({shown})" if adjusted < ALPHA else f"no evidence ({shown})"
 
 
 def mean_std(values: Sequence[float]) -> str:
@@ -172,8 +174,8 @@ def stage_table(result: StageResult, metrics: Sequence[str], primary: str) -> Ta
            for g, ref in zip(result.groups, references)]
     adjusted = holm(raw)
     rows, values = [], []
-    for group, ref, p in zip(result.groups, references, adjusted):
-        compared = verdict(group.values(primary), ref.values(primary), p) if ref else "n/a"
+    for group, ref, p, q in zip(result.groups, references, raw, adjusted):
+        compared = verdict(group.values(primary), ref.values(primary), p, q) if ref else "n/a"
         rows.append([group.label, *([number(group.chosen)] if tuning else []),
                      *(mean_std(group.values(m)) for m in metrics), compared])
         values.append([None, *([None] if tuning else []),

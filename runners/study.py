@@ -39,7 +39,7 @@ from runners.sweep import KIND
 STUDY_DIR = Path(__file__).resolve().parent / "studies"
 STUDY_KEYS = ("description", "stages")
 STAGE_KEYS = ("name", "description", "tune", "defaults", "blocks")
-TUNE_KEYS = ("over", "metric", "lower_is_better", "seeds")
+TUNE_KEYS = ("over", "metric", "lower_is_better", "seeds", "tie_break")
 
 
 @dataclass(frozen=True)
@@ -51,12 +51,17 @@ class Tuning:
         metric: the metric the choice maximises (or minimises), read from the records.
         lower_is_better: whether smaller values of ``metric`` are better.
         seeds: the seeds run at the chosen value, besides the blocks' own.
+        tie_break: a second quantity, lower is better, that decides between candidates whose
+            ``metric`` is equal (a saturated accuracy): a metric or a record's ``extra`` entry,
+            such as ``final_train_loss``. Without it, or where it is missing too, the first
+            candidate in the study file's order wins.
     """
 
     over: str
     metric: str
     lower_is_better: bool = False
     seeds: tuple[int, ...] = ()
+    tie_break: str | None = None
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,8 @@ def _parse_stage(raw: Any, where: str) -> Stage:
         if not tune.get("over") or not tune.get("metric"):
             raise MatrixConfigError(f"{where}: tune needs 'over' (a task setting) and 'metric'")
         tuning = Tuning(str(tune["over"]), str(tune["metric"]), bool(tune.get("lower_is_better")),
-                        tuple(_seed(s, f"{where}: tune") for s in tune.get("seeds") or ()))
+                        tuple(_seed(s, f"{where}: tune") for s in tune.get("seeds") or ()),
+                        str(tune["tie_break"]) if tune.get("tie_break") else None)
     return Stage(str(raw["name"]), str(raw.get("description", "")), tuple(blocks), tuning)
 
 
@@ -171,19 +177,28 @@ def choose(cells: Sequence[Cell], records: Mapping[str, Mapping[str, Any]],
     for candidates in groups.values():
         scores = {c.settings[tuning.over]: _score(records.get(c.key), tuning.metric)
                   for c in candidates}
-        scored = [(s, c) for c in candidates if (s := scores[c.settings[tuning.over]]) is not None]
+        scored = [c for c in candidates if scores[c.settings[tuning.over]] is not None]
         if not scored:
             continue
-        sign = -1.0 if tuning.lower_is_better else 1.0
-        best = max(scored, key=lambda pair: (sign * pair[0], -candidates.index(pair[1])))[1]
+        best = min(scored, key=lambda c: _rank(c, candidates, scores[c.settings[tuning.over]],
+                                               records, tuning))
         choices.append(Choice(best, scores, all(c.key in records for c in candidates)))
     return choices
 
 
+def _rank(cell: Cell, candidates: Sequence[Cell], score: float,
+          records: Mapping[str, Mapping[str, Any]], tuning: Tuning) -> tuple[float, float, int]:
+    """Sort key of a candidate, smallest best: the metric, the tie-break, the file's order."""
+    primary = score if tuning.lower_is_better else -score
+    tie = _score(records.get(cell.key), tuning.tie_break) if tuning.tie_break else None
+    return primary, tie if tie is not None else float("inf"), candidates.index(cell)
+
+
 def _score(record: Mapping[str, Any] | None, metric: str) -> float | None:
+    """The record's ``metric`` (or its ``extra`` entry of that name); None if failed or absent."""
     if record is None or record.get("status") != "ok":
         return None
-    value = (record.get("metrics") or {}).get(metric)
+    value = (record.get("metrics") or {}).get(metric, (record.get("extra") or {}).get(metric))
     return float(value) if isinstance(value, int | float) else None
 
 

@@ -119,9 +119,10 @@ def test_welch_and_holm():
     assert welch([1.0, 1.0], [1.0, 1.0]) != welch([1.0, 1.0], [1.0, 1.0])  # NaN: no spread
     assert holm([0.01, 0.04, math.nan, 0.03]) == pytest.approx([0.03, 0.06, math.nan, 0.06],
                                                               nan_ok=True)
-    assert verdict([0.9, 0.8, 0.85], [0.1, 0.2, 0.15], 0.001).startswith("higher")
-    assert verdict([1.0, 1.0, 1.0], [0.5, 0.5, 0.5], math.nan) == "differs (no spread)"
-    assert verdict([1.0], [0.5, 0.5], 0.5) == "n < 2"
+    assert verdict([0.9, 0.8, 0.85], [0.1, 0.2, 0.15], 0.0005, 0.001).startswith("higher")
+    assert "no evidence (p=0.01, Holm 0.09)" in verdict([0.9, 0.8], [0.1, 0.2], 0.01, 0.09)
+    assert verdict([1.0, 1.0, 1.0], [0.5, 0.5, 0.5], math.nan, math.nan) == "differs (no spread)"
+    assert verdict([1.0], [0.5, 0.5], 0.5, 0.5) == "n < 2"
     assert mean_std([0.5, 0.7]) == "0.6 ± 0.1414 (2)"
 
 
@@ -141,3 +142,14 @@ def test_the_shipped_mqar_study_covers_every_causal_mechanism_at_two_widths():
             assert stage.tuning.metric == "validation_accuracy" and len(stage.tuning.seeds) == 2
     with pytest.raises(MatrixConfigError, match=r"unknown study 'mqr'; shipped: .*mqar"):
         load_study("mqr")
+
+
+def test_ties_go_to_the_lower_tie_break_then_to_the_file_order():
+    stage = _study(tie_break="final_train_loss").stages[0]
+    cells = stage_cells(stage)
+    records = {c.key: {**_record(c, 1.0 if c.settings["lr"] < 0.1 else 0.5),
+                       "extra": {"final_train_loss": 0.3 if c.settings["lr"] == 0.001 else 0.01}}
+               for c in cells}
+    assert {c.cell.settings["lr"] for c in choose(cells, records, stage.tuning)} == {0.01}
+    plain = _study().stages[0]  # no tie-break: the first candidate of the file
+    assert {c.cell.settings["lr"] for c in choose(cells, records, plain.tuning)} == {0.001}
