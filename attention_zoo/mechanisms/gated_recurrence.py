@@ -110,19 +110,78 @@ def _prepared(terms: Recurrence, chunk: int) -> tuple[Tensor, Tensor, Tensor, Te
 
 
 def _decay_scores(q: Tensor, k: Tensor, cumulative: Tensor) -> Tensor:
-    """Masked (q_t . k_s) exp(G_t - G_s) for s <= t inside each chunk: [B, H, N, C, C].
+    """Masked (q_t . k_s) exp(g_t - g_s) for s <= t inside each chunk, one decay per head.
 
-    q, k: [B, H, N, C, K]; cumulative: [B, H, N, C, K or 1].
+    q, k: [B, H, N, C, K]; cumulative: [B, H, N, C, 1]. Returns [B, H, N, C, C].
     """
     chunk = q.shape[3]
     lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    if cumulative.shape[-1] == 1:
-        g = cumulative[..., 0]
-        decay = torch.exp((g[..., :, None] - g[..., None, :]).masked_fill(~lower, float("-inf")))
-        return (q @ k.transpose(-1, -2)) * decay
-    difference = cumulative[..., :, None, :] - cumulative[..., None, :, :]  # [B, H, N, C, C, K]
-    decay = torch.exp(difference.masked_fill(~lower[..., None], float("-inf")))
-    return torch.einsum("bhntk,bhnsk,bhntsk->bhnts", q, k, decay)
+    g = cumulative[..., 0]
+    decay = torch.exp((g[..., :, None] - g[..., None, :]).masked_fill(~lower, float("-inf")))
+    return (q @ k.transpose(-1, -2)) * decay
+
+
+def _pad_chunk(x: Tensor, size: int, *, repeat_last: bool = False) -> Tensor:
+    """Extend dim 3 (the position in a chunk) of [B, H, N, C, X] to ``size``: zeros, or the last
+    position repeated."""
+    pad = size - x.shape[3]
+    if not pad:
+        return x
+    if repeat_last:
+        return torch.cat([x, x[:, :, :, -1:].expand(-1, -1, -1, pad, -1)], dim=3)
+    return F.pad(x, (0, 0, 0, pad))
+
+
+def _intra_per_channel(q: Tensor, k: Tensor, v: Tensor, cumulative: Tensor) -> Tensor:
+    """sum_{s <= t} (sum_i q_ti k_si exp(G_ti - G_si)) v_s inside each chunk, per-channel decays.
+
+    Secondary chunking carried down to single positions: the chunk (padded to a power of two)
+    is halved level by level; at each level the second half of every block reads the first
+    half through the block's midpoint m, with the factors exp(G_t - G_m) and exp(G_m - G_s),
+    both <= 1 (G does not increase), so one matmul per level replaces the [C, C, K] decay
+    tensor and nothing overflows. Time O(C (K + V)) per position, memory O(K log C).
+
+    q, k: [B, H, N, C, K]; v: [B, H, N, C, V]; cumulative G: [B, H, N, C, K].
+    Returns [B, H, N, C, V].
+    """
+    chunk = q.shape[3]
+    size = 1 << (chunk - 1).bit_length()
+    q, k, v = (_pad_chunk(x, size) for x in (q, k, v))
+    g = _pad_chunk(cumulative, size, repeat_last=True)
+    out = (q * k).sum(-1, keepdim=True) * v  # s = t: exp(0) = 1
+    block = size // 2
+    while block:
+        (_, q_second), (k_first, _), (v_first, _), (g_first, g_second) = (
+            _halves(x, block) for x in (q, k, v, g))
+        middle = g_first[..., -1:, :]  # [B, H, N, P / 2b, 1, K]
+        reads = q_second * torch.exp(g_second - middle)
+        keys = k_first * torch.exp(middle - g_first)
+        read = (reads @ keys.transpose(-1, -2)) @ v_first  # [B, H, N, P / 2b, b, V]
+        out = out + F.pad(read, (0, 0, block, 0)).reshape(out.shape)
+        block //= 2
+    return out[:, :, :, :chunk]
+
+
+def _halves(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """[B, H, N, P, X] -> the first and second halves of its blocks of 2 ``block`` positions,
+    each [B, H, N, P / (2 block), block, X]."""
+    x = x.reshape(*x.shape[:3], x.shape[3] // (2 * block), 2, block, x.shape[-1])
+    return x[..., 0, :, :], x[..., 1, :, :]
+
+
+def _carried_states(decay: Tensor, writes: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    """The state before each chunk, S_{n+1} = decay_n S_n + writes_n, from S_0 = ``state``.
+
+    decay: [B, H, N, K or 1, 1]; writes: [B, H, N, K, V]; state: [B, H, K, V]. Returns
+    ``(starts [B, H, N, K, V], final [B, H, K, V])``. The chunks are taken by ``unbind`` (one
+    gradient buffer for all of them; indexing chunk by chunk would allocate a full-size zero
+    gradient per chunk in the backward pass, quadratic in the length).
+    """
+    starts = []
+    for chunk_decay, chunk_writes in zip(decay.unbind(2), writes.unbind(2), strict=True):
+        starts.append(state)
+        state = chunk_decay * state + chunk_writes
+    return torch.stack(starts, dim=2), state
 
 
 def chunked_gated_recurrence(
@@ -142,16 +201,15 @@ def chunked_gated_recurrence(
     if terms.beta is not None:
         raise ValueError("chunked_gated_recurrence: beta is set; use chunked_delta_rule")
     q, k, v, cumulative, _ = _prepared(terms, chunk_size)
-    intra = _decay_scores(q, k, cumulative) @ v  # [B, H, N, C, V]
+    if cumulative.shape[-1] == 1:
+        intra = _decay_scores(q, k, cumulative) @ v  # [B, H, N, C, V]
+    else:
+        intra = _intra_per_channel(q, k, v, cumulative)
     total = cumulative[..., -1:, :]  # [B, H, N, 1, K or 1]: log-decay over the whole chunk
     chunk_writes = (k * torch.exp(total - cumulative)).transpose(-1, -2) @ v  # [B, H, N, K, V]
     chunk_decay = torch.exp(total[..., 0, :])[..., None]  # [B, H, N, K or 1, 1]
-    state = _initial(q, v, initial_state)
-    states = []
-    for n in range(q.shape[2]):
-        states.append(state)
-        state = chunk_decay[:, :, n] * state + chunk_writes[:, :, n]
-    inter = (q * torch.exp(cumulative)) @ torch.stack(states, dim=2)  # [B, H, N, C, V]
+    starts, state = _carried_states(chunk_decay, chunk_writes, _initial(q, v, initial_state))
+    inter = (q * torch.exp(cumulative)) @ starts  # [B, H, N, C, V]
     return _from_chunks(intra + inter, terms.q.shape[1]).to(terms.v.dtype), state
 
 
@@ -179,26 +237,45 @@ def chunked_delta_rule(
     if terms.log_decay is not None and terms.log_decay.ndim != 3:
         raise ValueError("chunked_delta_rule: the decay must be one per head, [B, L, H]")
     q, k, v, cumulative, beta = _prepared(terms, chunk_size)
+    values, keys = _wy_terms(k, v, cumulative[..., 0], beta)
     g = cumulative[..., 0]  # [B, H, N, C]
-    chunk = q.shape[3]
-    strictly_lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril(-1)
-    decay = torch.exp((g[..., :, None] - g[..., None, :]).masked_fill(~strictly_lower, float("-inf")))
-    system = (beta[..., None] * (k @ k.transpose(-1, -2)) * decay) + torch.eye(
-        chunk, dtype=q.dtype, device=q.device)
-    right = torch.cat([beta[..., None] * v, (beta * torch.exp(g))[..., None] * k], dim=-1)
-    solved = torch.linalg.solve_triangular(system, right, upper=False, unitriangular=True)
-    values, keys = solved[..., : v.shape[-1]], solved[..., v.shape[-1]:]  # U, W
-    scores = _decay_scores(q, k, cumulative)  # [B, H, N, C, C]
     reads = q * torch.exp(g)[..., None]
     writes = k * torch.exp(g[..., -1:] - g)[..., None]
-    state = _initial(q, v, initial_state)
+    out, state = _delta_scan(
+        (values, keys, reads, _decay_scores(q, k, cumulative), writes, torch.exp(g[..., -1])),
+        _initial(q, v, initial_state))
+    return _from_chunks(out, terms.q.shape[1]).to(terms.v.dtype), state
+
+
+def _wy_terms(k: Tensor, v: Tensor, g: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    """U and W of the UT transform, u = U - W S: [B, H, N, C, V] and [B, H, N, C, K].
+
+    k: [B, H, N, C, K]; v: [B, H, N, C, V]; g (cumulative log-decay), beta: [B, H, N, C].
+    """
+    chunk = k.shape[3]
+    strictly_lower = torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril(-1)
+    decay = torch.exp((g[..., :, None] - g[..., None, :]).masked_fill(~strictly_lower, float("-inf")))
+    system = (beta[..., None] * (k @ k.transpose(-1, -2)) * decay) + torch.eye(
+        chunk, dtype=k.dtype, device=k.device)
+    right = torch.cat([beta[..., None] * v, (beta * torch.exp(g))[..., None] * k], dim=-1)
+    solved = torch.linalg.solve_triangular(system, right, upper=False, unitriangular=True)
+    return solved[..., : v.shape[-1]], solved[..., v.shape[-1]:]
+
+
+def _delta_scan(chunks: tuple[Tensor, ...], state: Tensor) -> tuple[Tensor, Tensor]:
+    """The delta rule's loop over chunks, from the start state [B, H, K, V].
+
+    ``chunks``: U [B, H, N, C, V], W [B, H, N, C, K], the decayed reads exp(G) q [.., C, K],
+    the masked scores [.., C, C], the decayed writes exp(G_end - G) k [.., C, K] and the
+    chunk decays exp(G_end) [B, H, N]; taken chunk by chunk with ``unbind`` (see
+    :func:`_carried_states`). Returns ``(out [B, H, N, C, V], final state)``.
+    """
     outputs = []
-    for n in range(q.shape[2]):
-        written = values[:, :, n] - keys[:, :, n] @ state  # u: [B, H, C, V]
-        outputs.append(reads[:, :, n] @ state + scores[:, :, n] @ written)
-        decayed = torch.exp(g[:, :, n, -1])[..., None, None] * state
-        state = decayed + writes[:, :, n].transpose(-1, -2) @ written
-    return _from_chunks(torch.stack(outputs, dim=2), terms.q.shape[1]).to(terms.v.dtype), state
+    for values, keys, reads, scores, writes, decay in zip(*(x.unbind(2) for x in chunks), strict=True):
+        written = values - keys @ state  # u: [B, H, C, V]
+        outputs.append(reads @ state + scores @ written)
+        state = decay[..., None, None] * state + writes.transpose(-1, -2) @ written
+    return torch.stack(outputs, dim=2), state
 
 
 def _initial(q: Tensor, v: Tensor, initial_state: Tensor | None) -> Tensor:
