@@ -13,10 +13,11 @@ they are shifted, and a key shift that looks at later keys leaks the future. Her
 is passed as ``phi_k * exp(key_log_scale)`` with ``phi_k`` in [0, 1], and every sum is kept
 relative to the running maximum R_t = max_{s <= t} key_log_scale_s, which only sees the prefix.
 The causal pass is chunked (chunks of :data:`CHUNK`): inside a chunk it builds the masked
-[C, C] feature-product matrix with the factor exp(l_s - R_t) <= 1; across chunks it carries the
-[m, D] sums rescaled to each chunk's reference. Every exponent is <= 0, nothing overflows, and it
-never builds the [n, m, D] tensor of per-position sums. A query shift (per token) cancels in the
-ratio and needs no care.
+[C, C] feature-product matrix with the factor exp(l_s - R_t) <= 1; across chunks a scan carries
+the [m, D] sums rescaled to each chunk's reference (a cumulative sum when nothing is rescaled).
+Every exponent is <= 0, nothing overflows, and it never builds the [n, m, D] tensor of
+per-position sums nor a chunk-by-chunk matrix. A query shift (per token) cancels in the ratio
+and needs no care.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 CHUNK = 64
-"""Chunk length of the causal pass: cost O(n C m) inside chunks, O((n / C)^2 m D) across."""
+"""Chunk length of the causal pass: cost O(n C m) inside chunks, O(n m D) across."""
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -82,7 +83,8 @@ def kernelized_attention(
         log_scale = log_scale.masked_fill(~key_valid[:, :, None], float("-inf"))
         phi_k = phi_k * key_valid[:, :, None, None]
     if causal:
-        augmented = _causal(phi_q, phi_k, values, log_scale)
+        rescale = key_log_scale is not None or key_valid is not None
+        augmented = _causal(phi_q, phi_k, values, log_scale, rescale=rescale)
     else:
         reference = log_scale.amax(dim=1, keepdim=True)  # [B, 1, H]
         weight = _exp_below(log_scale - reference, torch.isfinite(log_scale))
@@ -98,9 +100,12 @@ def _normalise(augmented: Tensor, eps: float) -> Tensor:
     return numerator / torch.where(normaliser > 0, normaliser, torch.ones_like(normaliser))
 
 
-def _causal(phi_q: Tensor, phi_k: Tensor, values: Tensor, log_scale: Tensor) -> Tensor:
+def _causal(
+    phi_q: Tensor, phi_k: Tensor, values: Tensor, log_scale: Tensor, *, rescale: bool
+) -> Tensor:
     """Chunked causal pass on aligned inputs: phi_q, phi_k [B, L, H, m], values [B, L, H, E],
-    log_scale [B, L, H] (-inf at invalid keys). Returns [B, L, H, E]."""
+    log_scale [B, L, H] (-inf at invalid keys; ``rescale`` False: zero everywhere).
+    Returns [B, L, H, E]."""
     batch, length, heads = phi_q.shape[:3]
     width = values.shape[-1]
     pad = (-length) % CHUNK
@@ -128,20 +133,35 @@ def _causal(phi_q: Tensor, phi_k: Tensor, values: Tensor, log_scale: Tensor) -> 
     chunk_end = r_c[:, :, -1]  # [B, N, H]
     local_weight = _exp_below(l_c - chunk_end[:, :, None], f_c)  # [B, N, C, H]
     local_sums = torch.einsum("bnshm,bnshe->bnhme", k_c * local_weight[..., None], v_c)
-    # State before chunk n, relative to E_{n-1}: sum_{j < n} exp(E_j - E_{n-1}) U_j.
     previous_end = F.pad(chunk_end, (0, 0, 1, -1), value=float("-inf"))  # E_{n-1}: [B, N, H]
-    earlier = torch.ones(chunks, chunks, dtype=torch.bool, device=phi_q.device).tril(-1)
-    carry = _exp_below(
-        chunk_end[:, None, :, :] - previous_end[:, :, None, :],  # [B, N(n), N(j), H]
-        earlier[None, :, :, None] & torch.isfinite(chunk_end)[:, None, :, :],
-    )
-    states = torch.einsum("bnjh,bjhme->bnhme", carry, local_sums)
+    states = _chunk_states(local_sums, chunk_end, previous_end, rescale=rescale)
     query_weight = _exp_below(
         previous_end[:, :, None, :] - r_c, torch.isfinite(previous_end)[:, :, None, :]
     )  # [B, N, C, H]: exp(E_{n-1} - R_t)
     inter = torch.einsum("bnthm,bnhme->bnthe", q_c * query_weight[..., None], states)
     out = (intra + inter).reshape(batch, chunks * CHUNK, heads, width)
     return out[:, :length]
+
+
+def _chunk_states(
+    local_sums: Tensor, chunk_end: Tensor, previous_end: Tensor, *, rescale: bool
+) -> Tensor:
+    """The sums before each chunk, relative to E_{n-1}: sum_{j < n} exp(E_j - E_{n-1}) U_j.
+
+    local_sums U: [B, N, H, m, E]; chunk_end E_n and previous_end E_{n-1}: [B, N, H]. A scan
+    over the chunks, S_{n+1} = exp(E_{n-1} - E_n) S_n + U_n (factors <= 1), linear in N;
+    without rescaling (every log scale 0) an exclusive cumulative sum. Returns [B, N, H, m, E].
+    """
+    if not rescale:
+        return F.pad(local_sums.cumsum(dim=1), (0, 0, 0, 0, 0, 0, 1, -1))
+    carry = _exp_below(previous_end - chunk_end, torch.isfinite(previous_end))  # [B, N, H]
+    state = torch.zeros_like(local_sums[:, 0])
+    states = []
+    # unbind, not indexing: one gradient buffer for all chunks in the backward pass
+    for factor, sums in zip(carry.unbind(1), local_sums.unbind(1), strict=True):
+        states.append(state)
+        state = factor[..., None, None] * state + sums
+    return torch.stack(states, dim=1)
 
 
 @dataclass
