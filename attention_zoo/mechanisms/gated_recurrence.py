@@ -132,8 +132,11 @@ def _pad_chunk(x: Tensor, size: int, *, repeat_last: bool = False) -> Tensor:
     return F.pad(x, (0, 0, 0, pad))
 
 
-def _intra_per_channel(q: Tensor, k: Tensor, v: Tensor, cumulative: Tensor) -> Tensor:
-    """sum_{s <= t} (sum_i q_ti k_si exp(G_ti - G_si)) v_s inside each chunk, per-channel decays.
+def _intra_per_channel(
+    q: Tensor, k: Tensor, v: Tensor, cumulative: Tensor, *, on_values: bool = False
+) -> Tensor:
+    """sum_{s <= t} (sum_i q_ti k_si exp(G_ti - G_si)) v_s inside each chunk, per-channel decays
+    on the key channels i, or with ``on_values`` sum_{s <= t} (q_t . k_s) v_sj exp(G_tj - G_sj).
 
     Secondary chunking carried down to single positions: the chunk (padded to a power of two)
     is halved level by level; at each level the second half of every block reads the first
@@ -141,7 +144,7 @@ def _intra_per_channel(q: Tensor, k: Tensor, v: Tensor, cumulative: Tensor) -> T
     both <= 1 (G does not increase), so one matmul per level replaces the [C, C, K] decay
     tensor and nothing overflows. Time O(C (K + V)) per position, memory O(K log C).
 
-    q, k: [B, H, N, C, K]; v: [B, H, N, C, V]; cumulative G: [B, H, N, C, K].
+    q, k: [B, H, N, C, K]; v: [B, H, N, C, V]; cumulative G: [B, H, N, C, K or V].
     Returns [B, H, N, C, V].
     """
     chunk = q.shape[3]
@@ -153,10 +156,14 @@ def _intra_per_channel(q: Tensor, k: Tensor, v: Tensor, cumulative: Tensor) -> T
     while block:
         (_, q_second), (k_first, _), (v_first, _), (g_first, g_second) = (
             _halves(x, block) for x in (q, k, v, g))
-        middle = g_first[..., -1:, :]  # [B, H, N, P / 2b, 1, K]
-        reads = q_second * torch.exp(g_second - middle)
-        keys = k_first * torch.exp(middle - g_first)
-        read = (reads @ keys.transpose(-1, -2)) @ v_first  # [B, H, N, P / 2b, b, V]
+        middle = g_first[..., -1:, :]  # [B, H, N, P / 2b, 1, K or V]
+        if on_values:
+            scores = q_second @ k_first.transpose(-1, -2)
+            read = (scores @ (v_first * torch.exp(middle - g_first))) * torch.exp(g_second - middle)
+        else:
+            reads = q_second * torch.exp(g_second - middle)
+            keys = k_first * torch.exp(middle - g_first)
+            read = (reads @ keys.transpose(-1, -2)) @ v_first  # [B, H, N, P / 2b, b, V]
         out = out + F.pad(read, (0, 0, block, 0)).reshape(out.shape)
         block //= 2
     return out[:, :, :, :chunk]
@@ -172,7 +179,7 @@ def _halves(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
 def _carried_states(decay: Tensor, writes: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
     """The state before each chunk, S_{n+1} = decay_n S_n + writes_n, from S_0 = ``state``.
 
-    decay: [B, H, N, K or 1, 1]; writes: [B, H, N, K, V]; state: [B, H, K, V]. Returns
+    decay: [B, H, N, K or 1, 1 or V]; writes: [B, H, N, K, V]; state: [B, H, K, V]. Returns
     ``(starts [B, H, N, K, V], final [B, H, K, V])``. The chunks are taken by ``unbind`` (one
     gradient buffer for all of them; indexing chunk by chunk would allocate a full-size zero
     gradient per chunk in the backward pass, quadratic in the length).
@@ -201,16 +208,55 @@ def chunked_gated_recurrence(
     if terms.beta is not None:
         raise ValueError("chunked_gated_recurrence: beta is set; use chunked_delta_rule")
     q, k, v, cumulative, _ = _prepared(terms, chunk_size)
+    out, state = _additive_chunks(q, k, v, cumulative, _initial(q, v, initial_state))
+    return _from_chunks(out, terms.q.shape[1]).to(terms.v.dtype), state
+
+
+def chunked_value_gated_recurrence(
+    terms: Recurrence, *, chunk_size: int, initial_state: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """S_t = S_{t-1} diag(exp(g_t)) + k_t v_t^T, o_t = S_t^T q_t: the decay on the value channels.
+
+    o_t,j = sum_{s <= t} (q_t . k_s) v_s,j exp(G_t,j - G_s,j) (ABC's key memory read), chunked
+    as :func:`chunked_gated_recurrence`.
+
+    Args:
+        terms: q, k [B, L, H, K], v [B, L, H, V], log_decay [B, L, H, V] (<= 0), beta None.
+        chunk_size: positions per chunk C.
+        initial_state: [B, H, K, V] or None (zeros).
+
+    Returns:
+        ``(out [B, L, H, V] in v's dtype, final state [B, H, K, V] in the accumulation dtype)``.
+    """
+    if terms.beta is not None or terms.log_decay is None or terms.log_decay.ndim != 4:
+        raise ValueError("chunked_value_gated_recurrence: needs log_decay [B, L, H, V], no beta")
+    q, k, v, cumulative, _ = _prepared(terms, chunk_size)
+    out, state = _additive_chunks(q, k, v, cumulative, _initial(q, v, initial_state),
+                                  on_values=True)
+    return _from_chunks(out, terms.q.shape[1]).to(terms.v.dtype), state
+
+
+def _additive_chunks(
+    q: Tensor, k: Tensor, v: Tensor, cumulative: Tensor, state: Tensor, *, on_values: bool = False
+) -> tuple[Tensor, Tensor]:
+    """The additive recurrence on chunked terms (see :func:`_prepared`) from ``state``
+    [B, H, K, V]; decays on the key channels ([.., K or 1]) or, ``on_values``, on the value
+    channels ([.., V]). Returns ``(out [B, H, N, C, V], final state)``."""
+    total = cumulative[..., -1:, :]  # [B, H, N, 1, K, 1 or V]: log-decay over the whole chunk
+    tail = torch.exp(total - cumulative)  # decay from each position to the chunk's end
+    if on_values:
+        intra = _intra_per_channel(q, k, v, cumulative, on_values=True)
+        chunk_writes = k.transpose(-1, -2) @ (v * tail)  # [B, H, N, K, V]
+        starts, state = _carried_states(torch.exp(total), chunk_writes, state)
+        return intra + (q @ starts) * torch.exp(cumulative), state
     if cumulative.shape[-1] == 1:
         intra = _decay_scores(q, k, cumulative) @ v  # [B, H, N, C, V]
     else:
         intra = _intra_per_channel(q, k, v, cumulative)
-    total = cumulative[..., -1:, :]  # [B, H, N, 1, K or 1]: log-decay over the whole chunk
-    chunk_writes = (k * torch.exp(total - cumulative)).transpose(-1, -2) @ v  # [B, H, N, K, V]
+    chunk_writes = (k * tail).transpose(-1, -2) @ v  # [B, H, N, K, V]
     chunk_decay = torch.exp(total[..., 0, :])[..., None]  # [B, H, N, K or 1, 1]
-    starts, state = _carried_states(chunk_decay, chunk_writes, _initial(q, v, initial_state))
-    inter = (q * torch.exp(cumulative)) @ starts  # [B, H, N, C, V]
-    return _from_chunks(intra + inter, terms.q.shape[1]).to(terms.v.dtype), state
+    starts, state = _carried_states(chunk_decay, chunk_writes, state)
+    return intra + (q * torch.exp(cumulative)) @ starts, state
 
 
 def chunked_delta_rule(
