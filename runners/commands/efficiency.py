@@ -255,11 +255,11 @@ def summary_table(records: list[dict[str, Any]], lengths: Sequence[int]) -> Grou
     for (pattern, scope), rows in _grouped(records).items():
         scope_text = "whole layer" if scope == "layer" else "attention core"
         table = Table(title=f"{pattern}, {scope_text}: forward+backward median ms ± IQR, forward "
-                            "median ms (f), peak MiB; k: time ~ n^k; eff.: CAB's efficiency "
-                            "length against softmax", box=box.SIMPLE_HEAD, collapse_padding=True,
+                            "median ms (f), peak MiB; k: time ~ n^k; eff. length: CAB's efficiency "
+                            "length, against softmax", box=box.SIMPLE_HEAD, collapse_padding=True,
                       pad_edge=False)
         table.add_column("attention", overflow="fold")
-        for column in (*(f"L={n}" for n in lengths), "k", "eff."):
+        for column in (*(f"L={n}" for n in lengths), "k", "eff. length"):
             table.add_column(column, justify="right")
         for label, by_length in rows.items():
             cell = next(iter(by_length.values()))["cell"]
