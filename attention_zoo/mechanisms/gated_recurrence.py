@@ -172,8 +172,9 @@ def _intra_per_channel(
 def _halves(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
     """[B, H, N, P, X] -> the first and second halves of its blocks of 2 ``block`` positions,
     each [B, H, N, P / (2 block), block, X]."""
-    x = x.reshape(*x.shape[:3], x.shape[3] // (2 * block), 2, block, x.shape[-1])
-    return x[..., 0, :, :], x[..., 1, :, :]
+    first, second = x.reshape(*x.shape[:3], x.shape[3] // (2 * block), 2, block,
+                              x.shape[-1]).unbind(-3)  # one gradient buffer for both halves
+    return first, second
 
 
 def _carried_states(decay: Tensor, writes: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:

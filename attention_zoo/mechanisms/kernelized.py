@@ -105,63 +105,66 @@ def _causal(
 ) -> Tensor:
     """Chunked causal pass on aligned inputs: phi_q, phi_k [B, L, H, m], values [B, L, H, E],
     log_scale [B, L, H] (-inf at invalid keys; ``rescale`` False: zero everywhere).
+    Head-major inside ([B, H, N, C, *]: one copy of each input, then contiguous matmuls).
     Returns [B, L, H, E]."""
     batch, length, heads = phi_q.shape[:3]
-    width = values.shape[-1]
     pad = (-length) % CHUNK
     if pad:
         phi_q, phi_k, values = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (phi_q, phi_k, values))
         log_scale = F.pad(log_scale, (0, 0, 0, pad), value=float("-inf"))
     chunks = (length + pad) // CHUNK
-    reference = torch.cummax(log_scale, dim=1).values  # [B, L, H]: R_t, prefix only
-    finite = torch.isfinite(log_scale)
 
-    def split(x: Tensor) -> Tensor:  # [B, L, ...] -> [B, N, C, ...]
-        return x.reshape(batch, chunks, CHUNK, *x.shape[2:])
+    def split(x: Tensor) -> Tensor:  # [B, L, H, ...] -> [B, H, N, C, ...]
+        x = x.transpose(1, 2)
+        return x.reshape(batch, heads, chunks, CHUNK, *x.shape[3:])
 
-    q_c, k_c, v_c = split(phi_q), split(phi_k), split(values)  # [B, N, C, H, *]
-    l_c, r_c, f_c = split(log_scale), split(reference), split(finite)  # [B, N, C, H]
-
-    # Inside each chunk: (phi_q_t . phi_k_s) exp(l_s - R_t) for s <= t.
+    q_c, k_c, v_c = split(phi_q), split(phi_k), split(values)
+    # Inside each chunk: (phi_q_t . phi_k_s) exp(l_s - R_t) for s <= t (padded keys: phi_k = 0).
+    scores = q_c @ k_c.transpose(-1, -2)  # [B, H, N, C(t), C(s)]
     lower = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=phi_q.device).tril()
-    exponent = l_c[:, :, None, :, :] - r_c[:, :, :, None, :]  # [B, N, C(t), C(s), H]
-    decay = _exp_below(exponent, lower[None, None, :, :, None] & f_c[:, :, None, :, :])
-    scores = torch.einsum("bnthm,bnshm->bntsh", q_c, k_c) * decay
-    intra = torch.einsum("bntsh,bnshe->bnthe", scores, v_c)
-
-    # Across chunks: U_n = sum_{s in n} exp(l_s - E_n) phi_k_s v_s^T, E_n = R at the chunk's end.
-    chunk_end = r_c[:, :, -1]  # [B, N, H]
-    local_weight = _exp_below(l_c - chunk_end[:, :, None], f_c)  # [B, N, C, H]
-    local_sums = torch.einsum("bnshm,bnshe->bnhme", k_c * local_weight[..., None], v_c)
-    previous_end = F.pad(chunk_end, (0, 0, 1, -1), value=float("-inf"))  # E_{n-1}: [B, N, H]
-    states = _chunk_states(local_sums, chunk_end, previous_end, rescale=rescale)
-    query_weight = _exp_below(
-        previous_end[:, :, None, :] - r_c, torch.isfinite(previous_end)[:, :, None, :]
-    )  # [B, N, C, H]: exp(E_{n-1} - R_t)
-    inter = torch.einsum("bnthm,bnhme->bnthe", q_c * query_weight[..., None], states)
-    out = (intra + inter).reshape(batch, chunks * CHUNK, heads, width)
-    return out[:, :length]
+    if not rescale:
+        intra = scores.masked_fill(~lower, 0.0) @ v_c
+        # Across chunks: the sums of every earlier chunk, an exclusive cumulative sum.
+        states = _chunk_states(k_c.transpose(-1, -2) @ v_c, None, None)  # [B, H, N, m, E]
+        out = intra + q_c @ states
+    else:
+        l_c = split(log_scale[..., None])[..., 0]  # [B, H, N, C]
+        r_c = split(torch.cummax(log_scale, dim=1).values[..., None])[..., 0]  # R_t, prefix only
+        f_c = torch.isfinite(l_c)
+        decay = _exp_below(l_c[..., None, :] - r_c[..., :, None], lower & f_c[..., None, :])
+        intra = (scores * decay) @ v_c
+        # U_n = sum_{s in n} exp(l_s - E_n) phi_k_s v_s^T, E_n = R at the chunk's end.
+        chunk_end = r_c[..., -1]  # [B, H, N]
+        local_weight = _exp_below(l_c - chunk_end[..., None], f_c)  # [B, H, N, C]
+        local_sums = (k_c * local_weight[..., None]).transpose(-1, -2) @ v_c
+        previous_end = F.pad(chunk_end, (1, -1), value=float("-inf"))  # E_{n-1}
+        states = _chunk_states(local_sums, chunk_end, previous_end)
+        query_weight = _exp_below(previous_end[..., None] - r_c,
+                                  torch.isfinite(previous_end)[..., None])  # exp(E_{n-1} - R_t)
+        out = intra + (q_c * query_weight[..., None]) @ states
+    return out.reshape(batch, heads, chunks * CHUNK, -1).transpose(1, 2)[:, :length]
 
 
 def _chunk_states(
-    local_sums: Tensor, chunk_end: Tensor, previous_end: Tensor, *, rescale: bool
+    local_sums: Tensor, chunk_end: Tensor | None, previous_end: Tensor | None
 ) -> Tensor:
     """The sums before each chunk, relative to E_{n-1}: sum_{j < n} exp(E_j - E_{n-1}) U_j.
 
-    local_sums U: [B, N, H, m, E]; chunk_end E_n and previous_end E_{n-1}: [B, N, H]. A scan
-    over the chunks, S_{n+1} = exp(E_{n-1} - E_n) S_n + U_n (factors <= 1), linear in N;
-    without rescaling (every log scale 0) an exclusive cumulative sum. Returns [B, N, H, m, E].
+    local_sums U: [B, H, N, m, E]; chunk_end E_n and previous_end E_{n-1}: [B, H, N], or None
+    when nothing is rescaled (every log scale 0): then an exclusive cumulative sum. Otherwise a
+    scan over the chunks, S_{n+1} = exp(E_{n-1} - E_n) S_n + U_n (factors <= 1), linear in N.
+    Returns [B, H, N, m, E].
     """
-    if not rescale:
-        return F.pad(local_sums.cumsum(dim=1), (0, 0, 0, 0, 0, 0, 1, -1))
-    carry = _exp_below(previous_end - chunk_end, torch.isfinite(previous_end))  # [B, N, H]
-    state = torch.zeros_like(local_sums[:, 0])
+    if chunk_end is None or previous_end is None:
+        return F.pad(local_sums.cumsum(dim=2), (0, 0, 0, 0, 1, -1))
+    carry = _exp_below(previous_end - chunk_end, torch.isfinite(previous_end))  # [B, H, N]
+    state = torch.zeros_like(local_sums[:, :, 0])
     states = []
     # unbind, not indexing: one gradient buffer for all chunks in the backward pass
-    for factor, sums in zip(carry.unbind(1), local_sums.unbind(1), strict=True):
+    for factor, sums in zip(carry.unbind(2), local_sums.unbind(2), strict=True):
         states.append(state)
         state = factor[..., None, None] * state + sums
-    return torch.stack(states, dim=1)
+    return torch.stack(states, dim=2)
 
 
 @dataclass
