@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attention_zoo import AttentionConfigError, Pattern, build_attention
+from attention_zoo.mechanisms.chunk_scan import carried_states
 from attention_zoo.mechanisms.deltanet import delta_features
 from attention_zoo.mechanisms.gated_recurrence import (
     Recurrence,
@@ -330,3 +331,31 @@ def test_per_channel_chunks_stay_finite_under_strong_decays_in_float32(form):
     expected, _ = _recurrent(form, exact, initial.double())
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("decay_shape", [(6, 1), (1, 5), (1, 1), (6, 5)])
+def test_the_chunk_scan_has_the_gradients_of_its_loop(decay_shape):
+    """carried_states (one autograd node, reverse-scan backward) against the plain loop."""
+    generator = torch.Generator().manual_seed(12)
+
+    def draw(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+
+    decay = torch.sigmoid(draw(2, 3, 7, *decay_shape)).detach().requires_grad_()
+    writes, state = draw(2, 3, 7, 6, 5), draw(2, 3, 6, 5)
+    starts, final = carried_states(decay, writes, state)
+    expected, current = [], state
+    for n in range(7):
+        expected.append(current)
+        current = decay[:, :, n] * current + writes[:, :, n]
+    expected_starts = torch.stack(expected, dim=2)
+    assert torch.allclose(starts, expected_starts, rtol=0, atol=1e-12)
+    assert torch.allclose(final, current, rtol=0, atol=1e-12)
+    weights = torch.randn(starts.shape, generator=generator, dtype=torch.float64)
+    for with_final in (True, False):
+        ours = (starts * weights).sum() + (final.sum() if with_final else 0)
+        theirs = (expected_starts * weights).sum() + (current.sum() if with_final else 0)
+        for a, b in zip(torch.autograd.grad(ours, [decay, writes, state], retain_graph=True),
+                        torch.autograd.grad(theirs, [decay, writes, state], retain_graph=True),
+                        strict=True):
+            assert torch.allclose(a, b, rtol=0, atol=1e-12)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attention_zoo.base import Attention, AttentionConfigError, Pattern
+from attention_zoo.mechanisms.chunk_scan import carried_states
 from attention_zoo.mechanisms.kernelized import accumulation_dtype
 
 Backend = Literal["auto", "torch", "fla"]
@@ -177,21 +178,6 @@ def _halves(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
     return first, second
 
 
-def _carried_states(decay: Tensor, writes: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-    """The state before each chunk, S_{n+1} = decay_n S_n + writes_n, from S_0 = ``state``.
-
-    decay: [B, H, N, K or 1, 1 or V]; writes: [B, H, N, K, V]; state: [B, H, K, V]. Returns
-    ``(starts [B, H, N, K, V], final [B, H, K, V])``. The chunks are taken by ``unbind`` (one
-    gradient buffer for all of them; indexing chunk by chunk would allocate a full-size zero
-    gradient per chunk in the backward pass, quadratic in the length).
-    """
-    starts = []
-    for chunk_decay, chunk_writes in zip(decay.unbind(2), writes.unbind(2), strict=True):
-        starts.append(state)
-        state = chunk_decay * state + chunk_writes
-    return torch.stack(starts, dim=2), state
-
-
 def chunked_gated_recurrence(
     terms: Recurrence, *, chunk_size: int, initial_state: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
@@ -248,7 +234,7 @@ def _additive_chunks(
     if on_values:
         intra = _intra_per_channel(q, k, v, cumulative, on_values=True)
         chunk_writes = k.transpose(-1, -2) @ (v * tail)  # [B, H, N, K, V]
-        starts, state = _carried_states(torch.exp(total), chunk_writes, state)
+        starts, state = carried_states(torch.exp(total), chunk_writes, state)
         return intra + (q @ starts) * torch.exp(cumulative), state
     if cumulative.shape[-1] == 1:
         intra = _decay_scores(q, k, cumulative) @ v  # [B, H, N, C, V]
@@ -256,7 +242,7 @@ def _additive_chunks(
         intra = _intra_per_channel(q, k, v, cumulative)
     chunk_writes = (k * tail).transpose(-1, -2) @ v  # [B, H, N, K, V]
     chunk_decay = torch.exp(total[..., 0, :])[..., None]  # [B, H, N, K or 1, 1]
-    starts, state = _carried_states(chunk_decay, chunk_writes, state)
+    starts, state = carried_states(chunk_decay, chunk_writes, state)
     return intra + (q * torch.exp(cumulative)) @ starts, state
 
 
@@ -315,7 +301,7 @@ def _delta_scan(chunks: tuple[Tensor, ...], state: Tensor) -> tuple[Tensor, Tens
     ``chunks``: U [B, H, N, C, V], W [B, H, N, C, K], the decayed reads exp(G) q [.., C, K],
     the masked scores [.., C, C], the decayed writes exp(G_end - G) k [.., C, K] and the
     chunk decays exp(G_end) [B, H, N]; taken chunk by chunk with ``unbind`` (see
-    :func:`_carried_states`). Returns ``(out [B, H, N, C, V], final state)``.
+    :func:`carried_states`). Returns ``(out [B, H, N, C, V], final state)``.
     """
     outputs = []
     for values, keys, reads, scores, writes, decay in zip(*(x.unbind(2) for x in chunks), strict=True):

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attention_zoo.mechanisms.chunk_scan import carried_states
+
 CHUNK = 64
 """Chunk length of the causal pass: cost O(n C m) inside chunks, O(n m D) across."""
 
@@ -158,13 +160,8 @@ def _chunk_states(
     if chunk_end is None or previous_end is None:
         return F.pad(local_sums.cumsum(dim=2), (0, 0, 0, 0, 1, -1))
     carry = _exp_below(previous_end - chunk_end, torch.isfinite(previous_end))  # [B, H, N]
-    state = torch.zeros_like(local_sums[:, :, 0])
-    states = []
-    # unbind, not indexing: one gradient buffer for all chunks in the backward pass
-    for factor, sums in zip(carry.unbind(2), local_sums.unbind(2), strict=True):
-        states.append(state)
-        state = factor[..., None, None] * state + sums
-    return torch.stack(states, dim=2)
+    initial = torch.zeros_like(local_sums[:, :, 0])
+    return carried_states(carry[..., None, None], local_sums, initial)[0]
 
 
 @dataclass
