@@ -163,6 +163,12 @@ def _ms(value: float) -> str:
     return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
 
 
+KEY = ("Each length: forward+backward median ms, ± its IQR, forward median ms (f), peak MiB of "
+       "forward+backward. k: the exponent of time ~ n^k (forward+backward); eff. length: CAB's "
+       "efficiency length, from which it is faster than softmax.")
+"""The first line of the legend under the efficiency tables."""
+
+
 @dataclass
 class _Legend:
     """What the tables point to: variant labels ([1]), failures ([a]) and length-bound
@@ -191,7 +197,7 @@ class _Legend:
 
         grid = Table.grid(padding=(0, 1))
         grid.add_column(overflow="fold")
-        lines = [f"{marker} {label}" for label, marker in self.variants.items()]
+        lines = [KEY] + [f"{marker} {label}" for label, marker in self.variants.items()]
         lines += [f"{name}: {', '.join(names)} = the timed length L (it bounds the length)"
                   for name, names in sorted(self.follows.items())]
         for line in lines + self.failures:
@@ -200,13 +206,14 @@ class _Legend:
 
 
 def _cell_text(record: dict[str, Any] | None, label: str, legend: _Legend) -> str:
-    """A length's cell: forward+backward median ± IQR, forward median, peak MiB (3 lines)."""
+    """A length's cell, one figure a line (narrow columns): forward+backward median, ± its IQR,
+    forward median, peak MiB."""
     if record is None:
         return ""
     if record["status"] != "ok":
         return legend.failure(label, record)
     m = record["metrics"]
-    return (f"{_ms(m['forward_backward_ms'])} ±{_ms(m.get('forward_backward_ms_iqr', 0))}\n"
+    return (f"{_ms(m['forward_backward_ms'])}\n±{_ms(m.get('forward_backward_ms_iqr', 0))}\n"
             f"f {_ms(m['forward_ms'])}\n{m['forward_backward_peak_mib']:.0f} MiB")
 
 
@@ -244,7 +251,7 @@ def summary_table(records: list[dict[str, Any]], lengths: Sequence[int]) -> Grou
     time ~ n^k (forward+backward) and the efficiency length against softmax. Every variant is
     named in full in the legend under the tables (the rows carry its marker), with each
     failure's reason and the hyperparameters that follow the timed length. Fits 100 columns
-    for up to six lengths."""
+    for up to seven lengths."""
     from rich import box
     from rich.console import Group
     from rich.markup import escape
@@ -254,21 +261,21 @@ def summary_table(records: list[dict[str, Any]], lengths: Sequence[int]) -> Grou
     tables = []
     for (pattern, scope), rows in _grouped(records).items():
         scope_text = "whole layer" if scope == "layer" else "attention core"
-        table = Table(title=f"{pattern}, {scope_text}: forward+backward median ms ± IQR, forward "
-                            "median ms (f), peak MiB; k: time ~ n^k; eff. length: CAB's efficiency "
-                            "length, against softmax", box=box.SIMPLE_HEAD, collapse_padding=True,
-                      pad_edge=False)
-        table.add_column("attention", overflow="fold")
-        for column in (*(f"L={n}" for n in lengths), "k", "eff. length"):
+        table = Table(title=f"{pattern}, {scope_text}", box=box.SIMPLE_HEAD,
+                      collapse_padding=True, pad_edge=False)
+        names = {label: legend.variant(next(iter(by_length.values()))["cell"]["attention"], label)
+                 for label, by_length in rows.items()}
+        # names stay whole: the numbers wrap first
+        table.add_column("attention", overflow="fold", min_width=max(map(len, names.values())))
+        for column in (*(f"L={n}" for n in lengths), "k", "eff.\nlength"):
             table.add_column(column, justify="right")
         for label, by_length in rows.items():
             cell = next(iter(by_length.values()))["cell"]
             if cell.get("follows_length"):
                 legend.follows[cell["attention"]] = tuple(cell["follows_length"])
-            name = escape(legend.variant(cell["attention"], label))
             texts = [escape(_cell_text(by_length.get(n), label, legend)) for n in lengths]
-            table.add_row(name, *texts, *_fit(by_length, rows.get("softmax", {}), lengths,
-                                              label == "softmax"))
+            table.add_row(escape(names[label]), *texts,
+                          *_fit(by_length, rows.get("softmax", {}), lengths, label == "softmax"))
         tables.append(table)
     return Group(*tables, legend.renderable())
 
