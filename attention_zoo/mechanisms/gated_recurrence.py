@@ -13,11 +13,13 @@ additive write by the delta rule with a write strength beta_t,
 
 The parallel forms here are chunked (Yang et al., ICML 2024 for the gated form; Yang et al.,
 NeurIPS 2024 for the delta rule): inside a chunk of C positions a masked [C, C] score matrix,
-across chunks the [K, V] state carried by a loop over the L / C chunks. Time O(L C K + L K V),
-never an [L, L] matrix. Every decay factor is exp of a difference G_t - G_s of within-chunk
-cumulative log-decays with s <= t, so it is <= 1 and nothing overflows; per-channel decays
-build the [C, C, K] decay tensor explicitly instead of dividing by exp(G_s). Sums run in
-float32 for half-precision inputs (float64 stays float64).
+across chunks the [K, V] state carried by a scan over the L / C chunks (one autograd node,
+:mod:`~attention_zoo.mechanisms.chunk_scan`). Time O(L C K + L K V), never an [L, L] matrix.
+Every decay factor is exp of a difference G_t - G_s of within-chunk cumulative log-decays with
+s <= t, so it is <= 1 and nothing overflows; per-channel decays use secondary chunking down to
+single positions (each half-block reads the one before it through their midpoint), never a
+[C, C, K] decay tensor nor a division by exp(G_s). Sums run in float32 for half-precision
+inputs (float64 stays float64).
 """
 
 from __future__ import annotations
