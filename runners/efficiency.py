@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import importlib
 import importlib.util
 import itertools
@@ -121,6 +122,13 @@ class EfficiencyCell:
     dtype: str = "float32"
     device: str = "cpu"
     scope: str = "core"
+    follows_length: tuple[str, ...] = ()
+
+    @property
+    def built_args(self) -> dict[str, Any]:
+        """The hyperparameters the mechanism is built with: ``attention_args``, and each
+        hyperparameter named in ``follows_length`` set to the timed length."""
+        return {**self.attention_args, **{name: self.length for name in self.follows_length}}
 
     @property
     def key(self) -> str:
@@ -264,10 +272,10 @@ def _module_under_test(cell: EfficiencyCell) -> tuple[Callable[..., torch.Tensor
     if cell.scope == "layer":
         module: torch.nn.Module = MultiHeadAttention(
             cell.heads * cell.head_dim, cell.heads, cell.attention, pattern=cell.pattern,
-            attention_args=cell.attention_args)
+            attention_args=cell.built_args)
     elif cell.scope == "core":
         attention = build_attention(cell.attention, pattern=cell.pattern, heads=cell.heads,
-                                    head_dim=cell.head_dim, **cell.attention_args)
+                                    head_dim=cell.head_dim, **cell.built_args)
         module = _CoreWithLayerInput(attention) if attention.needs_layer_input else attention
     else:
         raise ValueError(f"unknown scope {cell.scope!r}; valid: {', '.join(SCOPES)}")
@@ -533,6 +541,13 @@ def efficiency_length(
     return math.inf
 
 
+def length_bound(name: str) -> tuple[str, ...]:
+    """The hyperparameters of mechanism ``name`` that bound the sequence length it accepts
+    (``metadata["length_bound"]`` on its ``Config`` field, e.g. cosformer's ``max_length``)."""
+    config = attention_spec(name).cls.Config
+    return tuple(f.name for f in dataclasses.fields(config) if f.metadata.get("length_bound"))
+
+
 def default_cells(
     attentions: Sequence[str],
     patterns: Sequence[str],
@@ -542,17 +557,21 @@ def default_cells(
     **shape: Any,
 ) -> list[EfficiencyCell]:
     """The cross product of mechanisms (each variant of its hyperparameters in
-    ``attention_args``) x patterns x lengths, skipping unsupported patterns."""
+    ``attention_args``) x patterns x lengths, skipping unsupported patterns. A length-bound
+    hyperparameter (:func:`length_bound`) that a variant leaves at its default follows the
+    timed length; one the variant sets stays as set (longer cells then fail, saying why)."""
     cells = []
     for name in attentions:
         spec = attention_spec(name)
+        bound = length_bound(name)
         for pattern in patterns:
             if not spec.supports(pattern):
                 continue
             for length, variant in itertools.product(lengths, (attention_args or {}).get(name) or [{}]):
                 cells.append(EfficiencyCell(
                     attention=name, pattern=Pattern.parse(pattern).value, length=length,
-                    attention_args=dict(variant), **shape,
+                    attention_args=dict(variant),
+                    follows_length=tuple(b for b in bound if b not in variant), **shape,
                 ))
     return cells
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from attention_zoo import Pattern, attention_spec, build_attention, masked_softmax
-from attention_zoo.mechanisms.kernelized import CHUNK
+from attention_zoo.mechanisms.kernelized import CHUNK, kernelized_attention
 from attention_zoo.mechanisms.softmax import softmax_attention
 
 pytestmark = pytest.mark.zoo
@@ -207,6 +207,35 @@ def test_lln_equals_its_quadratic_form(pattern):
     out = attention(q, k, v, padding)
     assert torch.isfinite(out).all()
     assert_close("lln", pattern, out, reference, real_queries(pattern, padding))
+
+
+@pytest.mark.parametrize("rescaled", [False, True], ids=["cumulative_sum", "rescaled_scan"])
+def test_kernelized_causal_pass_equals_its_quadratic_form_with_gradients(rescaled):
+    """The chunked causal pass (three chunks: the sums carried by a cumulative sum, or by the
+    scan that rescales them to each chunk's running maximum) against the quadratic form, in
+    float64, forward and gradients, with right padding. Key log scales span e^-50 to e^50."""
+    phi_q = draw(2, LENGTH, HEADS, 6, seed=70).exp().requires_grad_()
+    phi_k = torch.sigmoid(draw(2, LENGTH, HEADS, 6, seed=71)).requires_grad_()
+    v = draw(2, LENGTH, HEADS, DIM, seed=72).requires_grad_()
+    log_scale = draw(2, LENGTH, HEADS, seed=73, scale=20.0) if rescaled else None
+    padding = torch.zeros(2, LENGTH, dtype=torch.bool)
+    padding[1, -17:] = True
+    eps = 0.0 if rescaled else 1e-6  # eps is added to the normaliser relative to the reference
+    out = kernelized_attention(phi_q, phi_k, v, causal=True, key_valid=~padding,
+                               key_log_scale=log_scale, eps=eps)
+    weights = torch.einsum("bthm,bshm->bhts", phi_q, phi_k)
+    if rescaled:
+        weights = weights * torch.exp(log_scale - log_scale.amax(1, keepdim=True)).transpose(1, 2)[:, :, None]
+    weights = weights * visible(Pattern.CAUSAL_SELF, LENGTH, LENGTH, padding)
+    reference = weighted_average(weights, v, eps=eps)
+    rows = real_queries(Pattern.CAUSAL_SELF, padding)
+    assert_close("kernelized", Pattern.CAUSAL_SELF, out, reference, rows)
+    loss_weights = draw(*out.shape, seed=74) * rows
+    grads = torch.autograd.grad((out * loss_weights).sum(), [phi_q, phi_k, v])
+    expected = torch.autograd.grad((reference * loss_weights).sum(), [phi_q, phi_k, v])
+    for name, grad, other in zip(["phi_q", "phi_k", "v"], grads, expected, strict=True):
+        difference = ((grad - other) / (other.abs() + 1)).abs().max().item()
+        assert difference < 1e-9, f"gradient of {name} differs by {difference:.3g}"
 
 
 @pytest.mark.parametrize("name", ["linear", "cosformer", "performer", "lln"])

@@ -183,6 +183,35 @@ def test_abc_causal_is_stable_with_extreme_control_logits():
     torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
 
 
+def assert_same_gradients(name, attention, ours, reference, leaves, rows) -> None:
+    """Gradients of a weighted sum over the real query rows ([B, Lq, 1, 1] bool) agree in float64."""
+    weights = torch.randn(ours.shape, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(11)) * rows
+    leaves = [*leaves, *attention.parameters()]
+    grads = torch.autograd.grad((ours * weights).sum(), leaves, allow_unused=True)
+    expected = torch.autograd.grad((reference * weights).sum(), leaves, allow_unused=True)
+    for index, (grad, other) in enumerate(zip(grads, expected, strict=True)):
+        if grad is None or other is None:
+            assert grad is None and other is None, f"{name}: only one side reaches leaf {index}"
+            continue
+        torch.testing.assert_close(grad, other, rtol=0, atol=1e-10,
+                                   msg=lambda m, i=index: f"{name}: gradient of leaf {i}: {m}")
+
+
+@pytest.mark.parametrize("chunk_size", [4, 5, 32])
+def test_abc_causal_gradients_match_its_definition(chunk_size):
+    """The chunked recurrences of the causal pass (lengths no multiple of the chunk) give the
+    definition's gradients for q, k, v and the control."""
+    attention = build_for_test("abc", Pattern.CAUSAL_SELF, slots=5)
+    attention.chunk_size = chunk_size
+    q, k, v = (x.requires_grad_() for x in random_inputs(2, 14, 14))
+    padding = _right_padding(2, 14, 3)
+    out = attention(q, k, v, padding)
+    expected = abc_reference(attention, q, k, v, causal=True, key_padding_mask=padding)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+    assert_same_gradients("abc", attention, out, expected, [q, k, v], ~padding[:, :, None, None])
+
+
 # nystrom -----------------------------------------------------------------------------------
 
 def _smooth_sequences(length: int, seed: int) -> tuple[torch.Tensor, ...]:
@@ -371,6 +400,20 @@ def test_longshort_matches_its_definition(pattern, config):
         out = attention(q, k, v, padding)
     torch.testing.assert_close(out[0], expected[0], rtol=0, atol=1e-12)
     torch.testing.assert_close(out[1, :10], expected[1, :10], rtol=0, atol=1e-12)
+
+
+def test_longshort_causal_gradients_match_its_definition():
+    """The causal joint read (the window folded into the fused kernel as a sink key) gives the
+    definition's gradients, padding and projection parameters included."""
+    config = {"window": 4, "rank": 3, "segment": 3, "segment_rank": 2}
+    attention = build_for_test("longshort", Pattern.CAUSAL_SELF, **config)
+    q, k, v = (x.requires_grad_() for x in random_inputs(2, 14, 14))
+    padding = _right_padding(2, 14, 4)
+    out = attention(q, k, v, padding)
+    expected = longshort_reference(attention, q, k, v, causal=True, key_padding_mask=padding)
+    rows = ~padding[:, :, None, None]
+    torch.testing.assert_close(out * rows, expected * rows, rtol=0, atol=1e-12)
+    assert_same_gradients("longshort", attention, out, expected, [q, k, v], rows)
 
 
 # lara ---------------------------------------------------------------------------------------

@@ -92,3 +92,52 @@ def test_variants_of_one_mechanism_are_measured_side_by_side(tmp_path):
     assert code == 0
     records = [json.loads(p.read_text()) for p in tmp_path.rglob("*.json")]
     assert sorted(r["cell"]["attention_args"]["backend"] for r in records) == ["chunked", "torch"]
+
+
+def test_a_length_bound_hyperparameter_follows_the_timed_length():
+    from runners.efficiency import default_cells, length_bound
+
+    assert length_bound("cosformer") == ("max_length",) and length_bound("softmax") == ()
+    shape = {"heads": 1, "head_dim": 4}
+    cells = default_cells(["cosformer"], ["causal_self"], [8, 16], **shape)
+    assert [c.built_args for c in cells] == [{"max_length": 8}, {"max_length": 16}]
+    assert all(c.attention_args == {} for c in cells)  # one row in the table, not one per length
+    # set by the user, it stays as set, and a longer cell fails saying why
+    fixed = default_cells(["cosformer"], ["causal_self"], [8, 16],
+                          attention_args={"cosformer": [{"max_length": 8}]}, **shape)
+    assert [c.built_args for c in fixed] == [{"max_length": 8}, {"max_length": 8}]
+    short, long = (measure_group([cell], warmup=0, repeats=1)[0] for cell in fixed)
+    assert isinstance(short, dict) and "exceeds max_length=8" in str(long)
+
+
+def _record(name: str, args: dict, length: int, ms: float | None) -> dict:
+    cell = {"attention": name, "attention_args": args, "pattern": "causal_self", "length": length,
+            "scope": "core", "follows_length": ["max_length"] if name == "cosformer" else []}
+    if ms is None:
+        return {"cell": cell, "status": "error",
+                "error": f"ValueError: {name}: a causal sequence of {length} tokens is too long"}
+    metrics = {"forward_ms": ms, "forward_backward_ms": 3 * ms, "forward_backward_ms_iqr": ms / 9,
+               "forward_backward_peak_mib": ms / 2}
+    return {"cell": cell, "status": "ok", "metrics": metrics}
+
+
+def test_the_table_names_every_variant_in_full_within_100_columns():
+    from rich.console import Console
+
+    from runners.commands.efficiency import summary_table
+
+    lengths = [512, 1024, 2048, 4096, 8192, 16384, 32768]
+    variants = [("softmax", {}), ("gated_deltanet", {}), ("cosformer", {}),
+                ("lavo", {"memory": "kv", "backend": "chunked"}), ("lavo", {"memory": "input"})]
+    records = [_record(name, args, n, None if name == "gated_deltanet" and n > 8192 else 300.0 * 2.1**i)
+               for name, args in variants for i, n in enumerate(lengths)]
+    console = Console(width=100, record=True, soft_wrap=True)  # as make_console's
+    console.print(summary_table(records, lengths))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "…" not in text and "forward+backward median ms, ± its IQR" in text
+    for label in ("lavo(backend=chunked,memory=kv)", "lavo(memory=input)", "gated_deltanet"):
+        assert label in text
+    assert "[1] lavo(backend=chunked,memory=kv)" in text and "lavo [2]" in text
+    assert "ERROR [a]" in text and "[a] gated_deltanet L=16384: ValueError" in text
+    assert "cosformer: max_length = the timed length L" in text

@@ -23,11 +23,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attention_zoo import AttentionConfigError, Pattern, build_attention
+from attention_zoo.mechanisms.chunk_scan import carried_states
 from attention_zoo.mechanisms.deltanet import delta_features
 from attention_zoo.mechanisms.gated_recurrence import (
     Recurrence,
+    RecurrentState,
     chunked_delta_rule,
     chunked_gated_recurrence,
+    chunked_value_gated_recurrence,
+    recurrent_step,
 )
 from attention_zoo.testing import random_layer_input
 
@@ -244,3 +248,114 @@ def test_fla_backend_without_fla_is_a_config_error(monkeypatch):
                         lambda name, *args: None if name == "fla" else real_find_spec(name, *args))
     with pytest.raises(AttentionConfigError, match="pip install fla-core"):
         build_attention("gla", pattern="causal_self", heads=HEADS, head_dim=HEAD_DIM, backend="fla")
+
+
+# The chunked cores against the token-by-token recurrence (no fla needed) ---------------------
+
+FORMS = ("scalar", "per_channel", "value_channel", "delta", "gated_delta")
+
+
+def _terms_for(form: str, length: int, dtype: torch.dtype = torch.float64, *,
+               decay_scale: float = 1.0) -> Recurrence:
+    """Random terms of one form: q, k [2, L, 2, 6], v [2, L, 2, 5], its decay and write strength."""
+    generator = torch.Generator().manual_seed(7)
+
+    def draw(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype)
+
+    q, k, v = draw(2, length, 2, 6), draw(2, length, 2, 6), draw(2, length, 2, 5)
+    decay_channels = {"per_channel": (6,), "value_channel": (5,)}.get(form, ())
+    log_decay = F.logsigmoid(draw(2, length, 2, *decay_channels)) * decay_scale
+    if form in ("delta", "gated_delta"):
+        beta = torch.sigmoid(draw(2, length, 2))
+        return Recurrence(q, F.normalize(k, dim=-1), v,
+                          log_decay if form == "gated_delta" else None, beta)
+    return Recurrence(q, k, v, log_decay)
+
+
+def _recurrent(form: str, terms: Recurrence, initial: Tensor) -> tuple[Tensor, Tensor]:
+    """The definition, one token at a time: outputs [B, L, H, V] and the final state."""
+    if form != "value_channel":
+        state, outputs = RecurrentState(initial), []
+        for t in range(terms.q.shape[1]):
+            step = Recurrence(*(None if x is None else x[:, t : t + 1] for x in (
+                terms.q, terms.k, terms.v, terms.log_decay, terms.beta)))
+            out, state = recurrent_step(step, state)
+            outputs.append(out)
+        return torch.cat(outputs, dim=1), state.memory
+    memory, outputs = initial, []  # S_t = S_{t-1} diag(exp(g_t)) + k_t v_t^T
+    for t in range(terms.q.shape[1]):
+        memory = memory * torch.exp(terms.log_decay[:, t])[:, :, None, :]
+        memory = memory + terms.k[:, t, :, :, None] * terms.v[:, t, :, None, :]
+        outputs.append(torch.einsum("bhk,bhkv->bhv", terms.q[:, t], memory)[:, None])
+    return torch.cat(outputs, dim=1), memory
+
+
+def _chunked(form: str, terms: Recurrence, chunk: int, initial: Tensor) -> tuple[Tensor, Tensor]:
+    function = {"value_channel": chunked_value_gated_recurrence, "delta": chunked_delta_rule,
+                "gated_delta": chunked_delta_rule}.get(form, chunked_gated_recurrence)
+    return function(terms, chunk_size=chunk, initial_state=initial)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8, 16])
+@pytest.mark.parametrize("form", FORMS)
+def test_chunked_cores_equal_the_recurrence_forward_state_and_gradients(form, chunk):
+    """Lengths 19 and 37 are no multiple of any chunk; 16 > 8 pads a chunk to a power of two."""
+    for length in (19, 37):
+        terms = _terms_for(form, length)
+        leaves = [t.requires_grad_() for t in (terms.q, terms.k, terms.v, terms.log_decay,
+                                               terms.beta) if t is not None]
+        initial = torch.randn(2, 2, 6, 5, dtype=torch.float64,
+                              generator=torch.Generator().manual_seed(8)).requires_grad_()
+        out, final = _chunked(form, terms, chunk, initial)
+        expected, expected_final = _recurrent(form, terms, initial)
+        assert (out - expected).abs().max().item() < TOLERANCE
+        assert (final - expected_final).abs().max().item() < TOLERANCE
+        weights = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+        loss, expected_loss = ((o * weights).sum() + f.sum() for o, f in ((out, final),
+                                                                         (expected, expected_final)))
+        grads = torch.autograd.grad(loss, [*leaves, initial])
+        expected_grads = torch.autograd.grad(expected_loss, [*leaves, initial])
+        for ours, theirs in zip(grads, expected_grads, strict=True):
+            assert (ours - theirs).abs().max().item() < TOLERANCE, f"{form}: gradients differ"
+
+
+@pytest.mark.parametrize("form", ["per_channel", "value_channel"])
+def test_per_channel_chunks_stay_finite_under_strong_decays_in_float32(form):
+    """Decays of up to e^-60 per token: factors relative to a chunk's start would overflow
+    float32 (e^(16 * 60)); the secondary chunking only ever takes exp of a value <= 0."""
+    terms = _terms_for(form, 40, torch.float32, decay_scale=30.0)
+    initial = torch.zeros(2, 2, 6, 5)
+    out, _ = _chunked(form, terms, 16, initial)
+    exact = Recurrence(*(t.double() for t in (terms.q, terms.k, terms.v, terms.log_decay)))
+    expected, _ = _recurrent(form, exact, initial.double())
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("decay_shape", [(6, 1), (1, 5), (1, 1), (6, 5)])
+def test_the_chunk_scan_has_the_gradients_of_its_loop(decay_shape):
+    """carried_states (one autograd node, reverse-scan backward) against the plain loop."""
+    generator = torch.Generator().manual_seed(12)
+
+    def draw(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+
+    decay = torch.sigmoid(draw(2, 3, 7, *decay_shape)).detach().requires_grad_()
+    writes, state = draw(2, 3, 7, 6, 5), draw(2, 3, 6, 5)
+    starts, final = carried_states(decay, writes, state)
+    expected, current = [], state
+    for n in range(7):
+        expected.append(current)
+        current = decay[:, :, n] * current + writes[:, :, n]
+    expected_starts = torch.stack(expected, dim=2)
+    assert torch.allclose(starts, expected_starts, rtol=0, atol=1e-12)
+    assert torch.allclose(final, current, rtol=0, atol=1e-12)
+    weights = torch.randn(starts.shape, generator=generator, dtype=torch.float64)
+    for with_final in (True, False):
+        ours = (starts * weights).sum() + (final.sum() if with_final else 0)
+        theirs = (expected_starts * weights).sum() + (current.sum() if with_final else 0)
+        for a, b in zip(torch.autograd.grad(ours, [decay, writes, state], retain_graph=True),
+                        torch.autograd.grad(theirs, [decay, writes, state], retain_graph=True),
+                        strict=True):
+            assert torch.allclose(a, b, rtol=0, atol=1e-12)

@@ -10,6 +10,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attention_zoo.base import Attention, Complexity, LayerInput, Pattern, masked_softmax
+from attention_zoo.mechanisms.gated_recurrence import (
+    Recurrence,
+    chunked_gated_recurrence,
+    chunked_value_gated_recurrence,
+)
 from attention_zoo.registry import register_attention
 
 
@@ -50,10 +55,10 @@ class ABCAttention(Attention):
 
     The paper computes the control from the layer input x; at the zoo boundary only q, k, v
     exist, so the control reads the key (a linear function of x in the usual layer). The causal
-    pass is chunked: exact softmax-weighted prefix sums inside chunks of C = 32 tokens, and a
-    scan over the chunks that carries the memory with the log normaliser (stable, no future
-    statistic), so it builds [B, H, L, C, n] and [B, H, L / C, n, D] tensors, never
-    [B, L, H, n, D]. Time O(n L (C + D)); decoding state O(n D) per head.
+    pass runs the two memories as gated linear recurrences over the slots (the decay is the
+    growth of the log normaliser, so no future statistic and nothing overflows), chunked
+    (C = 32) with the state carried across chunks: it never builds [B, L, H, n, D] nor a
+    [C, C, n] tensor per chunk. Time O(n L (C + D)); decoding state O(n D) per head.
     """
 
     Config = ABCConfig
@@ -98,58 +103,28 @@ class ABCAttention(Attention):
         return torch.einsum("bhqn,bhnd->bqhd", read, memory_values)
 
     def _causal(self, q: Tensor, k: Tensor, v: Tensor, valid: Tensor | None) -> Tensor:
-        batch, q_len, heads, dim = q.shape
+        """Causal self attention as two gated recurrences over the slots (chunked, linear).
+
+        With Z_t = log sum_{s <= t} exp(a_s) (per slot) and the write e_s = exp(a_s - Z_s) <= 1,
+        the control exp(a_s - Z_t) = e_s exp(Z_s - Z_t) is a write decayed by g_t = Z_{t-1} - Z_t
+        <= 0 per slot: K~_t = diag(exp(g_t)) K~_{t-1} + e_t k_t^T, likewise V~_t. The logits
+        K~_t q_t are a recurrence with the decay on its value channels (the slots), the read
+        V~_t^T p_t one with the decay on its key channels. q, k, v: [B, L, H, D].
+        """
+        logits = self.control_logits(k, valid).transpose(1, 2)  # [B, L, H, n]
+        log_normaliser = torch.logcumsumexp(logits, dim=1)
+        writes = torch.exp(logits - log_normaliser)
+        if valid is not None:
+            writes = writes * valid[:, :, None, None]
+        # g_0 = 0: the memory before the first token is empty, any decay leaves it so. A drop
+        # below -1000 decays to exactly 0 in every float type; the clamp keeps the cumulative
+        # sums of a chunk small after a padded key's logit (the dtype's minimum).
+        drop = log_normaliser[:, :-1] - log_normaliser[:, 1:]
+        log_decay = F.pad(drop, (0, 0, 0, 0, 1, 0)).clamp(min=-1000.0)
         c = self.chunk_size
-        length = -(-q_len // c) * c
-        chunks = length // c
-        if valid is None:
-            valid = torch.ones(batch, k.shape[1], dtype=torch.bool, device=q.device)
-        # Padded to whole chunks (padded keys are invalid and never enter the memory).
-        valid = F.pad(valid, (0, length - k.shape[1]), value=False)
-        q, k, v = (F.pad(x, (0, 0, 0, 0, 0, length - x.shape[1])) for x in (q, k, v))
-        logits = self.control_logits(k, valid)  # [B, H, L, n]
-        log_normaliser = torch.logcumsumexp(logits, dim=2)  # log sum_{s <= t} exp(a_s)
-
-        def chunked(x: Tensor) -> Tensor:  # [B, H, L, ...] -> [B, H, N, C, ...]
-            return x.reshape(batch, heads, chunks, c, *x.shape[3:])
-
-        a, z = chunked(logits), chunked(log_normaliser)
-        qc, kc, vc = (x.transpose(1, 2).reshape(batch, heads, chunks, c, dim) for x in (q, k, v))
-        # phi_{t,s} = exp(a_s - Z_t) for s <= t inside the chunk: [B, H, N, C(t), C(s), n]
-        inside = torch.ones(c, c, dtype=torch.bool, device=q.device).tril()[:, :, None]
-        inside = inside & valid.view(batch, 1, chunks, 1, c, 1)
-        exponent = (a[:, :, :, None] - z[:, :, :, :, None]).masked_fill(~inside, float("-inf"))
-        weights = torch.exp(exponent)
-
-        # Each chunk's own contribution to the memory at its end, then a scan over the chunks:
-        # memory(end c) = exp(Z_end(c-1) - Z_end(c)) memory(end c-1) + contribution(c), factor <= 1.
-        z_end = z[:, :, :, -1]  # [B, H, N, n]
-        own_keys = torch.einsum("bhcsn,bhcsd->bhcnd", weights[:, :, :, -1], kc)  # [B, H, N, n, D]
-        own_values = torch.einsum("bhcsn,bhcsd->bhcnd", weights[:, :, :, -1], vc)
-        memory_keys = q.new_zeros(batch, heads, logits.shape[-1], dim)  # [B, H, n, D]
-        memory_values = torch.zeros_like(memory_keys)
-        previous_z = torch.full_like(z_end[:, :, 0], float("-inf"))
-        start_keys, start_values = [], []
-        for chunk in range(chunks):  # L / C small steps: linear in L, unlike a chunk-pair matrix
-            start_keys.append(memory_keys)
-            start_values.append(memory_values)
-            keep = torch.exp(previous_z - z_end[:, :, chunk])[..., None]
-            memory_keys = keep * memory_keys + own_keys[:, :, chunk]
-            memory_values = keep * memory_values + own_values[:, :, chunk]
-            previous_z = z_end[:, :, chunk]
-        start_keys, start_values = torch.stack(start_keys, 2), torch.stack(start_values, 2)
-        # -inf: the first chunk carries nothing in (exp(0 - Z) could overflow).
-        start_z = F.pad(z_end, (0, 0, 1, -1), value=float("-inf"))  # [B, H, N, n]
-        decay = torch.exp(start_z[:, :, :, None] - z)  # exp(Z_start - Z_t) <= 1: [B, H, N, C, n]
-
-        scores = decay * torch.einsum("bhctd,bhcnd->bhctn", qc, start_keys) + torch.einsum(
-            "bhctsn,bhcts->bhctn", weights, torch.einsum("bhctd,bhcsd->bhcts", qc, kc)
-        )
-        read = torch.softmax(scores / math.sqrt(dim), dim=-1)  # [B, H, N, C, n]
-        out = torch.einsum("bhctn,bhcnd->bhctd", read * decay, start_values) + torch.einsum(
-            "bhcts,bhcsd->bhctd", torch.einsum("bhctn,bhctsn->bhcts", read, weights), vc
-        )
-        return out.reshape(batch, heads, length, dim).transpose(1, 2)[:, :q_len]
+        scores = chunked_value_gated_recurrence(Recurrence(q, k, writes, log_decay), chunk_size=c)
+        read = torch.softmax(scores[0] / math.sqrt(self.head_dim), dim=-1)  # [B, L, H, n]
+        return chunked_gated_recurrence(Recurrence(read, writes, v, log_decay), chunk_size=c)[0]
 
     def init_state(
         self, batch_size: int, *, device: torch.device | str | None = None, dtype: torch.dtype

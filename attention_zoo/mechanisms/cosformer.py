@@ -30,6 +30,8 @@ class CosFormerConfig:
             "help": "M of the causal patterns (longest sequence); non-causal ones use each "
                     "sequence's own length, as in the paper",
             "min": 1,
+            # bounds the sequence length: a benchmark of cost sets it to the timed length
+            "length_bound": True,
         },
     )
 

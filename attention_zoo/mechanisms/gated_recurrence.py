@@ -13,11 +13,13 @@ additive write by the delta rule with a write strength beta_t,
 
 The parallel forms here are chunked (Yang et al., ICML 2024 for the gated form; Yang et al.,
 NeurIPS 2024 for the delta rule): inside a chunk of C positions a masked [C, C] score matrix,
-across chunks the [K, V] state carried by a loop over the L / C chunks. Time O(L C K + L K V),
-never an [L, L] matrix. Every decay factor is exp of a difference G_t - G_s of within-chunk
-cumulative log-decays with s <= t, so it is <= 1 and nothing overflows; per-channel decays
-build the [C, C, K] decay tensor explicitly instead of dividing by exp(G_s). Sums run in
-float32 for half-precision inputs (float64 stays float64).
+across chunks the [K, V] state carried by a scan over the L / C chunks (one autograd node,
+:mod:`~attention_zoo.mechanisms.chunk_scan`). Time O(L C K + L K V), never an [L, L] matrix.
+Every decay factor is exp of a difference G_t - G_s of within-chunk cumulative log-decays with
+s <= t, so it is <= 1 and nothing overflows; per-channel decays use secondary chunking down to
+single positions (each half-block reads the one before it through their midpoint), never a
+[C, C, K] decay tensor nor a division by exp(G_s). Sums run in float32 for half-precision
+inputs (float64 stays float64).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attention_zoo.base import Attention, AttentionConfigError, Pattern
+from attention_zoo.mechanisms.chunk_scan import carried_states
 from attention_zoo.mechanisms.kernelized import accumulation_dtype
 
 Backend = Literal["auto", "torch", "fla"]
@@ -110,19 +113,71 @@ def _prepared(terms: Recurrence, chunk: int) -> tuple[Tensor, Tensor, Tensor, Te
 
 
 def _decay_scores(q: Tensor, k: Tensor, cumulative: Tensor) -> Tensor:
-    """Masked (q_t . k_s) exp(G_t - G_s) for s <= t inside each chunk: [B, H, N, C, C].
+    """Masked (q_t . k_s) exp(g_t - g_s) for s <= t inside each chunk, one decay per head.
 
-    q, k: [B, H, N, C, K]; cumulative: [B, H, N, C, K or 1].
+    q, k: [B, H, N, C, K]; cumulative: [B, H, N, C, 1]. Returns [B, H, N, C, C].
     """
     chunk = q.shape[3]
     lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    if cumulative.shape[-1] == 1:
-        g = cumulative[..., 0]
-        decay = torch.exp((g[..., :, None] - g[..., None, :]).masked_fill(~lower, float("-inf")))
-        return (q @ k.transpose(-1, -2)) * decay
-    difference = cumulative[..., :, None, :] - cumulative[..., None, :, :]  # [B, H, N, C, C, K]
-    decay = torch.exp(difference.masked_fill(~lower[..., None], float("-inf")))
-    return torch.einsum("bhntk,bhnsk,bhntsk->bhnts", q, k, decay)
+    g = cumulative[..., 0]
+    decay = torch.exp((g[..., :, None] - g[..., None, :]).masked_fill(~lower, float("-inf")))
+    return (q @ k.transpose(-1, -2)) * decay
+
+
+def _pad_chunk(x: Tensor, size: int, *, repeat_last: bool = False) -> Tensor:
+    """Extend dim 3 (the position in a chunk) of [B, H, N, C, X] to ``size``: zeros, or the last
+    position repeated."""
+    pad = size - x.shape[3]
+    if not pad:
+        return x
+    if repeat_last:
+        return torch.cat([x, x[:, :, :, -1:].expand(-1, -1, -1, pad, -1)], dim=3)
+    return F.pad(x, (0, 0, 0, pad))
+
+
+def _intra_per_channel(
+    q: Tensor, k: Tensor, v: Tensor, cumulative: Tensor, *, on_values: bool = False
+) -> Tensor:
+    """sum_{s <= t} (sum_i q_ti k_si exp(G_ti - G_si)) v_s inside each chunk, per-channel decays
+    on the key channels i, or with ``on_values`` sum_{s <= t} (q_t . k_s) v_sj exp(G_tj - G_sj).
+
+    Secondary chunking carried down to single positions: the chunk (padded to a power of two)
+    is halved level by level; at each level the second half of every block reads the first
+    half through the block's midpoint m, with the factors exp(G_t - G_m) and exp(G_m - G_s),
+    both <= 1 (G does not increase), so one matmul per level replaces the [C, C, K] decay
+    tensor and nothing overflows. Time O(C (K + V)) per position, memory O(K log C).
+
+    q, k: [B, H, N, C, K]; v: [B, H, N, C, V]; cumulative G: [B, H, N, C, K or V].
+    Returns [B, H, N, C, V].
+    """
+    chunk = q.shape[3]
+    size = 1 << (chunk - 1).bit_length()
+    q, k, v = (_pad_chunk(x, size) for x in (q, k, v))
+    g = _pad_chunk(cumulative, size, repeat_last=True)
+    out = (q * k).sum(-1, keepdim=True) * v  # s = t: exp(0) = 1
+    block = size // 2
+    while block:
+        (_, q_second), (k_first, _), (v_first, _), (g_first, g_second) = (
+            _halves(x, block) for x in (q, k, v, g))
+        middle = g_first[..., -1:, :]  # [B, H, N, P / 2b, 1, K or V]
+        if on_values:
+            scores = q_second @ k_first.transpose(-1, -2)
+            read = (scores @ (v_first * torch.exp(middle - g_first))) * torch.exp(g_second - middle)
+        else:
+            reads = q_second * torch.exp(g_second - middle)
+            keys = k_first * torch.exp(middle - g_first)
+            read = (reads @ keys.transpose(-1, -2)) @ v_first  # [B, H, N, P / 2b, b, V]
+        out = out + F.pad(read, (0, 0, block, 0)).reshape(out.shape)
+        block //= 2
+    return out[:, :, :, :chunk]
+
+
+def _halves(x: Tensor, block: int) -> tuple[Tensor, Tensor]:
+    """[B, H, N, P, X] -> the first and second halves of its blocks of 2 ``block`` positions,
+    each [B, H, N, P / (2 block), block, X]."""
+    first, second = x.reshape(*x.shape[:3], x.shape[3] // (2 * block), 2, block,
+                              x.shape[-1]).unbind(-3)  # one gradient buffer for both halves
+    return first, second
 
 
 def chunked_gated_recurrence(
@@ -142,17 +197,55 @@ def chunked_gated_recurrence(
     if terms.beta is not None:
         raise ValueError("chunked_gated_recurrence: beta is set; use chunked_delta_rule")
     q, k, v, cumulative, _ = _prepared(terms, chunk_size)
-    intra = _decay_scores(q, k, cumulative) @ v  # [B, H, N, C, V]
-    total = cumulative[..., -1:, :]  # [B, H, N, 1, K or 1]: log-decay over the whole chunk
-    chunk_writes = (k * torch.exp(total - cumulative)).transpose(-1, -2) @ v  # [B, H, N, K, V]
+    out, state = _additive_chunks(q, k, v, cumulative, _initial(q, v, initial_state))
+    return _from_chunks(out, terms.q.shape[1]).to(terms.v.dtype), state
+
+
+def chunked_value_gated_recurrence(
+    terms: Recurrence, *, chunk_size: int, initial_state: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """S_t = S_{t-1} diag(exp(g_t)) + k_t v_t^T, o_t = S_t^T q_t: the decay on the value channels.
+
+    o_t,j = sum_{s <= t} (q_t . k_s) v_s,j exp(G_t,j - G_s,j) (ABC's key memory read), chunked
+    as :func:`chunked_gated_recurrence`.
+
+    Args:
+        terms: q, k [B, L, H, K], v [B, L, H, V], log_decay [B, L, H, V] (<= 0), beta None.
+        chunk_size: positions per chunk C.
+        initial_state: [B, H, K, V] or None (zeros).
+
+    Returns:
+        ``(out [B, L, H, V] in v's dtype, final state [B, H, K, V] in the accumulation dtype)``.
+    """
+    if terms.beta is not None or terms.log_decay is None or terms.log_decay.ndim != 4:
+        raise ValueError("chunked_value_gated_recurrence: needs log_decay [B, L, H, V], no beta")
+    q, k, v, cumulative, _ = _prepared(terms, chunk_size)
+    out, state = _additive_chunks(q, k, v, cumulative, _initial(q, v, initial_state),
+                                  on_values=True)
+    return _from_chunks(out, terms.q.shape[1]).to(terms.v.dtype), state
+
+
+def _additive_chunks(
+    q: Tensor, k: Tensor, v: Tensor, cumulative: Tensor, state: Tensor, *, on_values: bool = False
+) -> tuple[Tensor, Tensor]:
+    """The additive recurrence on chunked terms (see :func:`_prepared`) from ``state``
+    [B, H, K, V]; decays on the key channels ([.., K or 1]) or, ``on_values``, on the value
+    channels ([.., V]). Returns ``(out [B, H, N, C, V], final state)``."""
+    total = cumulative[..., -1:, :]  # [B, H, N, 1, K, 1 or V]: log-decay over the whole chunk
+    tail = torch.exp(total - cumulative)  # decay from each position to the chunk's end
+    if on_values:
+        intra = _intra_per_channel(q, k, v, cumulative, on_values=True)
+        chunk_writes = k.transpose(-1, -2) @ (v * tail)  # [B, H, N, K, V]
+        starts, state = carried_states(torch.exp(total), chunk_writes, state)
+        return intra + (q @ starts) * torch.exp(cumulative), state
+    if cumulative.shape[-1] == 1:
+        intra = _decay_scores(q, k, cumulative) @ v  # [B, H, N, C, V]
+    else:
+        intra = _intra_per_channel(q, k, v, cumulative)
+    chunk_writes = (k * tail).transpose(-1, -2) @ v  # [B, H, N, K, V]
     chunk_decay = torch.exp(total[..., 0, :])[..., None]  # [B, H, N, K or 1, 1]
-    state = _initial(q, v, initial_state)
-    states = []
-    for n in range(q.shape[2]):
-        states.append(state)
-        state = chunk_decay[:, :, n] * state + chunk_writes[:, :, n]
-    inter = (q * torch.exp(cumulative)) @ torch.stack(states, dim=2)  # [B, H, N, C, V]
-    return _from_chunks(intra + inter, terms.q.shape[1]).to(terms.v.dtype), state
+    starts, state = carried_states(chunk_decay, chunk_writes, state)
+    return intra + (q * torch.exp(cumulative)) @ starts, state
 
 
 def chunked_delta_rule(
@@ -179,26 +272,45 @@ def chunked_delta_rule(
     if terms.log_decay is not None and terms.log_decay.ndim != 3:
         raise ValueError("chunked_delta_rule: the decay must be one per head, [B, L, H]")
     q, k, v, cumulative, beta = _prepared(terms, chunk_size)
+    values, keys = _wy_terms(k, v, cumulative[..., 0], beta)
     g = cumulative[..., 0]  # [B, H, N, C]
-    chunk = q.shape[3]
-    strictly_lower = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril(-1)
-    decay = torch.exp((g[..., :, None] - g[..., None, :]).masked_fill(~strictly_lower, float("-inf")))
-    system = (beta[..., None] * (k @ k.transpose(-1, -2)) * decay) + torch.eye(
-        chunk, dtype=q.dtype, device=q.device)
-    right = torch.cat([beta[..., None] * v, (beta * torch.exp(g))[..., None] * k], dim=-1)
-    solved = torch.linalg.solve_triangular(system, right, upper=False, unitriangular=True)
-    values, keys = solved[..., : v.shape[-1]], solved[..., v.shape[-1]:]  # U, W
-    scores = _decay_scores(q, k, cumulative)  # [B, H, N, C, C]
     reads = q * torch.exp(g)[..., None]
     writes = k * torch.exp(g[..., -1:] - g)[..., None]
-    state = _initial(q, v, initial_state)
+    out, state = _delta_scan(
+        (values, keys, reads, _decay_scores(q, k, cumulative), writes, torch.exp(g[..., -1])),
+        _initial(q, v, initial_state))
+    return _from_chunks(out, terms.q.shape[1]).to(terms.v.dtype), state
+
+
+def _wy_terms(k: Tensor, v: Tensor, g: Tensor, beta: Tensor) -> tuple[Tensor, Tensor]:
+    """U and W of the UT transform, u = U - W S: [B, H, N, C, V] and [B, H, N, C, K].
+
+    k: [B, H, N, C, K]; v: [B, H, N, C, V]; g (cumulative log-decay), beta: [B, H, N, C].
+    """
+    chunk = k.shape[3]
+    strictly_lower = torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril(-1)
+    decay = torch.exp((g[..., :, None] - g[..., None, :]).masked_fill(~strictly_lower, float("-inf")))
+    system = (beta[..., None] * (k @ k.transpose(-1, -2)) * decay) + torch.eye(
+        chunk, dtype=k.dtype, device=k.device)
+    right = torch.cat([beta[..., None] * v, (beta * torch.exp(g))[..., None] * k], dim=-1)
+    solved = torch.linalg.solve_triangular(system, right, upper=False, unitriangular=True)
+    return solved[..., : v.shape[-1]], solved[..., v.shape[-1]:]
+
+
+def _delta_scan(chunks: tuple[Tensor, ...], state: Tensor) -> tuple[Tensor, Tensor]:
+    """The delta rule's loop over chunks, from the start state [B, H, K, V].
+
+    ``chunks``: U [B, H, N, C, V], W [B, H, N, C, K], the decayed reads exp(G) q [.., C, K],
+    the masked scores [.., C, C], the decayed writes exp(G_end - G) k [.., C, K] and the
+    chunk decays exp(G_end) [B, H, N]; taken chunk by chunk with ``unbind`` (see
+    :func:`carried_states`). Returns ``(out [B, H, N, C, V], final state)``.
+    """
     outputs = []
-    for n in range(q.shape[2]):
-        written = values[:, :, n] - keys[:, :, n] @ state  # u: [B, H, C, V]
-        outputs.append(reads[:, :, n] @ state + scores[:, :, n] @ written)
-        decayed = torch.exp(g[:, :, n, -1])[..., None, None] * state
-        state = decayed + writes[:, :, n].transpose(-1, -2) @ written
-    return _from_chunks(torch.stack(outputs, dim=2), terms.q.shape[1]).to(terms.v.dtype), state
+    for values, keys, reads, scores, writes, decay in zip(*(x.unbind(2) for x in chunks), strict=True):
+        written = values - keys @ state  # u: [B, H, C, V]
+        outputs.append(reads @ state + scores @ written)
+        state = decay[..., None, None] * state + writes.transpose(-1, -2) @ written
+    return torch.stack(outputs, dim=2), state
 
 
 def _initial(q: Tensor, v: Tensor, initial_state: Tensor | None) -> Tensor:

@@ -44,8 +44,9 @@ class GLAAttention(GatedRecurrentAttention):
     RMS-normalised per head. Extra parameters: E r + r H D + H D. The paper's output gate and
     short convolutions belong to the layer around the core and are not part of it.
 
-    The chunked parallel form builds the [C, C, D] decay tensor inside chunks of C = 16
-    (``chunk_size``); decoding carries S, O(D^2) per head. Causal self attention only: the
+    The chunked parallel form works in chunks of C = 16 (``chunk_size``), per-channel decays
+    inside a chunk by secondary chunking (no [C, C, D] decay tensor); decoding carries S,
+    O(D^2) per head. Causal self attention only: the
     decay is a product over the positions between query and key of one sequence read left to
     right, and the paper defines no bidirectional or cross form.
     """

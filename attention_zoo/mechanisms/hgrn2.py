@@ -42,7 +42,8 @@ class HGRN2Attention(GatedRecurrentAttention):
     gate is tied to it as 1 - f (the key of the outer product), so the mechanism has no
     parameters of its own and needs no other input. lb is ``lower_bound`` (0; HGRN2 raises it
     layer by layer). The read is RMS-normalised per head. Same recurrence as GLA (the paper's
-    own kernels are GLA's), chunked with the [C, C, D] decay tensor; decoding carries S.
+    own kernels are GLA's), chunked as GLA's (secondary chunking inside chunks, no [C, C, D]
+    decay tensor); decoding carries S.
     Causal self attention only: the recurrence reads the sequence left to right.
     """
 

@@ -13,10 +13,11 @@ they are shifted, and a key shift that looks at later keys leaks the future. Her
 is passed as ``phi_k * exp(key_log_scale)`` with ``phi_k`` in [0, 1], and every sum is kept
 relative to the running maximum R_t = max_{s <= t} key_log_scale_s, which only sees the prefix.
 The causal pass is chunked (chunks of :data:`CHUNK`): inside a chunk it builds the masked
-[C, C] feature-product matrix with the factor exp(l_s - R_t) <= 1; across chunks it carries the
-[m, D] sums rescaled to each chunk's reference. Every exponent is <= 0, nothing overflows, and it
-never builds the [n, m, D] tensor of per-position sums. A query shift (per token) cancels in the
-ratio and needs no care.
+[C, C] feature-product matrix with the factor exp(l_s - R_t) <= 1; across chunks a scan carries
+the [m, D] sums rescaled to each chunk's reference (a cumulative sum when nothing is rescaled).
+Every exponent is <= 0, nothing overflows, and it never builds the [n, m, D] tensor of
+per-position sums nor a chunk-by-chunk matrix. A query shift (per token) cancels in the ratio
+and needs no care.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from attention_zoo.mechanisms.chunk_scan import carried_states
+
 CHUNK = 64
-"""Chunk length of the causal pass: cost O(n C m) inside chunks, O((n / C)^2 m D) across."""
+"""Chunk length of the causal pass: cost O(n C m) inside chunks, O(n m D) across."""
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -82,7 +85,8 @@ def kernelized_attention(
         log_scale = log_scale.masked_fill(~key_valid[:, :, None], float("-inf"))
         phi_k = phi_k * key_valid[:, :, None, None]
     if causal:
-        augmented = _causal(phi_q, phi_k, values, log_scale)
+        rescale = key_log_scale is not None or key_valid is not None
+        augmented = _causal(phi_q, phi_k, values, log_scale, rescale=rescale)
     else:
         reference = log_scale.amax(dim=1, keepdim=True)  # [B, 1, H]
         weight = _exp_below(log_scale - reference, torch.isfinite(log_scale))
@@ -98,50 +102,66 @@ def _normalise(augmented: Tensor, eps: float) -> Tensor:
     return numerator / torch.where(normaliser > 0, normaliser, torch.ones_like(normaliser))
 
 
-def _causal(phi_q: Tensor, phi_k: Tensor, values: Tensor, log_scale: Tensor) -> Tensor:
+def _causal(
+    phi_q: Tensor, phi_k: Tensor, values: Tensor, log_scale: Tensor, *, rescale: bool
+) -> Tensor:
     """Chunked causal pass on aligned inputs: phi_q, phi_k [B, L, H, m], values [B, L, H, E],
-    log_scale [B, L, H] (-inf at invalid keys). Returns [B, L, H, E]."""
+    log_scale [B, L, H] (-inf at invalid keys; ``rescale`` False: zero everywhere).
+    Head-major inside ([B, H, N, C, *]: one copy of each input, then contiguous matmuls).
+    Returns [B, L, H, E]."""
     batch, length, heads = phi_q.shape[:3]
-    width = values.shape[-1]
     pad = (-length) % CHUNK
     if pad:
         phi_q, phi_k, values = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (phi_q, phi_k, values))
         log_scale = F.pad(log_scale, (0, 0, 0, pad), value=float("-inf"))
     chunks = (length + pad) // CHUNK
-    reference = torch.cummax(log_scale, dim=1).values  # [B, L, H]: R_t, prefix only
-    finite = torch.isfinite(log_scale)
 
-    def split(x: Tensor) -> Tensor:  # [B, L, ...] -> [B, N, C, ...]
-        return x.reshape(batch, chunks, CHUNK, *x.shape[2:])
+    def split(x: Tensor) -> Tensor:  # [B, L, H, ...] -> [B, H, N, C, ...]
+        x = x.transpose(1, 2)
+        return x.reshape(batch, heads, chunks, CHUNK, *x.shape[3:])
 
-    q_c, k_c, v_c = split(phi_q), split(phi_k), split(values)  # [B, N, C, H, *]
-    l_c, r_c, f_c = split(log_scale), split(reference), split(finite)  # [B, N, C, H]
-
-    # Inside each chunk: (phi_q_t . phi_k_s) exp(l_s - R_t) for s <= t.
+    q_c, k_c, v_c = split(phi_q), split(phi_k), split(values)
+    # Inside each chunk: (phi_q_t . phi_k_s) exp(l_s - R_t) for s <= t (padded keys: phi_k = 0).
+    scores = q_c @ k_c.transpose(-1, -2)  # [B, H, N, C(t), C(s)]
     lower = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=phi_q.device).tril()
-    exponent = l_c[:, :, None, :, :] - r_c[:, :, :, None, :]  # [B, N, C(t), C(s), H]
-    decay = _exp_below(exponent, lower[None, None, :, :, None] & f_c[:, :, None, :, :])
-    scores = torch.einsum("bnthm,bnshm->bntsh", q_c, k_c) * decay
-    intra = torch.einsum("bntsh,bnshe->bnthe", scores, v_c)
+    if not rescale:
+        intra = scores.masked_fill(~lower, 0.0) @ v_c
+        # Across chunks: the sums of every earlier chunk, an exclusive cumulative sum.
+        states = _chunk_states(k_c.transpose(-1, -2) @ v_c, None, None)  # [B, H, N, m, E]
+        out = intra + q_c @ states
+    else:
+        l_c = split(log_scale[..., None])[..., 0]  # [B, H, N, C]
+        r_c = split(torch.cummax(log_scale, dim=1).values[..., None])[..., 0]  # R_t, prefix only
+        f_c = torch.isfinite(l_c)
+        decay = _exp_below(l_c[..., None, :] - r_c[..., :, None], lower & f_c[..., None, :])
+        intra = (scores * decay) @ v_c
+        # U_n = sum_{s in n} exp(l_s - E_n) phi_k_s v_s^T, E_n = R at the chunk's end.
+        chunk_end = r_c[..., -1]  # [B, H, N]
+        local_weight = _exp_below(l_c - chunk_end[..., None], f_c)  # [B, H, N, C]
+        local_sums = (k_c * local_weight[..., None]).transpose(-1, -2) @ v_c
+        previous_end = F.pad(chunk_end, (1, -1), value=float("-inf"))  # E_{n-1}
+        states = _chunk_states(local_sums, chunk_end, previous_end)
+        query_weight = _exp_below(previous_end[..., None] - r_c,
+                                  torch.isfinite(previous_end)[..., None])  # exp(E_{n-1} - R_t)
+        out = intra + (q_c * query_weight[..., None]) @ states
+    return out.reshape(batch, heads, chunks * CHUNK, -1).transpose(1, 2)[:, :length]
 
-    # Across chunks: U_n = sum_{s in n} exp(l_s - E_n) phi_k_s v_s^T, E_n = R at the chunk's end.
-    chunk_end = r_c[:, :, -1]  # [B, N, H]
-    local_weight = _exp_below(l_c - chunk_end[:, :, None], f_c)  # [B, N, C, H]
-    local_sums = torch.einsum("bnshm,bnshe->bnhme", k_c * local_weight[..., None], v_c)
-    # State before chunk n, relative to E_{n-1}: sum_{j < n} exp(E_j - E_{n-1}) U_j.
-    previous_end = F.pad(chunk_end, (0, 0, 1, -1), value=float("-inf"))  # E_{n-1}: [B, N, H]
-    earlier = torch.ones(chunks, chunks, dtype=torch.bool, device=phi_q.device).tril(-1)
-    carry = _exp_below(
-        chunk_end[:, None, :, :] - previous_end[:, :, None, :],  # [B, N(n), N(j), H]
-        earlier[None, :, :, None] & torch.isfinite(chunk_end)[:, None, :, :],
-    )
-    states = torch.einsum("bnjh,bjhme->bnhme", carry, local_sums)
-    query_weight = _exp_below(
-        previous_end[:, :, None, :] - r_c, torch.isfinite(previous_end)[:, :, None, :]
-    )  # [B, N, C, H]: exp(E_{n-1} - R_t)
-    inter = torch.einsum("bnthm,bnhme->bnthe", q_c * query_weight[..., None], states)
-    out = (intra + inter).reshape(batch, chunks * CHUNK, heads, width)
-    return out[:, :length]
+
+def _chunk_states(
+    local_sums: Tensor, chunk_end: Tensor | None, previous_end: Tensor | None
+) -> Tensor:
+    """The sums before each chunk, relative to E_{n-1}: sum_{j < n} exp(E_j - E_{n-1}) U_j.
+
+    local_sums U: [B, H, N, m, E]; chunk_end E_n and previous_end E_{n-1}: [B, H, N], or None
+    when nothing is rescaled (every log scale 0): then an exclusive cumulative sum. Otherwise a
+    scan over the chunks, S_{n+1} = exp(E_{n-1} - E_n) S_n + U_n (factors <= 1), linear in N.
+    Returns [B, H, N, m, E].
+    """
+    if chunk_end is None or previous_end is None:
+        return F.pad(local_sums.cumsum(dim=2), (0, 0, 0, 0, 1, -1))
+    carry = _exp_below(previous_end - chunk_end, torch.isfinite(previous_end))  # [B, H, N]
+    initial = torch.zeros_like(local_sums[:, :, 0])
+    return carried_states(carry[..., None, None], local_sums, initial)[0]
 
 
 @dataclass

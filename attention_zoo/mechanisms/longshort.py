@@ -68,6 +68,39 @@ def _layer_norm(norm: nn.LayerNorm, x: Tensor) -> Tensor:
                         norm.eps)
 
 
+def _joint_read(
+    q: Tensor, local: Tensor, window_lse: Tensor, long_keys: Tensor, long_values: Tensor,
+    long_visible: Tensor,
+) -> Tensor:
+    """One softmax over a query's window and the projected tokens it sees, the projected part
+    on the fused scaled-dot-product kernel (no [L, R] logits stored).
+
+    The window enters as one extra key, the sink, with logit lse_t (the log-sum-exp of the
+    window's logits; an extra query channel carries it) and value channel 1: with Z_A = exp(lse_t)
+    and Z_B the projected tokens' sum, the kernel returns [sum_j exp(s_j) V_j / (Z_A + Z_B),
+    Z_A / (Z_A + Z_B)], and out = that first part + the second times the window's own read.
+
+    Args:
+        q: [B, L, H, D]; local: the window's normalised read [B, L, H, D]; window_lse:
+            [B, L, H] (-inf where the window is empty); long_keys, long_values: [B, H, R, D]
+            (normalised); long_visible: [B or 1, 1, L, R] bool.
+
+    Returns:
+        [B, L, H, D].
+    """
+    dim = q.shape[-1]
+    sink = torch.where(torch.isfinite(window_lse), window_lse, -1e4)  # weight 0, no inf * 0
+    query = torch.cat([q, (sink * math.sqrt(dim))[..., None]], dim=-1).transpose(1, 2)
+    keys, values = (F.pad(x, (0, 1, 1, 0)) for x in (long_keys, long_values))  # row 0: the sink
+    unit = torch.zeros_like(keys[:, :, :1])
+    unit[..., -1] = 1.0
+    keys, values = (torch.cat([unit, x[:, :, 1:]], dim=2) for x in (keys, values))
+    mask = F.pad(long_visible, (1, 0), value=True)  # the sink is always visible
+    read = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
+                                          scale=1 / math.sqrt(dim)).transpose(1, 2)
+    return read[..., :dim] + read[..., dim:] * local
+
+
 @register_attention("longshort")
 class LongShortAttention(Attention):
     """Transformer-LS: short-term sliding window + long-term dynamic projection, one softmax.
@@ -85,7 +118,9 @@ class LongShortAttention(Attention):
     softmax over its positions; query t reads the projected tokens of every segment that ends
     at or before t, and its window is the last w keys (t - w, t]. Non-causal time O(n (w + r) D);
     causal O(n (w + n r / l) D): quadratic with a constant l / r times smaller than softmax's
-    (the declared complexity class is the non-causal one).
+    (the declared complexity class is the non-causal one); the causal projected part runs on
+    the fused scaled-dot-product kernel with the window folded in as one extra key, so its
+    [n, n r / l] logits are never stored.
     Self attention only: the window needs aligned positions. Decodes causally, keeping the
     last w - 1 keys, the current segment, and the projected tokens of the complete segments.
 
@@ -159,6 +194,12 @@ class LongShortAttention(Attention):
         long_keys, long_values, long_visible = self._long_term(k, v, valid)
         long_keys = _layer_norm(self.norm_long, long_keys)  # [B, H, R, D]
         long_values = _layer_norm(self.norm_long, long_values)
+        if self.pattern.causal:
+            local = windowed_read(masked_softmax(short_logits, short_visible), short_values,
+                                  layout, length)
+            window_lse = short_logits.masked_fill(~short_visible, float("-inf")).logsumexp(-1)
+            window_lse = from_blocks(window_lse.permute(0, 2, 3, 1), length)  # [B, L, H]
+            return _joint_read(q, local, window_lse, long_keys, long_values, long_visible)
         long_logits = torch.einsum("blhd,bhrd->blhr", q, long_keys) / math.sqrt(dim)
         long_logits = to_blocks(long_logits, w).permute(0, 3, 1, 2, 4)  # [B, H, N, w, R]
         long_visible = long_visible.squeeze(1).expand(batch, length, long_keys.shape[2])

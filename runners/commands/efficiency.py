@@ -6,6 +6,7 @@ import argparse
 import itertools
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +19,7 @@ from runners.commands.common import (
 )
 
 if TYPE_CHECKING:
+    from rich.console import Group
     from rich.table import Table
 
 
@@ -156,56 +158,126 @@ def command_efficiency(args: argparse.Namespace) -> int:
     return 1 if any(r["status"] == "error" for r in records) else 0
 
 
-def summary_table(records: list[dict[str, Any]], lengths: Sequence[int]) -> Table:
-    """Forward / forward+backward ms and peak MiB per length, the fitted exponent k of
-    time ~ n^k (forward+backward), and the efficiency length against softmax."""
+def _ms(value: float) -> str:
+    """A time in ms with three or more significant digits: 1234, 56.7, 8.90."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+
+
+KEY = ("Each length: forward+backward median ms, ± its IQR, forward median ms (f), peak MiB of "
+       "forward+backward. k: the exponent of time ~ n^k (forward+backward); eff. length: CAB's "
+       "efficiency length, from which it is faster than softmax.")
+"""The first line of the legend under the efficiency tables."""
+
+
+@dataclass
+class _Legend:
+    """What the tables point to: variant labels ([1]), failures ([a]) and length-bound
+    hyperparameters, printed under the tables."""
+
+    variants: dict[str, str] = field(default_factory=dict)  # full label -> marker
+    failures: list[str] = field(default_factory=list)
+    follows: dict[str, tuple[str, ...]] = field(default_factory=dict)  # name -> hyperparameters
+
+    def variant(self, name: str, label: str) -> str:
+        """The row name: the mechanism's name, with a marker when it has hyperparameters."""
+        if label == name:
+            return name
+        marker = self.variants.setdefault(label, f"[{len(self.variants) + 1}]")
+        return f"{name} {marker}"
+
+    def failure(self, label: str, record: dict[str, Any]) -> str:
+        marker = f"[{chr(ord('a') + len(self.failures) % 26)}]"
+        self.failures.append(f"{marker} {label} L={record['cell']['length']}: "
+                             f"{record.get('error') or record['status']}")
+        return f"{record['status'].upper()} {marker}"
+
+    def renderable(self) -> Table:
+        from rich.markup import escape
+        from rich.table import Table
+
+        grid = Table.grid(padding=(0, 1))
+        grid.add_column(overflow="fold")
+        lines = [KEY] + [f"{marker} {label}" for label, marker in self.variants.items()]
+        lines += [f"{name}: {', '.join(names)} = the timed length L (it bounds the length)"
+                  for name, names in sorted(self.follows.items())]
+        for line in lines + self.failures:
+            grid.add_row(escape(line))
+        return grid
+
+
+def _cell_text(record: dict[str, Any] | None, label: str, legend: _Legend) -> str:
+    """A length's cell, one figure a line (narrow columns): forward+backward median, ± its IQR,
+    forward median, peak MiB."""
+    if record is None:
+        return ""
+    if record["status"] != "ok":
+        return legend.failure(label, record)
+    m = record["metrics"]
+    return (f"{_ms(m['forward_backward_ms'])}\n±{_ms(m.get('forward_backward_ms_iqr', 0))}\n"
+            f"f {_ms(m['forward_ms'])}\n{m['forward_backward_peak_mib']:.0f} MiB")
+
+
+def _grouped(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, dict[int, Any]]]:
+    """(pattern, scope) -> full label -> length -> record, in a stable order."""
+    from tasks.base import attention_label
+
+    grouped: dict[tuple[str, str], dict[str, dict[int, Any]]] = defaultdict(lambda: defaultdict(dict))
+    for record in records:
+        cell = record["cell"]
+        label = attention_label(cell["attention"], cell["attention_args"])
+        grouped[(cell["pattern"], cell.get("scope") or "core")][label][cell["length"]] = record
+    return {key: dict(sorted(rows.items())) for key, rows in sorted(grouped.items())}
+
+
+def _fit(by_length: dict[int, Any], reference: dict[int, Any], lengths: Sequence[int],
+         is_reference: bool) -> tuple[str, str]:
+    """The fitted exponent k of forward+backward time ~ n^k and the efficiency length against
+    the reference (softmax) rows, as table text."""
+    from runners.efficiency import efficiency_length, scaling_exponent
+
+    ok = {n: r["metrics"]["forward_backward_ms"] for n, r in by_length.items()
+          if n in lengths and r["status"] == "ok"}
+    exponent = scaling_exponent(list(ok), list(ok.values()))
+    paired = [(n, t, reference[n]["metrics"]["forward_backward_ms"]) for n, t in sorted(ok.items())
+              if n in reference and reference[n]["status"] == "ok"]
+    crossing = efficiency_length(*zip(*paired)) if paired and not is_reference else None
+    return ("-" if exponent is None else f"{exponent:.2f}",
+            "-" if crossing is None else "never" if crossing == float("inf") else f"{crossing:.0f}")
+
+
+def summary_table(records: list[dict[str, Any]], lengths: Sequence[int]) -> Group:
+    """One table per pattern and scope: per length the forward+backward median ms ± its IQR,
+    the forward median ms and the peak MiB of forward+backward; the fitted exponent k of
+    time ~ n^k (forward+backward) and the efficiency length against softmax. Every variant is
+    named in full in the legend under the tables (the rows carry its marker), with each
+    failure's reason and the hyperparameters that follow the timed length. Fits 100 columns
+    for up to seven lengths."""
+    from rich import box
+    from rich.console import Group
     from rich.markup import escape
     from rich.table import Table
 
-    from runners.efficiency import efficiency_length, scaling_exponent
-    from tasks.base import attention_label
-
-    grouped: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = defaultdict(dict)
-    for record in records:
-        cell = record["cell"]
-        layer = " [layer]" if cell.get("scope") == "layer" else ""
-        label = attention_label(cell["attention"], cell["attention_args"]) + layer
-        grouped[(label, cell["attention"] + layer, cell["pattern"])][cell["length"]] = record
-    table = Table(title="forward / forward+backward: median ms, ± the IQR of forward+backward "
-                        "(peak MiB of forward+backward)")
-    for column in ("attention", "pattern", *(f"L={n}" for n in lengths), "k", "eff. length"):
-        table.add_column(column, justify="right")
-    for (label, name, pattern), by_length in sorted(grouped.items()):
-        cells = []
-        measured_lengths, times = [], []
-        for n in lengths:
-            record = by_length.get(n)
-            if record is None:
-                cells.append("")
-            elif record["status"] != "ok":
-                cells.append(record["status"].upper())
-            else:
-                m = record["metrics"]
-                cells.append(f"{m['forward_ms']:.2f} / {m['forward_backward_ms']:.2f} "
-                             f"±{m.get('forward_backward_ms_iqr', 0):.2f} "
-                             f"({m['forward_backward_peak_mib']:.0f})")
-                measured_lengths.append(n)
-                times.append(m["forward_backward_ms"])
-        exponent = scaling_exponent(measured_lengths, times)
-        softmax = "softmax" + (" [layer]" if name.endswith(" [layer]") else "")
-        reference = grouped.get((softmax, softmax, pattern), {})
-        paired = [(n, t, reference[n]["metrics"]["forward_backward_ms"])
-                  for n, t in zip(measured_lengths, times)
-                  if n in reference and reference[n]["status"] == "ok"]
-        crossing = (efficiency_length(*zip(*paired)) if paired and not name.startswith("softmax")
-                    else None)
-        table.add_row(
-            escape(label), pattern, *cells,
-            f"{exponent:.2f}" if exponent is not None else "-",
-            "-" if crossing is None else ("never" if crossing == float("inf")
-                                          else f"{crossing:.0f}"),
-        )
-    return table
+    legend = _Legend()
+    tables = []
+    for (pattern, scope), rows in _grouped(records).items():
+        scope_text = "whole layer" if scope == "layer" else "attention core"
+        table = Table(title=f"{pattern}, {scope_text}", box=box.SIMPLE_HEAD,
+                      collapse_padding=True, pad_edge=False)
+        names = {label: legend.variant(next(iter(by_length.values()))["cell"]["attention"], label)
+                 for label, by_length in rows.items()}
+        # names stay whole: the numbers wrap first
+        table.add_column("attention", overflow="fold", min_width=max(map(len, names.values())))
+        for column in (*(f"L={n}" for n in lengths), "k", "eff.\nlength"):
+            table.add_column(column, justify="right")
+        for label, by_length in rows.items():
+            cell = next(iter(by_length.values()))["cell"]
+            if cell.get("follows_length"):
+                legend.follows[cell["attention"]] = tuple(cell["follows_length"])
+            texts = [escape(_cell_text(by_length.get(n), label, legend)) for n in lengths]
+            table.add_row(escape(names[label]), *texts,
+                          *_fit(by_length, rows.get("softmax", {}), lengths, label == "softmax"))
+        tables.append(table)
+    return Group(*tables, legend.renderable())
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
