@@ -286,10 +286,12 @@ def build_study_report(records: Sequence[Mapping[str, Any]], out: Path, command:
     for study in studies_in(records):
         mine = [r for r in results if r.study == study]
         curves = width_curves(mine, "d_model", "accuracy")
+        if len({x for points in curves.values() for x, _, _ in points}) < 2:
+            continue  # one width: nothing to draw against
         path = plots.setting_plot(curves, out / "figures", f"{study}_width",
                                   f"{study}: accuracy against model width (chosen lr, 3 seeds)",
                                   "d_model", "accuracy")
-        if path is not None and len({x for points in curves.values() for x, _, _ in points}) > 1:
+        if path is not None:
             figures[f"{study}: accuracy against width"] = str(path.relative_to(out))
     page = out / "results.md"
     out.mkdir(parents=True, exist_ok=True)
