@@ -6,8 +6,8 @@ context, a relative position bias inside the windows, and the two reads combined
 
 This is the plain PyTorch path. It keeps the causal global read factorised (``memory.py``), so
 that it only ever builds [B, L, H, r] tensors, never the [B, L, H, r, D] tensor of per-position
-memories. The other backends (``backends.py``): causal self-attention with ``memory="kv"`` chunk
-by chunk (``chunked.py``), the plain path under ``torch.compile``, and the fused Triton kernels
+memories. The other backends (``backends.py``): causal self-attention chunk by chunk
+(``chunked.py``, ``chunked_input.py``), the plain path under ``torch.compile``, and the fused Triton kernels
 (``triton_kernels.py``, ``memory="kv"``); ``backend="auto"`` (the default) picks per device the
 fastest one verified there.
 """
@@ -35,6 +35,7 @@ from attention_zoo.base import (
 )
 from attention_zoo.mechanisms.lavo import backends
 from attention_zoo.mechanisms.lavo.chunked import lavo_causal_chunked
+from attention_zoo.mechanisms.lavo.chunked_input import lavo_input_chunked
 from attention_zoo.mechanisms.lavo.memory import (
     OrthogonalMemory,
     global_read,
@@ -80,7 +81,7 @@ class LAVOConfig:
         default="auto",
         metadata={"help": "auto: per device the fastest backend verified there (backends.py); "
                           "torch: the plain path; chunked: causal self-attention chunk by chunk "
-                          "(memory='kv'); compile: the plain path under torch.compile; triton: "
+                          "(both memories); compile: the plain path under torch.compile; triton: "
                           "fused kernels (memory='kv')"},
     )
 
@@ -283,6 +284,9 @@ class LAVOAttention(Attention):
                 q, k, v, bases=self.bases, position_bias=self.position_bias, w=self.w,
                 causal=self.pattern.causal, joint=self.config.combine == "joint",
             )
+        if backend == "chunked" and self.config.memory == "input":
+            assert layer_input is not None  # forward() checked it
+            return self._attend_chunked_input(q, k, v, layer_input)
         if backend == "chunked":
             return lavo_causal_chunked(q, k, v, bases=self.bases, position_bias=self.position_bias,
                                        w=self.w, joint=self.config.combine == "joint")
@@ -290,6 +294,19 @@ class LAVOAttention(Attention):
             return backends.compiled(LAVOAttention._attend_torch)(
                 self, q, k, v, key_padding_mask, layer_input)
         return self._attend_torch(q, k, v, key_padding_mask, layer_input)
+
+    def _attend_chunked_input(self, q: Tensor, k: Tensor, v: Tensor, layer_input: LayerInput) -> Tensor:
+        """Causal self attention with ``memory="input"``, chunk by chunk (``chunked_input.py``):
+        the coefficients [B, L, r] and projected bases [H, r, D] come from autograd here, so the
+        layer input, the bases and the projections get their gradients through them."""
+        acc = _accumulation_dtype(q.dtype)
+        with torch.autocast(q.device.type, enabled=False):
+            memory = self._memory(k, v, layer_input, acc)
+        return lavo_input_chunked(
+            q, k, v, coeffs=memory.key_coeffs[:, :, 0], key_bases=memory.key_bases,
+            value_bases=memory.value_bases, key_bias=memory.key_bias,
+            value_bias=memory.value_bias, position_bias=self.position_bias, w=self.w,
+            joint=self.config.combine == "joint")
 
     def _attend_torch(
         self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
@@ -375,8 +392,7 @@ class LAVOAttention(Attention):
             "triton": self.triton_unsupported(q, key_padding_mask),
             "chunked": backends.chunked_unsupported(
                 causal=self.pattern.causal, cross=self.pattern.cross,
-                masked=key_padding_mask is not None, empty=q.shape[1] == 0,
-                memory=self.config.memory),
+                masked=key_padding_mask is not None, empty=q.shape[1] == 0),
         }
         return backends.choose(self.config.backend, q.device, reasons)
 
