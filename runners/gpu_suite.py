@@ -41,7 +41,7 @@ from runners.suite_checks import REHEARSAL_ENV, SCALES
 
 LAVO_VARIANTS = (
     # The default memory="input" and the memory="kv" ablation on every backend of each.
-    *(f"backend={backend}" for backend in ("torch", "chunked", "compile")),
+    *(f"backend={backend}" for backend in ("torch", "chunked", "compile", "triton")),
     *(f"memory=kv,backend={backend}" for backend in ("torch", "chunked", "compile", "triton")),
 )
 SUITE_LENGTHS = SCALES["gpu"].efficiency_lengths

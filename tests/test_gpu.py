@@ -42,7 +42,7 @@ pytestmark = [
                               "ATTNBENCH_REHEARSAL=1 (python -m runners.gpu_suite --rehearse)"),
 ]
 
-BACKENDS = {"kv": ("chunked", "compile", "triton"), "input": ("chunked", "compile")}
+BACKENDS = {"kv": ("chunked", "compile", "triton"), "input": ("chunked", "compile", "triton")}
 """The fast backends of each LAVO memory."""
 CASES = [(backend, memory) for memory, names in BACKENDS.items() for backend in names]
 FLA_TOLERANCE = {torch.float32: 5e-3, torch.bfloat16: 6e-2, torch.float16: 3e-2}

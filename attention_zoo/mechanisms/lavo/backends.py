@@ -6,7 +6,8 @@
   (``chunked.py``: ``memory="kv"``; ``chunked_input.py``: ``memory="input"``); linear in time
   and memory in practice on a CPU, not only on paper.
 - ``compile``: the plain path under ``torch.compile`` (inductor), with dynamic lengths.
-- ``triton``: the fused kernels of ``triton_kernels.py`` (CUDA; CPU only in Triton's interpreter).
+- ``triton``: the fused kernels of ``triton_kernels.py`` (``memory="kv"``) and ``triton_input.py``
+  (``memory="input"``): CUDA; the CPU only in Triton's interpreter.
 - ``auto``: per device, the fastest backend *verified there* that supports the call
   (:data:`VERIFIED`), falling back to ``torch``.
 """
@@ -27,11 +28,22 @@ VERIFIED: dict[str, tuple[str, ...]] = {
     # the fastest there for causal self-attention, both memories; the plain path for the rest.
     "cpu": ("chunked", "torch"),
     # No GPU has run this project's tests yet: the plain path is the only backend whose
-    # operations are all stock PyTorch. `tox -e gpu` verifies the others; promote them here
-    # once it has passed on a GPU.
+    # operations are all stock PyTorch. `tox -e gpu` verifies the others (UNVERIFIED_ON_CUDA);
+    # promote them here once it has passed on a GPU.
     "cuda": ("torch",),
 }
 """Per device type, the backends ``auto`` may choose, fastest first."""
+
+UNVERIFIED_ON_CUDA: dict[str, str] = {
+    "triton": "the kernels of both memories (triton_kernels.py: memory='kv'; triton_input.py: "
+              "memory='input') pass under Triton's interpreter and compile for sm_90 "
+              "(memory='kv'), but have not run on a GPU",
+    "chunked": "stock PyTorch, tested on the CPU only; a Python loop over chunks, likely slower "
+               "than the kernels on a GPU",
+    "compile": "inductor's CPU code is tested; its GPU (Triton) code has not run",
+}
+"""The backends ``auto`` must not choose on CUDA until ``tox -e gpu`` has passed on a GPU, and
+what is missing for each; ``VERIFIED["cuda"]`` lists none of them."""
 
 
 def chunked_unsupported(*, causal: bool, cross: bool, masked: bool, empty: bool) -> str | None:
