@@ -18,8 +18,8 @@ its rehearsal on the CPU at tiny sizes.
 :data:`runners.suite_checks.SCALES`): the Triton kernels and fla's kernels under Triton's
 interpreter, the compiled path in a process of its own (inductor's Triton import stops
 interpreted kernels from launching), the tasks, the stream, the efficiency stage with
-``--compare-fla``, and the figures file. Without CUDA and without ``--rehearse`` it refuses to
-start.
+``--compare-fla``, and the figures file; ``--rehearse --quick`` its quick part (CI). Without
+CUDA and without ``--rehearse`` it refuses to start.
 """
 
 from __future__ import annotations
@@ -91,29 +91,40 @@ def _pytest(selection: str | None = None) -> list[str]:
             *(["-k", selection] if selection else []), "-q", "-rA", "-p", "no:cacheprovider"]
 
 
-def test_stages(*, rehearse: bool) -> list[Stage]:
+QUICK_SELECTION = "(float32 and not compile) or (noncausal_and_joint and triton) or mqar"
+"""The rehearsal's quick part (``--quick``, CI): the Triton and fla kernels in float32 under the
+interpreter, and the fastest task; the compiled path, the other tasks, the stream and half
+precision are left to the whole rehearsal (the ``validation`` tier)."""
+
+
+def test_stages(*, rehearse: bool, quick: bool = False) -> list[Stage]:
     """The tests marked gpu: one process on CUDA; on the CPU two, the Triton and fla kernels
-    under the interpreter apart from the compiled path."""
+    under the interpreter apart from the compiled path (one, ``quick``)."""
     if not rehearse:
         return [_run("tests marked gpu", _pytest(), _environment(rehearse=False, interpret=False))]
-    return [_run("tests marked gpu, Triton's interpreter", _pytest("not compile"),
-                 _environment(rehearse=True, interpret=True)),
-            _run("tests marked gpu, inductor", _pytest("compile"),
-                 _environment(rehearse=True, interpret=False))]
+    interpreted = _run("tests marked gpu, Triton's interpreter",
+                       _pytest(QUICK_SELECTION if quick else "not compile"),
+                       _environment(rehearse=True, interpret=True))
+    if quick:
+        return [interpreted]
+    return [interpreted, _run("tests marked gpu, inductor", _pytest("compile"),
+                              _environment(rehearse=True, interpret=False))]
 
 
 def efficiency_arguments(results_dir: Path, lengths: Sequence[int], *, device: str = "cuda",
                          dtype: str = "bfloat16", variants: Sequence[str] = LAVO_VARIANTS,
                          compare_fla: bool = True) -> list[str]:
     """One ``attnbench efficiency`` run: LAVO's ``variants``, SDPA and (``compare_fla``)
-    flash-linear-attention's kernels side by side (interleaved at each length)."""
+    flash-linear-attention's kernels side by side (interleaved at each length). On the CPU (the
+    rehearsal): 2 heads x 16, one timed call after none for warm-up (the timings of interpreted
+    kernels mean nothing; the stage's code paths are what is rehearsed)."""
     arguments = [x for variant in variants for x in ("--attention-args", f"lavo:{variant}")]
+    shape = (["--heads", "8", "--head-dim", "64"] if device == "cuda" else
+             ["--heads", "2", "--head-dim", "16", "--repeats", "1", "--warmup", "0"])
     return ["efficiency", "--attention", "lavo,sdpa", *arguments,
             *(["--compare-fla"] if compare_fla else []),
-            "--patterns", "causal_self", "--device", device, "--dtype", dtype,
-            "--batch", "1", "--heads", "8" if device == "cuda" else "2",
-            "--head-dim", "64" if device == "cuda" else "16",
-            "--lengths", ",".join(map(str, lengths)), "--results-dir", str(results_dir)]
+            "--patterns", "causal_self", "--device", device, "--dtype", dtype, "--batch", "1",
+            *shape, "--lengths", ",".join(map(str, lengths)), "--results-dir", str(results_dir)]
 
 
 def _efficiency_stage(name: str, arguments: list[str], results: Path, *, rehearse: bool,
@@ -128,11 +139,17 @@ def _efficiency_stage(name: str, arguments: list[str], results: Path, *, rehears
             stage.notes.append(f"{record['cell']['attention']} {record['cell']['attention_args']} "
                                f"L={record['cell']['length']}: {record['status']}: "
                                f"{record.get('error', '')[:300]}")
+    if rehearse and stage.status != 0 and stage.notes and not any(map(_unexpected, stage.notes)):
+        # attnbench exits 1 when a cell fails; these are the interpreter's known failures.
+        stage.status = 0
+        stage.notes.append("every cell that did not run is a known failure of Triton's "
+                           "interpreter (runners/interpreter.py, FLA_INTERPRETER_FAILURES)")
     return stage
 
 
-def efficiency_stages(lengths: Sequence[int], *, rehearse: bool) -> list[Stage]:
-    """The efficiency run; on the CPU, the interpreted cells apart from the compiled ones."""
+def efficiency_stages(lengths: Sequence[int], *, rehearse: bool, quick: bool = False) -> list[Stage]:
+    """The efficiency run; on the CPU, the interpreted cells apart from the compiled ones
+    (only the interpreted ones, at the first length, ``quick``)."""
     stages = []
     with tempfile.TemporaryDirectory() as folder:
         if not rehearse:
@@ -140,10 +157,11 @@ def efficiency_stages(lengths: Sequence[int], *, rehearse: bool) -> list[Stage]:
             return [_efficiency_stage("efficiency", arguments, Path(folder), rehearse=False,
                                       interpret=False)]
         compiled = [v for v in LAVO_VARIANTS if "compile" in v]
-        for label, variants, fla, interpret in (
-                ("Triton's interpreter", [v for v in LAVO_VARIANTS if v not in compiled], True, True),
-                ("inductor", compiled, False, False)):
-            results = Path(folder) / label.split()[0].strip("'")
+        parts = [("Triton's interpreter", [v for v in LAVO_VARIANTS if v not in compiled], True, True),
+                 ("inductor", compiled, False, False)]
+        lengths = lengths[:1] if quick else lengths
+        for label, variants, fla, interpret in parts[:1] if quick else parts:
+            results = Path(folder) / ("interpreter" if interpret else "inductor")
             arguments = efficiency_arguments(results, lengths, device="cpu", dtype="float32",
                                              variants=variants, compare_fla=fla)
             stages.append(_efficiency_stage(f"efficiency, {label}", arguments, results,
@@ -167,15 +185,14 @@ def _machine() -> str:
             f"python {sys.version.split()[0]}")
 
 
-def run_suite(out: Path, lengths: Sequence[int], *, rehearse: bool, skip_tests: bool) -> int:
+def run_suite(out: Path, lengths: Sequence[int], *, rehearse: bool, skip_tests: bool,
+              quick: bool = False) -> int:
     """Every stage in order; the figures file; 0 when every stage passed."""
     started = time.perf_counter()
-    stages = [] if skip_tests else test_stages(rehearse=rehearse)
-    stages += efficiency_stages(lengths, rehearse=rehearse)
+    stages = [] if skip_tests else test_stages(rehearse=rehearse, quick=quick)
+    stages += efficiency_stages(lengths, rehearse=rehearse, quick=quick)
     title = "GPU suite rehearsal on the CPU" if rehearse else "GPU validation figures"
     failed = [s.name for s in stages if s.status != 0 or (s.notes and not rehearse)]
-    if rehearse:
-        failed += [s.name for s in stages if any(_unexpected(note) for note in s.notes)]
     summary = "every stage passed" if not failed else f"FAILED: {', '.join(dict.fromkeys(failed))}"
     text = (f"# {title}\n\nMachine: {_machine()}\n\n{summary}; whole suite "
             f"{time.perf_counter() - started:.0f} s.\n\n" + "\n".join(s.markdown() for s in stages))
@@ -204,7 +221,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--skip-tests", action="store_true", help="only the efficiency stage")
     parser.add_argument("--rehearse", action="store_true",
                         help="every stage on the CPU at tiny sizes (Triton's interpreter)")
+    parser.add_argument("--quick", action="store_true",
+                        help="with --rehearse: its quick part (CI), see QUICK_SELECTION")
     args = parser.parse_args(argv)
+    if args.quick and not args.rehearse:
+        parser.error("--quick goes with --rehearse")
     if not args.rehearse and not torch.cuda.is_available():
         print("gpu_suite: no CUDA device (torch.cuda.is_available() is False); nothing ran "
               "(python -m runners.gpu_suite --rehearse runs the stages on the CPU)", file=sys.stderr)
@@ -213,7 +234,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     lengths = ([int(x) for x in args.lengths.split(",")] if args.lengths
                else list(scale.efficiency_lengths))
     out = args.out or Path("rehearsal_figures.md" if args.rehearse else "gpu_figures.md")
-    return run_suite(out, lengths, rehearse=args.rehearse, skip_tests=args.skip_tests)
+    return run_suite(out, lengths, rehearse=args.rehearse, skip_tests=args.skip_tests,
+                     quick=args.quick)
 
 
 if __name__ == "__main__":
