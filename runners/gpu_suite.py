@@ -187,18 +187,32 @@ def _machine() -> str:
 
 def run_suite(out: Path, lengths: Sequence[int], *, rehearse: bool, skip_tests: bool,
               quick: bool = False) -> int:
-    """Every stage in order; the figures file; 0 when every stage passed."""
+    """Every stage in order, the figures file rewritten after each (a run cut short keeps what
+    it did); 0 when every stage passed."""
     started = time.perf_counter()
-    stages = [] if skip_tests else test_stages(rehearse=rehearse, quick=quick)
+    stages: list[Stage] = []
+    if not skip_tests:
+        for stage in test_stages(rehearse=rehearse, quick=quick):
+            stages.append(stage)
+            _write_figures(out, stages, rehearse=rehearse, started=started, done=False)
     stages += efficiency_stages(lengths, rehearse=rehearse, quick=quick)
+    summary = _write_figures(out, stages, rehearse=rehearse, started=started, done=True)
+    print(f"gpu_suite: {summary}; figures in {out}")
+    return 0 if summary == "every stage passed" else 1
+
+
+def _write_figures(out: Path, stages: list[Stage], *, rehearse: bool, started: float,
+                   done: bool) -> str:
+    """Write the figures file of the stages so far; return its summary line."""
     title = "GPU suite rehearsal on the CPU" if rehearse else "GPU validation figures"
     failed = [s.name for s in stages if s.status != 0 or (s.notes and not rehearse)]
-    summary = "every stage passed" if not failed else f"FAILED: {', '.join(dict.fromkeys(failed))}"
-    text = (f"# {title}\n\nMachine: {_machine()}\n\n{summary}; whole suite "
-            f"{time.perf_counter() - started:.0f} s.\n\n" + "\n".join(s.markdown() for s in stages))
-    out.write_text(text)
-    print(f"gpu_suite: {summary}; figures in {out}")
-    return 0 if not failed else 1
+    summary = ("every stage passed" if not failed
+               else f"FAILED: {', '.join(dict.fromkeys(failed))}")
+    progress = "whole suite" if done else "still running, so far"
+    out.write_text(f"# {title}\n\nMachine: {_machine()}\n\n{summary}; {progress} "
+                   f"{time.perf_counter() - started:.0f} s.\n\n"
+                   + "\n".join(s.markdown() for s in stages))
+    return summary
 
 
 def _unexpected(note: str) -> bool:
