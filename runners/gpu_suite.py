@@ -31,7 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,18 +97,18 @@ interpreter, and the fastest task; the compiled path, the other tasks, the strea
 precision are left to the whole rehearsal (the ``validation`` tier)."""
 
 
-def test_stages(*, rehearse: bool, quick: bool = False) -> list[Stage]:
-    """The tests marked gpu: one process on CUDA; on the CPU two, the Triton and fla kernels
-    under the interpreter apart from the compiled path (one, ``quick``)."""
+def test_stages(*, rehearse: bool, quick: bool = False) -> Iterator[Stage]:
+    """The tests marked gpu, each stage as it ends: one process on CUDA; on the CPU two, the
+    Triton and fla kernels under the interpreter apart from the compiled path (one, ``quick``)."""
     if not rehearse:
-        return [_run("tests marked gpu", _pytest(), _environment(rehearse=False, interpret=False))]
-    interpreted = _run("tests marked gpu, Triton's interpreter",
-                       _pytest(QUICK_SELECTION if quick else "not compile"),
-                       _environment(rehearse=True, interpret=True))
-    if quick:
-        return [interpreted]
-    return [interpreted, _run("tests marked gpu, inductor", _pytest("compile"),
-                              _environment(rehearse=True, interpret=False))]
+        yield _run("tests marked gpu", _pytest(), _environment(rehearse=False, interpret=False))
+        return
+    yield _run("tests marked gpu, Triton's interpreter",
+               _pytest(QUICK_SELECTION if quick else "not compile"),
+               _environment(rehearse=True, interpret=True))
+    if not quick:
+        yield _run("tests marked gpu, inductor", _pytest("compile"),
+                   _environment(rehearse=True, interpret=False))
 
 
 def efficiency_arguments(results_dir: Path, lengths: Sequence[int], *, device: str = "cuda",
