@@ -96,8 +96,12 @@ FLA_KERNELS = {k.name: k for k in (
 
 
 def fla_unavailable(device: str) -> str | None:
-    """Why flash-linear-attention's kernels cannot run here, or None if they can."""
-    if not device.startswith("cuda"):
+    """Why flash-linear-attention's kernels cannot run here, or None if they can (CUDA; or the
+    CPU under Triton's interpreter once :func:`runners.interpreter.shim_fla_for_interpreter`
+    has run, as the GPU suite's rehearsal does)."""
+    from runners.interpreter import fla_runs_here
+
+    if not device.startswith("cuda") and not (device == "cpu" and fla_runs_here()):
         return f"flash-linear-attention's kernels are Triton GPU kernels; the device is {device}"
     if importlib.util.find_spec("fla") is None:
         return "flash-linear-attention is not installed: pip install fla-core (or attnbench[fla])"

@@ -1,133 +1,255 @@
-"""The GPU validation suite: one command on a CUDA machine, one file of figures to paste.
+"""The GPU validation suite: one command on a CUDA machine, one file of figures to paste; and
+its rehearsal on the CPU at tiny sizes.
 
 ``tox -e gpu`` (or ``python -m runners.gpu_suite --out gpu_figures.md``) runs, in order:
 
-1. the tests marked ``gpu`` (``tests/test_gpu.py``): LAVO's Triton kernels, its compiled path
-   and its chunked pass against the plain PyTorch path on CUDA (forward and gradients, fp32,
-   bf16, fp16, lengths that are multiples of neither chunk nor window); every task's smoke
-   settings on CUDA for a few steps (:func:`run_task_smoke`); the decoding state of a LAVO layer
-   over a token-by-token stream of 131,072 tokens;
+1. the tests marked ``gpu`` (``tests/test_gpu.py``, checks in :mod:`runners.suite_checks`):
+   LAVO's chunked pass, compiled path and Triton kernels (both memories) against the float64
+   plain path on CUDA, forward and gradients, fp32 / bf16 / fp16, lengths that are multiples
+   of neither chunk nor window; fla's kernels behind ``backend="fla"`` against the PyTorch
+   path; every task's own ``presets/tiny.yaml`` through the executor, in-process tasks under
+   bf16 autocast; the decoding state of a LAVO language model over a token-by-token stream of
+   131,072 tokens;
 2. one ``attnbench efficiency`` run of LAVO (each backend), SDPA and flash-linear-attention's
    kernels side by side, causal, bf16, batch 1, 8 heads x 64, from 4K to 128K tokens;
 3. writes the test summary, the efficiency table and the machine into one Markdown file.
 
-Without CUDA it refuses to start (the tests themselves skip cleanly, so CI collects them).
+``--rehearse`` runs every stage on the CPU at tiny sizes (``ATTNBENCH_REHEARSAL=1``, see
+:data:`runners.suite_checks.SCALES`): the Triton kernels and fla's kernels under Triton's
+interpreter, the compiled path in a process of its own (inductor's Triton import stops
+interpreted kernels from launching), the tasks, the stream, the efficiency stage with
+``--compare-fla``, and the figures file; ``--rehearse --quick`` its quick part (CI). Without
+CUDA and without ``--rehearse`` it refuses to start.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
+import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
-SUITE_LENGTHS = (4096, 16384, 32768, 65536, 131072)
+from runners.suite_checks import REHEARSAL_ENV, SCALES
+
 LAVO_VARIANTS = (
-    # The default memory="input" on the backends that implement it, and memory="kv" on all.
-    "backend=torch", "backend=compile",
+    # The default memory="input" and the memory="kv" ablation on every backend of each.
+    *(f"backend={backend}" for backend in ("torch", "chunked", "compile", "triton")),
     *(f"memory=kv,backend={backend}" for backend in ("torch", "chunked", "compile", "triton")),
 )
-
-TASK_SMOKE: dict[str, dict[str, Any]] = {
-    # A few optimiser steps of each task's smoke model on its shipped sample.
-    "time_series": {"max_train_steps": 3, "max_eval_windows": 16},
-    "point_cloud": {"steps": 3},
-    "tts_fastspeech2": {"steps": 3, "aligner_steps": 20},
-    "tts_transformer": {"steps": 3},
-    "lm": {"max_update": 3, "stream_tokens": 64, "threads": 1},
-    "summarization": {"max_update": 3},
-}
-"""Per task, the settings of its few-step smoke run (on top of the task's smoke defaults)."""
-
-CHILD_PROCESS_TASKS = frozenset({"lm", "summarization"})
-"""Tasks that train in a fairseq child process: an autocast context of this process does not
-reach them, so they run in their own precision (float32)."""
+SUITE_LENGTHS = SCALES["gpu"].efficiency_lengths
+ROOT = Path(__file__).resolve().parents[1]
 
 
-@contextlib.contextmanager
-def _autocast(device: str, dtype: torch.dtype | None) -> Iterator[None]:
-    if dtype is None:
-        yield
+@dataclass
+class Stage:
+    """One stage's outcome: its name, command line, exit status, wall time and output tail."""
+
+    name: str
+    command: str
+    status: int
+    seconds: float
+    output: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        notes = "".join(f"- {note}\n" for note in self.notes)
+        return (f"## {self.name}: {'passed' if self.status == 0 else f'FAILED ({self.status})'}, "
+                f"{self.seconds:.0f} s\n\n`{self.command}`\n\n{notes}\n```\n{self.output[-20000:]}\n```\n")
+
+
+def _environment(*, rehearse: bool, interpret: bool) -> dict[str, str]:
+    """This process's environment, with the project on the path and the rehearsal's switches."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    env.pop("TRITON_INTERPRET", None)
+    env.pop(REHEARSAL_ENV, None)
+    if rehearse:
+        env[REHEARSAL_ENV] = "1"
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    return env
+
+
+def _run(name: str, command: list[str], env: dict[str, str]) -> Stage:
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False, env=env, cwd=ROOT)
+    shown = " ".join(command[1:] if command[0] == sys.executable else command)
+    return Stage(name, f"python {shown}", done.returncode, time.perf_counter() - started,
+                 done.stdout + ("\n" + done.stderr[-5000:] if done.returncode else ""))
+
+
+def _pytest(selection: str | None = None) -> list[str]:
+    return [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py",
+            *(["-k", selection] if selection else []), "-q", "-rA", "-p", "no:cacheprovider"]
+
+
+QUICK_SELECTION = "(float32 and not compile) or (noncausal_and_joint and triton) or mqar"
+"""The rehearsal's quick part (``--quick``, CI): the Triton and fla kernels in float32 under the
+interpreter, and the fastest task; the compiled path, the other tasks, the stream and half
+precision are left to the whole rehearsal (the ``validation`` tier)."""
+
+
+def test_stages(*, rehearse: bool, quick: bool = False) -> Iterator[Stage]:
+    """The tests marked gpu, each stage as it ends: one process on CUDA; on the CPU two, the
+    Triton and fla kernels under the interpreter apart from the compiled path (one, ``quick``)."""
+    if not rehearse:
+        yield _run("tests marked gpu", _pytest(), _environment(rehearse=False, interpret=False))
         return
-    with torch.autocast(torch.device(device).type, dtype=dtype):
-        yield
+    yield _run("tests marked gpu, Triton's interpreter",
+               _pytest(QUICK_SELECTION if quick else "not compile"),
+               _environment(rehearse=True, interpret=True))
+    if not quick:
+        yield _run("tests marked gpu, inductor", _pytest("compile"),
+                   _environment(rehearse=True, interpret=False))
 
 
-def run_task_smoke(name: str, *, device: str, dtype: torch.dtype | None, workdir: Path,
-                   attention: str = "lavo") -> Mapping[str, float]:
-    """Run task ``name`` for a few steps (:data:`TASK_SMOKE`) with ``attention`` in every role,
-    under autocast to ``dtype`` (None: the task's own precision); return its metrics."""
-    from tasks.base import AttentionChoice, get_task, resolve_attention
-
-    task_class = get_task(name)
-    config = task_class.make_config(TASK_SMOKE.get(name, {}))
-    choice = resolve_attention(task_class, AttentionChoice(attention))
-    with _autocast(device, None if name in CHILD_PROCESS_TASKS else dtype):
-        result = task_class().run(config, choice, seed=0, device=device, workdir=workdir)
-    return result.metrics
-
-
-def _efficiency_arguments(results_dir: Path, lengths: Sequence[int]) -> list[str]:
-    """One efficiency run: every LAVO backend, SDPA and flash-linear-attention's kernels side by
-    side (interleaved at each length)."""
-    variants = [x for arguments in LAVO_VARIANTS for x in ("--attention-args", f"lavo:{arguments}")]
-    return ["efficiency", "--attention", "lavo,sdpa", *variants, "--compare-fla",
-            "--patterns", "causal_self", "--device", "cuda", "--dtype", "bfloat16",
-            "--batch", "1", "--heads", "8", "--head-dim", "64",
-            "--lengths", ",".join(map(str, lengths)), "--results-dir", str(results_dir)]
+def efficiency_arguments(results_dir: Path, lengths: Sequence[int], *, device: str = "cuda",
+                         dtype: str = "bfloat16", variants: Sequence[str] = LAVO_VARIANTS,
+                         compare_fla: bool = True) -> list[str]:
+    """One ``attnbench efficiency`` run: LAVO's ``variants``, SDPA and (``compare_fla``)
+    flash-linear-attention's kernels side by side (interleaved at each length). On the CPU (the
+    rehearsal): 2 heads x 16, one timed call after none for warm-up (the timings of interpreted
+    kernels mean nothing; the stage's code paths are what is rehearsed)."""
+    arguments = [x for variant in variants for x in ("--attention-args", f"lavo:{variant}")]
+    shape = (["--heads", "8", "--head-dim", "64"] if device == "cuda" else
+             ["--heads", "2", "--head-dim", "16", "--repeats", "1", "--warmup", "0"])
+    return ["efficiency", "--attention", "lavo,sdpa", *arguments,
+            *(["--compare-fla"] if compare_fla else []),
+            "--patterns", "causal_self", "--device", device, "--dtype", dtype, "--batch", "1",
+            *shape, "--lengths", ",".join(map(str, lengths)), "--results-dir", str(results_dir)]
 
 
-def _run_cli(arguments: list[str]) -> str:
-    from runners.cli import main
+def _efficiency_stage(name: str, arguments: list[str], results: Path, *, rehearse: bool,
+                      interpret: bool) -> Stage:
+    """Run ``attnbench efficiency`` in its own process; note every cell that did not run."""
+    command = [sys.executable, "-m", "runners.gpu_suite", "--efficiency-only", *arguments]
+    stage = _run(name, command, _environment(rehearse=rehearse, interpret=interpret))
+    stage.command = "attnbench " + " ".join(arguments[:-2])
+    for path in sorted(results.glob("efficiency/*/*.json")):
+        record = json.loads(path.read_text())
+        if record["status"] != "ok":
+            stage.notes.append(f"{record['cell']['attention']} {record['cell']['attention_args']} "
+                               f"L={record['cell']['length']}: {record['status']}: "
+                               f"{record.get('error', '')[:300]}")
+    if rehearse and stage.status != 0 and stage.notes and not any(map(_unexpected, stage.notes)):
+        # attnbench exits 1 when a cell fails; these are the interpreter's known failures.
+        stage.status = 0
+        stage.notes.append("every cell that did not run is a known failure of Triton's "
+                           "interpreter (runners/interpreter.py, FLA_INTERPRETER_FAILURES)")
+    return stage
 
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        main(arguments)
-    return buffer.getvalue()
+
+def efficiency_stages(lengths: Sequence[int], *, rehearse: bool, quick: bool = False) -> list[Stage]:
+    """The efficiency run; on the CPU, the interpreted cells apart from the compiled ones
+    (only the interpreted ones, at the first length, ``quick``)."""
+    stages = []
+    with tempfile.TemporaryDirectory() as folder:
+        if not rehearse:
+            arguments = efficiency_arguments(Path(folder), lengths)
+            return [_efficiency_stage("efficiency", arguments, Path(folder), rehearse=False,
+                                      interpret=False)]
+        compiled = [v for v in LAVO_VARIANTS if "compile" in v]
+        parts = [("Triton's interpreter", [v for v in LAVO_VARIANTS if v not in compiled], True, True),
+                 ("inductor", compiled, False, False)]
+        lengths = lengths[:1] if quick else lengths
+        for label, variants, fla, interpret in parts[:1] if quick else parts:
+            results = Path(folder) / ("interpreter" if interpret else "inductor")
+            arguments = efficiency_arguments(results, lengths, device="cpu", dtype="float32",
+                                             variants=variants, compare_fla=fla)
+            stages.append(_efficiency_stage(f"efficiency, {label}", arguments, results,
+                                            rehearse=True, interpret=interpret))
+    return stages
+
+
+def efficiency_only(arguments: list[str]) -> int:
+    """``attnbench efficiency`` with fla's interpreter shims applied first (when interpreting)."""
+    from runners.cli import main as cli
+    from runners.interpreter import interpreting, shim_fla_for_interpreter
+
+    if interpreting():
+        shim_fla_for_interpreter()
+    return cli(arguments)
 
 
 def _machine() -> str:
-    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
-    return f"{name}; torch {torch.__version__}; CUDA {torch.version.cuda}; python {sys.version.split()[0]}"
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (no CUDA device)"
+    return (f"{name}; torch {torch.__version__}; CUDA {torch.version.cuda}; "
+            f"python {sys.version.split()[0]}")
+
+
+def run_suite(out: Path, lengths: Sequence[int], *, rehearse: bool, skip_tests: bool,
+              quick: bool = False) -> int:
+    """Every stage in order, the figures file rewritten after each (a run cut short keeps what
+    it did); 0 when every stage passed."""
+    started = time.perf_counter()
+    stages: list[Stage] = []
+    if not skip_tests:
+        for stage in test_stages(rehearse=rehearse, quick=quick):
+            stages.append(stage)
+            _write_figures(out, stages, rehearse=rehearse, started=started, done=False)
+    stages += efficiency_stages(lengths, rehearse=rehearse, quick=quick)
+    summary = _write_figures(out, stages, rehearse=rehearse, started=started, done=True)
+    print(f"gpu_suite: {summary}; figures in {out}")
+    return 0 if summary == "every stage passed" else 1
+
+
+def _write_figures(out: Path, stages: list[Stage], *, rehearse: bool, started: float,
+                   done: bool) -> str:
+    """Write the figures file of the stages so far; return its summary line."""
+    title = "GPU suite rehearsal on the CPU" if rehearse else "GPU validation figures"
+    failed = [s.name for s in stages if s.status != 0 or (s.notes and not rehearse)]
+    summary = ("every stage passed" if not failed
+               else f"FAILED: {', '.join(dict.fromkeys(failed))}")
+    progress = "whole suite" if done else "still running, so far"
+    out.write_text(f"# {title}\n\nMachine: {_machine()}\n\n{summary}; {progress} "
+                   f"{time.perf_counter() - started:.0f} s.\n\n"
+                   + "\n".join(s.markdown() for s in stages))
+    return summary
+
+
+def _unexpected(note: str) -> bool:
+    """Whether a cell that did not run in the rehearsal is not a known interpreter failure."""
+    from runners.interpreter import FLA_INTERPRETER_FAILURES
+
+    return not any(note.startswith(f"fla_{kernel.removeprefix('chunk_')}")
+                   for kernel in FLA_INTERPRETER_FAILURES)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--efficiency-only"]:
+        return efficiency_only(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m runners.gpu_suite", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("gpu_figures.md"))
-    parser.add_argument("--lengths", default=",".join(map(str, SUITE_LENGTHS)))
-    parser.add_argument("--skip-tests", action="store_true", help="only the efficiency runs")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="the figures file (gpu_figures.md; rehearsal_figures.md with --rehearse)")
+    parser.add_argument("--lengths", default=None, help="efficiency lengths, comma-separated")
+    parser.add_argument("--skip-tests", action="store_true", help="only the efficiency stage")
+    parser.add_argument("--rehearse", action="store_true",
+                        help="every stage on the CPU at tiny sizes (Triton's interpreter)")
+    parser.add_argument("--quick", action="store_true",
+                        help="with --rehearse: its quick part (CI), see QUICK_SELECTION")
     args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("gpu_suite: no CUDA device (torch.cuda.is_available() is False); nothing ran",
-              file=sys.stderr)
+    if args.quick and not args.rehearse:
+        parser.error("--quick goes with --rehearse")
+    if not args.rehearse and not torch.cuda.is_available():
+        print("gpu_suite: no CUDA device (torch.cuda.is_available() is False); nothing ran "
+              "(python -m runners.gpu_suite --rehearse runs the stages on the CPU)", file=sys.stderr)
         return 2
-    sections = [f"# GPU validation figures\n\nMachine: {_machine()}\n"]
-    started = time.perf_counter()
-    status = 0
-    if not args.skip_tests:
-        tests = subprocess.run(
-            [sys.executable, "-m", "pytest", "-m", "gpu", "tests/test_gpu.py", "-q", "-rA",
-             "-p", "no:cacheprovider"], capture_output=True, text=True, check=False)
-        status = tests.returncode
-        sections.append("## Tests marked gpu\n\n```\n" + tests.stdout[-20000:] + "\n```\n")
-    lengths = [int(x) for x in args.lengths.split(",")]
-    with tempfile.TemporaryDirectory() as results:
-        arguments = _efficiency_arguments(Path(results), lengths)
-        command = "attnbench " + " ".join(arguments[:-2])
-        sections.append(f"## `{command}`\n\n```\n{_run_cli(arguments)}\n```\n")
-    sections.append(f"Whole suite: {time.perf_counter() - started:.0f} s.\n")
-    args.out.write_text("\n".join(sections))
-    print(f"gpu_suite: figures in {args.out} (tests exit status {status})")
-    return status
+    scale = SCALES["rehearsal" if args.rehearse else "gpu"]
+    lengths = ([int(x) for x in args.lengths.split(",")] if args.lengths
+               else list(scale.efficiency_lengths))
+    out = args.out or Path("rehearsal_figures.md" if args.rehearse else "gpu_figures.md")
+    return run_suite(out, lengths, rehearse=args.rehearse, skip_tests=args.skip_tests,
+                     quick=args.quick)
 
 
 if __name__ == "__main__":

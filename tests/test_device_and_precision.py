@@ -3,8 +3,8 @@
 - Every mechanism creates its tensors on the device of its inputs: under a default device of
   ``meta``, any tensor made without ``device=`` lands on ``meta`` and mixing it with the CPU
   inputs fails.
-- Every in-process task trains and evaluates for a few steps under bf16 autocast (dtype bugs;
-  marked validation, a minute per task on 2 cores: ``pytest tests/test_device_and_precision.py
+- Every in-process task runs its own ``presets/tiny.yaml`` through the executor under bf16
+  autocast (dtype bugs; marked validation: ``pytest tests/test_device_and_precision.py
   --run-validation``). The fairseq tasks train in a child process that autocast does not reach.
 """
 
@@ -17,7 +17,8 @@ import torch
 
 from attention_zoo import Pattern, attention_spec, build_attention, list_attentions
 from attention_zoo.testing import run
-from runners.gpu_suite import CHILD_PROCESS_TASKS, TASK_SMOKE, run_task_smoke
+from runners.suite_checks import run_task_smoke, trains_in_a_child_process
+from tasks.registry import get_task, list_tasks
 
 CASES = [(name, pattern) for name in list_attentions() for pattern in Pattern
          if pattern in attention_spec(name).patterns]
@@ -42,17 +43,14 @@ def test_mechanism_creates_tensors_on_the_inputs_device(name, pattern):
         assert out.device.type == "cpu"
 
 
-IN_PROCESS = sorted(set(TASK_SMOKE) - CHILD_PROCESS_TASKS)
+IN_PROCESS = [name for name in list_tasks() if not trains_in_a_child_process(get_task(name))]
 
 
 @pytest.mark.validation
 @pytest.mark.parametrize("task", IN_PROCESS)
 def test_task_smoke_under_bf16_autocast(task, tmp_path):
-    from tasks.registry import list_tasks
-
-    if task not in list_tasks():
-        pytest.skip(f"task {task} is not installed")
-    metrics = run_task_smoke(task, device="cpu", dtype=torch.bfloat16, workdir=tmp_path)
+    """The task's own tiny preset through the executor, under bf16 autocast."""
+    metrics = run_task_smoke(task, device="cpu", dtype=torch.bfloat16, workdir=tmp_path).metrics
     assert metrics and all(math.isfinite(value) for value in metrics.values()), metrics
 
 

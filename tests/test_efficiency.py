@@ -74,7 +74,7 @@ def test_gpu_suite_commands_parse_and_it_refuses_to_start_without_cuda(tmp_path,
     from runners import gpu_suite
     from runners.cli import build_parser
 
-    parsed = build_parser().parse_args(gpu_suite._efficiency_arguments(tmp_path, gpu_suite.SUITE_LENGTHS))
+    parsed = build_parser().parse_args(gpu_suite.efficiency_arguments(tmp_path, gpu_suite.SUITE_LENGTHS))
     assert parsed.attention == "lavo,sdpa" and parsed.lengths[-1] == 131072 and parsed.compare_fla
     assert parsed.attention_args == [f"lavo:{v}" for v in gpu_suite.LAVO_VARIANTS]
     assert "lavo:memory=kv,backend=triton" in parsed.attention_args

@@ -120,8 +120,7 @@ def test_choice_per_device_and_clear_refusals():
     assert backends.choose("auto", torch.device("cuda"), supported) == backends.VERIFIED["cuda"][0]
     assert "triton" not in backends.VERIFIED["cuda"]
     assert backends.choose("auto", torch.device("cpu"), {"chunked": "cross attention"}) == "torch"
-    assert "memory='input'" in backends.chunked_unsupported(
-        causal=True, cross=False, masked=False, empty=False, memory="input")
+    assert backends.chunked_unsupported(causal=True, cross=False, masked=False, empty=False) is None
     attention = build_attention("lavo", pattern="noncausal_self", heads=HEADS, head_dim=DIM,
                                 memory="kv", backend="chunked")
     q = torch.randn(1, 5, HEADS, DIM)

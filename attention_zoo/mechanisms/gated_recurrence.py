@@ -425,7 +425,7 @@ class GatedRecurrentAttention(Attention):
 
     def run(self, terms: Recurrence) -> Tensor:
         """The recurrence's reads [B, L, H, V] on the configured backend (from a zero state)."""
-        if self._use_fla(terms.q):
+        if self._use_fla(terms):
             return fla_recurrence(terms)
         if terms.beta is None:
             return chunked_gated_recurrence(terms, chunk_size=self.config.chunk_size)[0]
@@ -438,13 +438,16 @@ class GatedRecurrentAttention(Attention):
                              "layer_input=LayerInput(...) (MultiHeadAttention passes it)")
         return layer_input.query
 
-    def _use_fla(self, q: Tensor) -> bool:
+    def _use_fla(self, terms: Recurrence) -> bool:
         backend = self.config.backend
         if backend == "torch":
             return False
-        reason = fla_unavailable(q.device)
-        if reason is None and q.dtype == torch.float64:
+        reason = fla_unavailable(terms.q.device)
+        if reason is None and terms.q.dtype == torch.float64:
             reason = "fla's kernels take float32, float16 or bfloat16, not float64"
+        if (reason is None and terms.q.dtype == torch.float32 and terms.beta is not None
+                and terms.log_decay is None):
+            reason = "fla's chunk_delta_rule refuses float32 (it asserts bfloat16 or float16)"
         return choose_fla(self.name, backend, reason)
 
     def init_state(

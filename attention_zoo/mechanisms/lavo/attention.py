@@ -6,9 +6,9 @@ context, a relative position bias inside the windows, and the two reads combined
 
 This is the plain PyTorch path. It keeps the causal global read factorised (``memory.py``), so
 that it only ever builds [B, L, H, r] tensors, never the [B, L, H, r, D] tensor of per-position
-memories. The other backends (``backends.py``): causal self-attention with ``memory="kv"`` chunk
-by chunk (``chunked.py``), the plain path under ``torch.compile``, and the fused Triton kernels
-(``triton_kernels.py``, ``memory="kv"``); ``backend="auto"`` (the default) picks per device the
+memories. The other backends (``backends.py``): causal self-attention chunk by chunk
+(``chunked.py``, ``chunked_input.py``), the plain path under ``torch.compile``, and the fused Triton kernels
+(``triton_kernels.py``, ``triton_input.py``); ``backend="auto"`` (the default) picks per device the
 fastest one verified there.
 """
 
@@ -35,6 +35,7 @@ from attention_zoo.base import (
 )
 from attention_zoo.mechanisms.lavo import backends
 from attention_zoo.mechanisms.lavo.chunked import lavo_causal_chunked
+from attention_zoo.mechanisms.lavo.chunked_input import lavo_input_chunked
 from attention_zoo.mechanisms.lavo.memory import (
     OrthogonalMemory,
     global_read,
@@ -80,8 +81,8 @@ class LAVOConfig:
         default="auto",
         metadata={"help": "auto: per device the fastest backend verified there (backends.py); "
                           "torch: the plain path; chunked: causal self-attention chunk by chunk "
-                          "(memory='kv'); compile: the plain path under torch.compile; triton: "
-                          "fused kernels (memory='kv')"},
+                          "(both memories); compile: the plain path under torch.compile; triton: "
+                          "fused kernels (self attention; CUDA, or the CPU in Triton's interpreter)"},
     )
 
 
@@ -252,11 +253,11 @@ class LAVOAttention(Attention):
                 f"{config.r} orthonormal rows exist in R^{width}; choose r <= {width}"
             )
         if config.backend == "triton" and (
-            pattern.cross or config.bases == "learned" or config.memory == "input"
+            pattern.cross or (config.bases == "learned" and config.memory == "kv")
         ):
             raise AttentionConfigError(
-                f"lavo: backend='triton' supports self-attention with bases='fixed' and "
-                f"memory='kv'; got pattern {pattern.value!r}, bases={config.bases!r}, "
+                f"lavo: backend='triton' supports self-attention (and, with memory='kv', "
+                f"bases='fixed' only); got pattern {pattern.value!r}, bases={config.bases!r}, "
                 f"memory={config.memory!r}; use backend='auto' or 'torch'"
             )
 
@@ -276,6 +277,9 @@ class LAVOAttention(Attention):
         layer_input: LayerInput | None = None,
     ) -> Tensor:
         backend = self._backend(q, key_padding_mask)
+        if backend == "triton" and self.config.memory == "input":
+            assert layer_input is not None  # forward() checked it
+            return self._attend_triton_input(q, k, v, layer_input)
         if backend == "triton":
             from attention_zoo.mechanisms.lavo.triton_kernels import lavo_triton
 
@@ -283,6 +287,9 @@ class LAVOAttention(Attention):
                 q, k, v, bases=self.bases, position_bias=self.position_bias, w=self.w,
                 causal=self.pattern.causal, joint=self.config.combine == "joint",
             )
+        if backend == "chunked" and self.config.memory == "input":
+            assert layer_input is not None  # forward() checked it
+            return self._attend_chunked_input(q, k, v, layer_input)
         if backend == "chunked":
             return lavo_causal_chunked(q, k, v, bases=self.bases, position_bias=self.position_bias,
                                        w=self.w, joint=self.config.combine == "joint")
@@ -290,6 +297,32 @@ class LAVOAttention(Attention):
             return backends.compiled(LAVOAttention._attend_torch)(
                 self, q, k, v, key_padding_mask, layer_input)
         return self._attend_torch(q, k, v, key_padding_mask, layer_input)
+
+    def _attend_chunked_input(self, q: Tensor, k: Tensor, v: Tensor, layer_input: LayerInput) -> Tensor:
+        """Causal self attention with ``memory="input"``, chunk by chunk (``chunked_input.py``):
+        the coefficients [B, L, r] and projected bases [H, r, D] come from autograd here, so the
+        layer input, the bases and the projections get their gradients through them."""
+        acc = _accumulation_dtype(q.dtype)
+        with torch.autocast(q.device.type, enabled=False):
+            memory = self._memory(k, v, layer_input, acc)
+        return lavo_input_chunked(
+            q, k, v, coeffs=memory.key_coeffs[:, :, 0], key_bases=memory.key_bases,
+            value_bases=memory.value_bases, key_bias=memory.key_bias,
+            value_bias=memory.value_bias, position_bias=self.position_bias, w=self.w,
+            joint=self.config.combine == "joint")
+
+    def _attend_triton_input(self, q: Tensor, k: Tensor, v: Tensor, layer_input: LayerInput) -> Tensor:
+        """Self attention with ``memory="input"`` on the Triton kernels (``triton_input.py``); the
+        coefficients and projected bases come from autograd here, in float32."""
+        from attention_zoo.mechanisms.lavo.triton_input import lavo_input_triton
+
+        with torch.autocast(q.device.type, enabled=False):
+            memory = self._memory(k, v, layer_input, torch.float32)
+        return lavo_input_triton(
+            q, k, v, coeffs=memory.key_coeffs[:, :, 0], key_bases=memory.key_bases,
+            value_bases=memory.value_bases, key_bias=memory.key_bias,
+            value_bias=memory.value_bias, position_bias=self.position_bias, w=self.w,
+            causal=self.pattern.causal, joint=self.config.combine == "joint")
 
     def _attend_torch(
         self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
@@ -353,16 +386,15 @@ class LAVOAttention(Attention):
 
     def triton_unsupported(self, q: Tensor, key_padding_mask: Tensor | None) -> str | None:
         """Why this call cannot run on the Triton kernels, or None when it can."""
-        if self.config.memory == "input":
-            return "memory='input' (the kernels implement the per-head key and value memories)"
         if self.pattern.cross:
             return "cross attention"
         if key_padding_mask is not None:
             return "a key_padding_mask"
         if q.shape[1] == 0:
             return "an empty sequence"
-        if self.learned_bases is not None and torch.is_grad_enabled():
-            return "bases='learned' with gradients enabled (the kernels give no gradient for B)"
+        if self.learned_bases is not None and torch.is_grad_enabled() and self.config.memory == "kv":
+            return ("bases='learned' with gradients enabled (the memory='kv' kernels give no "
+                    "gradient for B)")
         if q.dtype not in _TRITON_DTYPES:
             return f"dtype {q.dtype} (supported: float32, float16, bfloat16)"
         return triton_unavailable(q.device)
@@ -375,8 +407,7 @@ class LAVOAttention(Attention):
             "triton": self.triton_unsupported(q, key_padding_mask),
             "chunked": backends.chunked_unsupported(
                 causal=self.pattern.causal, cross=self.pattern.cross,
-                masked=key_padding_mask is not None, empty=q.shape[1] == 0,
-                memory=self.config.memory),
+                masked=key_padding_mask is not None, empty=q.shape[1] == 0),
         }
         return backends.choose(self.config.backend, q.device, reasons)
 

@@ -2,10 +2,12 @@
 
 - ``torch``: the plain PyTorch path, vectorised over the whole sequence (every pattern, padding
   masks, decoding's parallel twin).
-- ``chunked``: causal self-attention chunk by chunk with a hand-written backward
-  (``chunked.py``); linear in time and memory in practice on a CPU, not only on paper.
+- ``chunked``: causal self-attention chunk by chunk with a hand-written backward, both memories
+  (``chunked.py``: ``memory="kv"``; ``chunked_input.py``: ``memory="input"``); linear in time
+  and memory in practice on a CPU, not only on paper.
 - ``compile``: the plain path under ``torch.compile`` (inductor), with dynamic lengths.
-- ``triton``: the fused kernels of ``triton_kernels.py`` (CUDA; CPU only in Triton's interpreter).
+- ``triton``: the fused kernels of ``triton_kernels.py`` (``memory="kv"``) and ``triton_input.py``
+  (``memory="input"``): CUDA; the CPU only in Triton's interpreter.
 - ``auto``: per device, the fastest backend *verified there* that supports the call
   (:data:`VERIFIED`), falling back to ``torch``.
 """
@@ -22,22 +24,30 @@ Backend = Literal["auto", "torch", "chunked", "compile", "triton"]
 BACKENDS: tuple[str, ...] = ("auto", "torch", "chunked", "compile", "triton")
 
 VERIFIED: dict[str, tuple[str, ...]] = {
-    # Measured on the 2-core CPU machine (docs/efficiency.md): the chunked pass is the fastest
-    # there for causal self-attention; the plain path for everything else.
+    # Measured on the 2-core CPU machine (docs/efficiency.md, docs/lavo.md): the chunked pass is
+    # the fastest there for causal self-attention, both memories; the plain path for the rest.
     "cpu": ("chunked", "torch"),
     # No GPU has run this project's tests yet: the plain path is the only backend whose
-    # operations are all stock PyTorch. `tox -e gpu` verifies the others; promote them here
-    # once it has passed on a GPU.
+    # operations are all stock PyTorch. `tox -e gpu` verifies the others (UNVERIFIED_ON_CUDA);
+    # promote them here once it has passed on a GPU.
     "cuda": ("torch",),
 }
 """Per device type, the backends ``auto`` may choose, fastest first."""
 
+UNVERIFIED_ON_CUDA: dict[str, str] = {
+    "triton": "the kernels of both memories (triton_kernels.py: memory='kv'; triton_input.py: "
+              "memory='input') pass under Triton's interpreter and compile for sm_90 "
+              "(memory='kv'), but have not run on a GPU",
+    "chunked": "stock PyTorch, tested on the CPU only; a Python loop over chunks, likely slower "
+               "than the kernels on a GPU",
+    "compile": "inductor's CPU code is tested; its GPU (Triton) code has not run",
+}
+"""The backends ``auto`` must not choose on CUDA until ``tox -e gpu`` has passed on a GPU, and
+what is missing for each; ``VERIFIED["cuda"]`` lists none of them."""
 
-def chunked_unsupported(*, causal: bool, cross: bool, masked: bool, empty: bool,
-                        memory: str = "kv") -> str | None:
+
+def chunked_unsupported(*, causal: bool, cross: bool, masked: bool, empty: bool) -> str | None:
     """Why the chunked pass cannot run a call, or None when it can."""
-    if memory != "kv":
-        return f"memory={memory!r} (the chunked pass implements memory='kv')"
     if cross:
         return "cross attention"
     if not causal:
