@@ -456,7 +456,10 @@ def test_efficiency_cab_preset_and_whole_layer(tmp_path, capsys):
         assert record["status"] == "ok" and record["settings"]["timer"] == "perf_counter"
         # The layer's four projections with biases (softmax itself has no parameters).
         assert record["metrics"]["parameters"] == 4 * (width * width + width)
-    assert "softmax [layer]" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "noncausal_self, whole layer" in out and " softmax " in out
+    # Every line fits 100 columns but the records' path, which is the user's and stays whole.
+    assert max(len(line.rstrip()) for line in out.splitlines() if "records:" not in line) <= 100
 
 
 def test_efficiency_measures_mechanisms_that_read_the_layer_input(tmp_path):

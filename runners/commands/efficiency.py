@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from runners.checks import InputError, integer, writable_folder
 from runners.commands.common import (
     DEFAULT_RESULTS,
+    TERMINAL_WIDTH,
     comma_list,
     make_console,
     pattern_value,
@@ -134,21 +135,15 @@ def command_efficiency(args: argparse.Namespace) -> int:
     console.print(
         f"[bold]attnbench efficiency[/] ({args.preset}): {len(cells)} cells on {device} ({args.dtype}), "
         f"batch {args.batch}, {args.heads} heads x {args.head_dim}, "
-        f"{'whole MultiHeadAttention layer' if args.layer else 'attention core'}, "
-        + ("triton do_bench (median)" if timer == "do_bench"
-           else f"median of {args.repeats} after {args.warmup} warm-up, interleaved ({timer})")
-    )
+        f"{'whole layer' if args.layer else 'attention core'}")
+    console.print("  timing: " + ("triton do_bench (median)" if timer == "do_bench" else
+                                  f"median of {args.repeats} after {args.warmup} warm-up, "
+                                  f"interleaved ({timer})"))
 
     def progress(record: dict[str, Any]) -> None:
-        cell, status = record["cell"], record["status"]
-        m, load = record.get("metrics", {}), record.get("load_average") or {}
-        detail = (f"{m['forward_ms']:.2f} / {m['forward_backward_ms']:.2f} ms (median; min "
-                  f"{m['forward_ms_min']:.2f} / {m['forward_backward_ms_min']:.2f}, IQR "
-                  f"{m['forward_ms_iqr']:.2f} / {m['forward_backward_ms_iqr']:.2f}; load "
-                  f"{load['before'][0]:.1f}->{load['after'][0]:.1f})"
-                  if status == "ok" else record.get("error", "")[:80])
-        console.print(f"  {cell['attention']:>10} {cell['pattern']:>15} L={cell['length']:<6} "
-                      f"{status:>5} {detail}")
+        from rich.markup import escape
+
+        console.print(escape(progress_line(record)))
 
     records = run_efficiency(cells, results_dir=args.results_dir, warmup=args.warmup,
                              repeats=args.repeats, timer=args.timer, on_result=progress)
@@ -156,6 +151,22 @@ def command_efficiency(args: argparse.Namespace) -> int:
     run_dir = args.results_dir / "efficiency" / records[0]["run_id"] if records else None
     console.print(f"records: {run_dir}")
     return 1 if any(r["status"] == "error" for r in records) else 0
+
+
+def progress_line(record: dict[str, Any]) -> str:
+    """One finished cell within 100 columns: forward / forward+backward median ms, their IQR and
+    the load average around it (the record keeps the minima too); the IQR and load are left
+    out where the mechanism's name is too long for them."""
+    cell, status = record["cell"], record["status"]
+    m, load = record.get("metrics", {}), record.get("load_average") or {}
+    head = f"  {cell['attention']} {cell['pattern']} L={cell['length']} {status}"
+    if status != "ok":
+        return f"{head} {record.get('error', '')}"[:TERMINAL_WIDTH]
+    times = f" {m['forward_ms']:.2f} / {m['forward_backward_ms']:.2f} ms"
+    detail = (f" (IQR {m['forward_ms_iqr']:.2f} / {m['forward_backward_ms_iqr']:.2f}, load "
+              f"{load['before'][0]:.1f}->{load['after'][0]:.1f})" if load.get("before") else "")
+    line = head + times + detail
+    return line if len(line) <= TERMINAL_WIDTH else head + times
 
 
 def _ms(value: float) -> str:

@@ -28,6 +28,8 @@ def command_report(args: argparse.Namespace) -> int:
                          "pip install -c constraints/cpu.txt -e '.[analysis]'") from None
     if not args.results_dir.is_dir():
         raise InputError(f"no results folder {args.results_dir}")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise InputError(f"--out {args.out} is a file, not a folder; give a folder")
     records = run_records(args.results_dir)
     if not records and not efficiency_records(args.results_dir):
         raise InputError(f"{args.results_dir} holds no records (runs/ or efficiency/): give the "
