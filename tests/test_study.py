@@ -8,7 +8,6 @@ import math
 
 import pytest
 
-from analysis.study import holm, mean_std, stage_result, verdict, welch
 from runners.matrix import MatrixConfigError
 from runners.study import choose, parse_study, run_stage, seed_cells, stage_cells
 
@@ -87,6 +86,7 @@ def test_run_stage_resumes_to_the_same_choice(tmp_path):
         study_module.stage_records = original
     assert [len(batch) for batch in ran] == [6, 4, 0, 0]
     assert {c.key for c in first} == {c.key for c in again}
+    stage_result = pytest.importorskip("analysis.study").stage_result  # the analysis extra
     result = stage_result(_study(), stage, records)
     assert {g.label: g.chosen for g in result.groups} == {"linear": 0.1, "softmax": 0.001}
     assert all(g.runs() == 3 for g in result.groups)
@@ -115,6 +115,8 @@ def test_tuning_a_setting_the_task_lacks_is_refused():
 
 
 def test_welch_and_holm():
+    study = pytest.importorskip("analysis.study")  # the analysis extra (scipy, pandas)
+    holm, mean_std, verdict, welch = study.holm, study.mean_std, study.verdict, study.welch
     assert welch([1.0, 1.1, 0.9], [5.0, 5.1, 4.9]) < 1e-3
     assert welch([1.0, 1.0], [1.0, 1.0]) != welch([1.0, 1.0], [1.0, 1.0])  # NaN: no spread
     assert holm([0.01, 0.04, math.nan, 0.03]) == pytest.approx([0.03, 0.06, math.nan, 0.06],
