@@ -27,6 +27,7 @@ from scipy import stats
 from analysis.tables import Table, number
 from runners.matrix import Cell
 from runners.study import Stage, Study, choose, load_study, seed_cells, stage_cells
+from runners.summary import mean_std as seed_spread
 from tasks.base import attention_label
 
 REFERENCE = "softmax"
@@ -145,12 +146,8 @@ def verdict(a: Sequence[float], b: Sequence[float], raw: float, adjusted: float)
 
 
 def mean_std(values: Sequence[float]) -> str:
-    """``0.91 ± 0.03 (3)``; a single value without spread; n/a for none."""
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{number(values[0])} (1)"
-    return f"{number(float(np.mean(values)))} ± {number(float(np.std(values, ddof=1)))} ({len(values)})"
+    """``0.91 ± 0.03 (3)``: :func:`runners.summary.mean_std` with n; n/a for none."""
+    return f"{seed_spread(values)} ({len(values)})" if values else "n/a"
 
 
 def _reference(group: Group, groups: Sequence[Group], over: str | None) -> Group | None:

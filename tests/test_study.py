@@ -125,7 +125,7 @@ def test_welch_and_holm():
     assert "no evidence (p=0.01, Holm 0.09)" in verdict([0.9, 0.8], [0.1, 0.2], 0.01, 0.09)
     assert verdict([1.0, 1.0, 1.0], [0.5, 0.5, 0.5], math.nan, math.nan) == "differs (no spread)"
     assert verdict([1.0], [0.5, 0.5], 0.5, 0.5) == "n < 2"
-    assert mean_std([0.5, 0.7]) == "0.6 ± 0.1414 (2)"
+    assert mean_std([0.5, 0.7]) == "0.6 ± 0.14 (2)"
 
 
 def test_the_shipped_mqar_study_covers_every_causal_mechanism_at_two_widths():
