@@ -4,6 +4,7 @@ candidate has a record), the extra seeds run at the choice, and the report's sta
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -155,3 +156,30 @@ def test_ties_go_to_the_lower_tie_break_then_to_the_file_order():
     assert {c.cell.settings["lr"] for c in choose(cells, records, stage.tuning)} == {0.01}
     plain = _study().stages[0]  # no tie-break: the first candidate of the file
     assert {c.cell.settings["lr"] for c in choose(cells, records, plain.tuning)} == {0.001}
+
+
+def test_the_study_page_reports_the_protocols_cells_from_records(tmp_path):
+    """attnbench report's study page: a tuned stage's row holds the chosen rate's seeds, and
+    the page says how many of the protocol's runs it has."""
+    report = pytest.importorskip("analysis.study")
+    from runners.study import load_study
+
+    stage = load_study("mqar").stages[0]
+    cells = [c for c in stage_cells(stage) if c.attention in ("softmax", "lavo")]
+    records = []
+    for cell in cells:  # softmax best at the middle rate, lavo at the first
+        best = cell.settings["lr"] == (0.00215 if cell.attention == "softmax" else 0.000464)
+        records.append({**_record(cell, 0.9 if best else 0.2), "preset": "study-mqar/width64",
+                        "cell": cell.to_json()})
+    chosen = [c for c in cells if records[cells.index(c)]["metrics"]["accuracy"] == 0.9]
+    for cell in chosen:
+        for seed in (1, 2):
+            extra = dataclasses.replace(cell, seed=seed)
+            records.append({**_record(extra, 0.8 + 0.05 * seed), "preset": "study-mqar/width64",
+                            "cell": extra.to_json()})
+    page = report.build_study_report(records, tmp_path, command="attnbench report x")
+    text = page.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| softmax | 0.00215"))
+    assert "(3)" in row  # three seeds at the chosen rate
+    assert "| lavo | 0.000464 |" in text
+    assert "runs reported of" in text and "Bold: the chosen lr." in text
