@@ -82,6 +82,11 @@ def stage_result(study: Study, stage: Stage, by_key: Mapping[str, dict[str, Any]
             1 + len(stage.tuning.seeds))
         result.tuning_scores = {_row_label(c.cell, cells, stage): c.scores for c in choices}
     result.groups = _grouped(reported, cells, stage, by_key)
+    if stage.tuning is not None:
+        unfinished = {_row_label(c.cell, cells, stage) for c in choices if not c.complete}
+        for group in result.groups:
+            if group.label in unfinished:  # the best rate so far, not yet the protocol's choice
+                group.label += " (sweep unfinished)"
     return result
 
 
