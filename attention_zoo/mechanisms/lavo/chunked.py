@@ -92,25 +92,32 @@ class _Forward:
     local_probs: Tensor  # [H, B, C / w, w, w]
 
 
+def chunk_probabilities(s: _Setup, qkv: Tensor, memory_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """One chunk's read probabilities, for either memory: over the r slots from
+    ``memory_logits`` [H, B, C, r], and over the window from the chunk's queries and keys
+    (``qkv`` [3 or more, H, B, C, D]) with the relative bias and the causal mask; one joint
+    softmax (``combine="joint"``) or two. Returns ``([H, B, C, r], [H, B, N, w, w])``."""
+    q, k = s.windows(qkv[0]), s.windows(qkv[1])
+    scores = (q @ k.transpose(-1, -2)) * s.scale  # [H, B, N, w, w]
+    if s.local_bias is not None:
+        scores = scores + s.local_bias
+    scores = scores.masked_fill(s.future, float("-inf"))
+    if not s.joint:
+        return torch.softmax(memory_logits, -1), torch.softmax(scores, -1)
+    top = torch.maximum(memory_logits.amax(-1), scores.amax(-1).flatten(-2))  # [H, B, C]
+    memory_exp = torch.exp(memory_logits - top[..., None])
+    local_exp = torch.exp(scores - s.windows(top[..., None]))
+    total = memory_exp.sum(-1, keepdim=True) + local_exp.sum(-1).flatten(-2)[..., None]
+    return memory_exp / total, local_exp / s.windows(total)
+
+
 def _chunk_forward(s: _Setup, qkv: Tensor, state: Tensor, start: int) -> _Forward:
     """The probabilities of one chunk, given the running sums of the key and value
     coefficients before it (``state`` [2, H, B, 1, r])."""
     coeffs = qkv @ s.bases.transpose(-1, -2)  # [3, H, B, C, r]
     means = (state + torch.cumsum(coeffs[1:], dim=-2)) / s.counts(start, qkv.device)
     memory_logits = coeffs[0] * means[0] * s.scale
-    q, k = s.windows(qkv[0]), s.windows(qkv[1])
-    scores = (q @ k.transpose(-1, -2)) * s.scale  # [H, B, N, w, w]
-    if s.local_bias is not None:
-        scores = scores + s.local_bias
-    scores = scores.masked_fill(s.future, float("-inf"))
-    if s.joint:
-        top = torch.maximum(memory_logits.amax(-1), scores.amax(-1).flatten(-2))  # [H, B, C]
-        memory_exp = torch.exp(memory_logits - top[..., None])
-        local_exp = torch.exp(scores - s.windows(top[..., None]))
-        total = memory_exp.sum(-1, keepdim=True) + local_exp.sum(-1).flatten(-2)[..., None]
-        memory_probs, local_probs = memory_exp / total, local_exp / s.windows(total)
-    else:
-        memory_probs, local_probs = torch.softmax(memory_logits, -1), torch.softmax(scores, -1)
+    memory_probs, local_probs = chunk_probabilities(s, qkv, memory_logits)
     return _Forward(qkv, coeffs, means[0], means[1], memory_probs, local_probs)
 
 

@@ -32,6 +32,7 @@ from attention_zoo.mechanisms.lavo.chunked import (
     _relative_index,
     _Setup,
     _setup,
+    chunk_probabilities,
 )
 
 
@@ -73,19 +74,7 @@ def _chunk_forward(s: _Setup, slots: _Slots, qkv: Tensor, coeffs: Tensor, state:
     if slots.key_bias is not None:
         memory_logits = memory_logits + qkv[0] @ slots.key_bias
     memory_logits = memory_logits * s.scale
-    q, k = s.windows(qkv[0]), s.windows(qkv[1])
-    scores = (q @ k.transpose(-1, -2)) * s.scale  # [H, B, N, w, w]
-    if s.local_bias is not None:
-        scores = scores + s.local_bias
-    scores = scores.masked_fill(s.future, float("-inf"))
-    if s.joint:
-        top = torch.maximum(memory_logits.amax(-1), scores.amax(-1).flatten(-2))  # [H, B, C]
-        memory_exp = torch.exp(memory_logits - top[..., None])
-        local_exp = torch.exp(scores - s.windows(top[..., None]))
-        total = memory_exp.sum(-1, keepdim=True) + local_exp.sum(-1).flatten(-2)[..., None]
-        memory_probs, local_probs = memory_exp / total, local_exp / s.windows(total)
-    else:
-        memory_probs, local_probs = torch.softmax(memory_logits, -1), torch.softmax(scores, -1)
+    memory_probs, local_probs = chunk_probabilities(s, qkv, memory_logits)
     return _Forward(qkv, query_coeffs, means, memory_probs, local_probs)
 
 
