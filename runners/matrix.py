@@ -173,9 +173,9 @@ def parse_preset(data: Mapping[str, Any], *, source: str = "preset") -> tuple[st
     """Blocks of a preset given as data (see the module docstring for the format)."""
     if not isinstance(data, Mapping):
         raise MatrixConfigError(f"{source}: a preset is a mapping with keys {', '.join(PRESET_KEYS)}")
-    _known_keys(data, PRESET_KEYS, source)
+    known_keys(data, PRESET_KEYS, source)
     defaults = data.get("defaults") or {}
-    _known_keys(defaults, BLOCK_KEYS[1:], f"{source}: defaults")
+    known_keys(defaults, BLOCK_KEYS[1:], f"{source}: defaults")
     blocks = [block for index, raw in enumerate(data.get("blocks") or [])
               for block in _parse_block(raw, defaults, f"{source}: block {index + 1}")]
     if not blocks:
@@ -189,7 +189,7 @@ def _parse_block(raw: Any, defaults: Mapping[str, Any], where: str) -> list[Bloc
     if not isinstance(raw, Mapping) or "task" not in raw:
         raise MatrixConfigError(f"{where}: a block is a mapping with a 'task' and optionally "
                                 f"{', '.join(BLOCK_KEYS[1:])}")
-    _known_keys(raw, BLOCK_KEYS, where)
+    known_keys(raw, BLOCK_KEYS, where)
     merged = {**defaults, **raw}
     base = defaults.get("settings") or {}
     if not isinstance(base, Mapping):
@@ -212,7 +212,7 @@ def _parse_block(raw: Any, defaults: Mapping[str, Any], where: str) -> list[Bloc
                       for ours in part.settings for variant in variants or [{}]],
             attention=ALL if attention == ALL else [str(a) for a in _as_list(attention)],
             attention_args={k: _as_list(v) for k, v in args.items()},
-            seeds=[_seed(s, where) for s in _as_list(seeds)],
+            seeds=[parse_seed(s, where) for s in _as_list(seeds)],
             timeout=_timeout(timeout, where),
         ))
     return blocks
@@ -280,7 +280,7 @@ def apply_overrides(blocks: Sequence[Block], overrides: Sequence[Override]) -> l
                 block.attention_args[key.removeprefix("attention.")] = values
                 block.required_args.add(key.removeprefix("attention."))
         elif key == "seed":
-            seeds = [_seed(v, f"override seed={v}") for v in values]
+            seeds = [parse_seed(v, f"override seed={v}") for v in values]
             for block in blocks:
                 block.seeds = seeds
         elif key == "timeout":
@@ -417,7 +417,9 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
-def _known_keys(data: Mapping[str, Any], valid: Sequence[str], where: str) -> None:
+def known_keys(data: Mapping[str, Any], valid: Sequence[str], where: str) -> None:
+    """Refuse a mapping with a key outside ``valid``, naming it and the valid ones (presets,
+    studies)."""
     if not isinstance(data, Mapping):
         raise MatrixConfigError(f"{where}: expected a mapping with keys {', '.join(valid)}")
     for key in data:
@@ -429,7 +431,8 @@ SEED_LIMIT = 2**32
 """Seeds are what every generator accepts: numpy's take 0 <= seed < 2**32."""
 
 
-def _seed(value: Any, where: str) -> int:
+def parse_seed(value: Any, where: str) -> int:
+    """A seed as an int in [0, 2**32), or a :class:`MatrixConfigError` saying where."""
     try:
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ValueError

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from runners.checks import load_yaml
-from runners.matrix import Block, Cell, MatrixConfigError, _known_keys, _seed, expand, parse_preset
+from runners.matrix import Block, Cell, MatrixConfigError, expand, known_keys, parse_preset, parse_seed
 from runners.records import scan_records
 from runners.sweep import KIND
 
@@ -103,7 +103,7 @@ def load_study(name: str | Path) -> Study:
 
 def parse_study(data: Mapping[str, Any], *, name: str) -> Study:
     """A study from its data (see the module docstring); every block checked as a preset's."""
-    _known_keys(data, STUDY_KEYS, f"study {name}")
+    known_keys(data, STUDY_KEYS, f"study {name}")
     stages = [_parse_stage(raw, f"study {name}: stage {i + 1}")
               for i, raw in enumerate(data.get("stages") or [])]
     if not stages:
@@ -115,7 +115,7 @@ def parse_study(data: Mapping[str, Any], *, name: str) -> Study:
 
 
 def _parse_stage(raw: Any, where: str) -> Stage:
-    _known_keys(raw, STAGE_KEYS, where)
+    known_keys(raw, STAGE_KEYS, where)
     if not raw.get("name"):
         raise MatrixConfigError(f"{where}: a stage needs a name")
     preset = {k: raw[k] for k in ("defaults", "blocks") if k in raw}
@@ -123,11 +123,11 @@ def _parse_stage(raw: Any, where: str) -> Stage:
     tuning = None
     if raw.get("tune") is not None:
         tune = raw["tune"]
-        _known_keys(tune, TUNE_KEYS, f"{where}: tune")
+        known_keys(tune, TUNE_KEYS, f"{where}: tune")
         if not tune.get("over") or not tune.get("metric"):
             raise MatrixConfigError(f"{where}: tune needs 'over' (a task setting) and 'metric'")
         tuning = Tuning(str(tune["over"]), str(tune["metric"]), bool(tune.get("lower_is_better")),
-                        tuple(_seed(s, f"{where}: tune") for s in tune.get("seeds") or ()),
+                        tuple(parse_seed(s, f"{where}: tune") for s in tune.get("seeds") or ()),
                         str(tune["tie_break"]) if tune.get("tie_break") else None)
     return Stage(str(raw["name"]), str(raw.get("description", "")), tuple(blocks), tuning)
 
