@@ -63,7 +63,7 @@ def test_lower_is_better_flips_the_choice():
     assert {c.cell.settings["lr"] for c in choose(cells, records, stage.tuning)} == {0.001}
 
 
-def test_run_stage_resumes_to_the_same_choice(tmp_path):
+def test_run_stage_resumes_to_the_same_choice(tmp_path, monkeypatch):
     stage = _study().stages[0]
     records: dict[str, dict] = {}
     ran: list[list] = []
@@ -75,16 +75,10 @@ def test_run_stage_resumes_to_the_same_choice(tmp_path):
             records[cell.key] = _record(cell, cell.settings["lr"] if cell.attention == "linear"
                                         else 1 - cell.settings["lr"])
 
-    import runners.study as study_module
-
-    original = study_module.stage_records
-    study_module.stage_records = lambda folder, cells: {c.key: records[c.key] for c in cells
-                                                        if c.key in records}
-    try:
-        first = run_stage(stage, "t", tmp_path, runner)
-        again = run_stage(stage, "t", tmp_path, runner)
-    finally:
-        study_module.stage_records = original
+    monkeypatch.setattr("runners.study.stage_records", lambda folder, cells: {
+        c.key: records[c.key] for c in cells if c.key in records})
+    first = run_stage(stage, "t", tmp_path, runner)
+    again = run_stage(stage, "t", tmp_path, runner)
     assert [len(batch) for batch in ran] == [6, 4, 0, 0]
     assert {c.key for c in first} == {c.key for c in again}
     stage_result = pytest.importorskip("analysis.study").stage_result  # the analysis extra
